@@ -1,0 +1,133 @@
+"""What a trainer declares about its state: the component, its sharing pattern, its validation level."""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+
+class SharingPattern(str, enum.Enum):
+    """How one piece of state is shared across the ranks of a job."""
+
+    GLOBAL = "global"  # one logical copy for the job; rank 0 writes it
+    PER_RANK = "per_rank"  # different on every rank; each rank writes its own
+    REPLICATED = "replicated"  # identical on every rank; the ranks share the writing
+    PER_GROUP = "per_group"  # identical inside a process group, different between groups
+    PER_NODE = "per_node"  # identical inside a node; local rank 0 of each node writes
+
+
+class ValidationLevel(str, enum.Enum):
+    """How hard to check, before writing, that replicas really are identical."""
+
+    NONE = "none"
+    QUICK = "quick"  # one digest of the whole component per rank
+    TENSOR = "tensor"  # one digest per tensor; errors name the tensors that differ
+    FULL = "full"  # exact comparison of the values (debugging; moves every byte between ranks)
+
+
+# Patterns whose copies live on several ranks, and so can be checked against each other.
+REPLICA_PATTERNS = frozenset({SharingPattern.REPLICATED, SharingPattern.PER_GROUP, SharingPattern.PER_NODE})
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything with `state_dict()` and `load_state_dict()`, as torch's own `Stateful`."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+PatternSpec = SharingPattern | Callable[[], SharingPattern]
+
+
+def default_validation(pattern: SharingPattern) -> ValidationLevel:
+    """TENSOR where replicas exist that the trainer promises are identical, NONE elsewhere."""
+    if pattern in (SharingPattern.REPLICATED, SharingPattern.PER_GROUP):
+        return ValidationLevel.TENSOR
+    return ValidationLevel.NONE
+
+
+@dataclass(frozen=True)
+class StateComponent:
+    """One piece of trainer state, with how it is shared across ranks.
+
+    `sharing_pattern` may be a zero-argument callable; it is resolved at every save and the resolved
+    pattern is what the manifest records. `validation_level=None` picks the default for the pattern.
+    """
+
+    key: str
+    stateful: Any
+    sharing_pattern: PatternSpec
+    process_group_name: str | None = None
+    required: bool = True
+    validation_level: ValidationLevel | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str) or not _KEY_RE.match(self.key) or self.key in {".", ".."}:
+            raise ValueError(
+                f"StateComponent.key={self.key!r} is not usable as a folder name: use 1-128 characters "
+                "from letters, digits, '_', '-' and '.', not starting with '.' or '-'"
+            )
+        if not (callable(getattr(self.stateful, "state_dict", None)) and callable(
+            getattr(self.stateful, "load_state_dict", None)
+        )):
+            raise TypeError(
+                f"StateComponent {self.key!r}: stateful={type(self.stateful).__name__} has no "
+                "state_dict()/load_state_dict(); wrap it in an object that has both"
+            )
+        if not isinstance(self.sharing_pattern, SharingPattern) and not callable(self.sharing_pattern):
+            raise TypeError(
+                f"StateComponent {self.key!r}: sharing_pattern={self.sharing_pattern!r} must be a "
+                "SharingPattern or a zero-argument callable returning one"
+            )
+        if not isinstance(self.required, bool):
+            raise TypeError(f"StateComponent {self.key!r}: required={self.required!r} must be a bool")
+        if self.validation_level is not None and not isinstance(self.validation_level, ValidationLevel):
+            raise TypeError(
+                f"StateComponent {self.key!r}: validation_level={self.validation_level!r} must be a "
+                "ValidationLevel or None"
+            )
+        if isinstance(self.sharing_pattern, SharingPattern):
+            self._check_pattern(self.sharing_pattern)
+
+    def _check_pattern(self, pattern: SharingPattern) -> None:
+        if pattern is SharingPattern.PER_GROUP and not self.process_group_name:
+            raise ValueError(
+                f"StateComponent {self.key!r}: sharing_pattern=PER_GROUP needs process_group_name, the "
+                "name of a group passed to CheckpointCoordinator(process_groups=...)"
+            )
+        level = self.validation_level
+        if level not in (None, ValidationLevel.NONE) and pattern not in REPLICA_PATTERNS:
+            raise ValueError(
+                f"StateComponent {self.key!r}: validation_level={level.value} has nothing to compare "
+                f"for sharing_pattern={pattern.name} (one copy per writer); use ValidationLevel.NONE"
+            )
+
+    def resolve_pattern(self) -> SharingPattern:
+        """The pattern in force now: the static one, or what the callable returns."""
+        if isinstance(self.sharing_pattern, SharingPattern):
+            return self.sharing_pattern
+        pattern = self.sharing_pattern()
+        if not isinstance(pattern, SharingPattern):
+            raise TypeError(
+                f"StateComponent {self.key!r}: its sharing_pattern callable returned {pattern!r}, "
+                "not a SharingPattern"
+            )
+        if pattern is SharingPattern.PER_GROUP and not self.process_group_name:
+            raise ValueError(
+                f"StateComponent {self.key!r}: its sharing_pattern callable chose PER_GROUP but the "
+                "component has no process_group_name"
+            )
+        return pattern
+
+    def resolve_validation(self, pattern: SharingPattern) -> ValidationLevel:
+        """The level used for this save; patterns without replicas are never compared."""
+        if pattern not in REPLICA_PATTERNS:
+            return ValidationLevel.NONE
+        return self.validation_level if self.validation_level is not None else default_validation(pattern)

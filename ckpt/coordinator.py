@@ -1,0 +1,262 @@
+"""CheckpointCoordinator: the public entry point. It orchestrates; the work lives in the modules it calls.
+
+A save runs in phases, each ending in an exchange of outcomes between all ranks:
+  prepare  snapshot and digest every component; rank 0 readies `<name>.partial/`
+  (plan)   every rank computes the same plan from the gathered declarations
+  (check)  replicas are compared at each component's validation level
+  write    each rank writes and fsyncs its files
+  commit   rank 0 writes the manifest, renames the folder into place, applies retention
+A load resolves the checkpoint on rank 0, reads everything into staging on every rank, and only then
+applies it, so a failure anywhere leaves every rank's live state untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from .comm import Communicator
+from .component import SharingPattern, StateComponent
+from .errors import CheckpointError
+from .layout import (
+    CheckpointRef,
+    checkpoint_name,
+    list_checkpoints,
+    list_partials,
+    partial_name,
+    resolve_checkpoint,
+)
+from .loading import read_component
+from .manifest import Manifest, read_manifest
+from .planning import ComponentDecl, build_plan, owner_for_load
+from .saving import PreparedComponent, build_manifest, commit, prepare, write_files
+from .storage import LocalStorage, Storage
+from .topology import RankTopology, discover
+from .validation import check_replicas
+
+log = logging.getLogger("ckpt")
+
+# Called by rank 0 after each commit with the run dir and the new checkpoint; retention plugs in here.
+AfterCommit = Callable[[str, CheckpointRef, Manifest], None]
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What a load did."""
+
+    path: str
+    step: int
+    loaded: tuple[str, ...]
+    skipped: tuple[str, ...]  # asked for, absent from the checkpoint, and allowed to be
+    not_requested: tuple[str, ...]  # in the checkpoint, passed by no rank (strict=False only)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    manifest: Manifest | None = None
+
+
+class CheckpointCoordinator:
+    """Saves and loads a job's state components in `run_dir`. Construct it on every rank (collective).
+
+    Args:
+        run_dir: folder holding this run's checkpoints (shared by all ranks).
+        process_groups: name -> ProcessGroup (or a list of member ranks) for PER_GROUP components;
+            each rank passes the group it belongs to.
+        timeout: how long any rank waits for the others at one step of a save or load.
+        storage: where bytes go; the local filesystem by default.
+        verify_on_load: check every file's digest while reading it.
+        local_world_size: ranks per node; defaults to torchrun's LOCAL_WORLD_SIZE.
+        after_commit: called on rank 0 after each commit (retention plugs in here).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        process_groups: Mapping[str, Any] | None = None,
+        *,
+        timeout: timedelta | float = timedelta(minutes=30),
+        storage: Storage | None = None,
+        verify_on_load: bool = True,
+        local_world_size: int | None = None,
+        after_commit: AfterCommit | None = None,
+    ):
+        self.run_dir = os.fspath(run_dir)
+        self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
+        if self.timeout.total_seconds() <= 0:
+            raise ValueError(f"CheckpointCoordinator: timeout={timeout!r} must be positive")
+        self.storage: Storage = storage or LocalStorage()
+        self.verify_on_load = verify_on_load
+        self.after_commit = after_commit
+        self.comm = Communicator(self.timeout)
+        self.topology: RankTopology = discover(self.comm, process_groups, local_world_size)
+        self.rank = self.comm.rank
+        self.storage.makedirs(self.run_dir)
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[CheckpointRef]:
+        """Committed checkpoints in the run dir, oldest first."""
+        return list_checkpoints(self.storage, self.run_dir)
+
+    def latest(self) -> CheckpointRef | None:
+        refs = self.checkpoints()
+        return refs[-1] if refs else None
+
+    # ---- save ----------------------------------------------------------------------------------
+
+    def save(self, step: int, components: Sequence[StateComponent], metrics: Mapping[str, Any] | None = None,
+             *, overwrite: bool = False) -> str:
+        """Save every component as checkpoint `step`; returns its path. Collective: call on every rank."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"save(step={step!r}): step must be a non-negative int")
+        final = os.path.join(self.run_dir, checkpoint_name(step))
+        partial = os.path.join(self.run_dir, partial_name(step))
+        what = f"save of step {step}"
+        started = time.perf_counter()
+        prepared: dict[str, PreparedComponent] = {}
+        try:
+            wires = self.comm.run_phase(
+                "prepare", lambda: self._prepare(components, prepared, final, partial, overwrite), what=what)
+            decls = [{w[0]: ComponentDecl.from_wire(w) for w in per_rank} for per_rank in wires]
+            plans = build_plan(decls, self.topology)
+            check_replicas(self.comm, plans, [{k: d.digest for k, d in per.items()} for per in decls],
+                           {k: p.table for k, p in prepared.items()}, {k: p.flat for k, p in prepared.items()})
+            mine = [a for p in plans.values() for a in p.files if a.writer == self.rank]
+            records = self.comm.run_phase(
+                "write", lambda: write_files(self.storage, partial, mine, prepared, self.rank), what=what)
+            manifest = build_manifest(step, plans, records, self.topology.describe(), metrics)
+            self.comm.run_phase("commit", lambda: self._commit(partial, final, manifest, overwrite), what=what)
+        except BaseException:
+            if self.rank == 0:
+                self._discard(partial)
+            raise
+        if self.rank == 0:
+            total = sum(f.nbytes for c in manifest.components.values() for f in c.files)
+            log.info("saved %s: %d components, %.1f MB in %.2fs", final, len(plans), total / 1e6,
+                     time.perf_counter() - started)
+        return final
+
+    def _prepare(self, components: Sequence[StateComponent], out: dict[str, PreparedComponent], final: str,
+                 partial: str, overwrite: bool) -> list[list]:
+        keys = [c.key for c in components]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise CheckpointError(f"component keys {dupes} are passed more than once; keys must be unique")
+        if self.rank == 0:
+            if self.storage.exists(final) and not overwrite:
+                raise CheckpointError(f"{final} already exists; pass overwrite=True to replace it, or save "
+                                      "another step", path=final)
+            for stale in list_partials(self.storage, self.run_dir):
+                log.info("removing unfinished save %s", stale)
+                self.storage.remove_tree(stale)
+            self.storage.makedirs(partial)
+        for c in components:
+            pattern = c.resolve_pattern()
+            out[c.key] = prepare(c, pattern, c.resolve_validation(pattern), self._plans_split(c, pattern))
+        return [p.decl.to_wire() for p in out.values()]
+
+    def _plans_split(self, c: StateComponent, pattern: SharingPattern) -> bool:
+        """Whether this rank is the lowest of the component's replica set (whose tensor list plans the split)."""
+        if pattern is SharingPattern.REPLICATED:
+            return self.rank == 0
+        if pattern is SharingPattern.PER_GROUP:
+            name = c.process_group_name or ""
+            if name not in self.topology.groups:
+                return self.topology.world_size == 1
+            return self.topology.group_of(name)[0] == self.rank
+        return False
+
+    def _commit(self, partial: str, final: str, manifest: Manifest, overwrite: bool) -> None:
+        if self.rank != 0:
+            return
+        commit(self.storage, partial, final, manifest, overwrite)
+        if self.after_commit is not None:
+            self.after_commit(self.run_dir, CheckpointRef(manifest.step, final), manifest)
+
+    def _discard(self, partial: str) -> None:
+        try:
+            self.storage.remove_tree(partial)
+        except OSError as exc:  # the next save removes it
+            log.warning("could not remove %s after a failed save: %s", partial, exc)
+
+    # ---- load ----------------------------------------------------------------------------------
+
+    def load(self, components: Sequence[StateComponent], checkpoint: str | int | os.PathLike = "latest",
+             *, strict: bool = True) -> LoadResult:
+        """Load `components` from a checkpoint ("latest", a step, or a path). Collective: call on every rank.
+
+        Everything is read and checked before any component's `load_state_dict` is called.
+        """
+        what = "load"
+        ref = self.comm.run_phase(
+            "resolve", lambda: self._resolve(checkpoint) if self.rank == 0 else None, what=what)[0]
+        path, step = ref
+        staged: dict[str, Any] = {}
+        skipped: list[str] = []
+        manifest_box: list[Manifest] = []
+        declared = self.comm.run_phase(
+            "read", lambda: self._stage(path, components, strict, staged, skipped, manifest_box),
+            what=f"load of {path}")
+        manifest = manifest_box[0]
+        unused = sorted(set(manifest.components) - {k for keys in declared for k in keys})
+        if unused and strict:
+            raise CheckpointError(
+                f"checkpoint {path} holds components {unused} that no rank passed to load(); pass them, or "
+                "load with strict=False to ignore them", path=path)
+        self.comm.run_phase("apply", lambda: self._apply(components, staged), what=f"load of {path}")
+        if self.rank == 0:
+            log.info("loaded %s (%d components)", path, len(staged))
+        return LoadResult(path=path, step=step, loaded=tuple(k for k in (c.key for c in components) if k in staged),
+                          skipped=tuple(skipped), not_requested=tuple(unused), metrics=dict(manifest.metrics),
+                          manifest=manifest)
+
+    def _resolve(self, checkpoint: str | int | os.PathLike) -> list:
+        ref = resolve_checkpoint(self.storage, self.run_dir, checkpoint)
+        step = ref.step if ref.step >= 0 else read_manifest(self.storage, ref.path).step
+        return [ref.path, step]
+
+    def _stage(self, path: str, components: Sequence[StateComponent], strict: bool, staged: dict[str, Any],
+               skipped: list[str], manifest_box: list[Manifest]) -> list[str]:
+        """Read this rank's share into `staged`; returns the keys this rank asked for."""
+        manifest = read_manifest(self.storage, path)
+        manifest_box.append(manifest)
+        keys = [c.key for c in components]
+        if len(set(keys)) != len(keys):
+            raise CheckpointError(f"component keys {sorted({k for k in keys if keys.count(k) > 1})} are passed "
+                                  "more than once; keys must be unique")
+        for c in components:
+            entry = manifest.components.get(c.key)
+            if entry is None:
+                if c.required and strict:
+                    raise CheckpointError(
+                        f"component {c.key!r} is required but {path} does not have it (it has "
+                        f"{sorted(manifest.components)}); pass strict=False, or mark it required=False", path=path)
+                skipped.append(c.key)
+                continue
+            if entry.pattern is SharingPattern.PER_RANK and manifest.topology.world_size != self.topology.world_size:
+                raise CheckpointError(
+                    f"component {c.key!r} is PER_RANK and was saved by {manifest.topology.world_size} ranks; this job "
+                    f"has {self.topology.world_size}. PER_RANK state cannot move to another world size; resume with "
+                    f"the same number of ranks, or leave {c.key!r} out of the load", path=path)
+            owner = owner_for_load(entry.pattern, self.topology, entry.replica_sets, entry.process_group, c.key)
+            if not entry.files_for(owner):
+                if c.required and strict:
+                    raise CheckpointError(f"component {c.key!r} in {path} has no copy for this rank (owner {owner})",
+                                          path=path)
+                skipped.append(c.key)
+                continue
+            staged[c.key] = read_component(self.storage, path, c.key, entry, owner, self.verify_on_load)
+        return keys
+
+    @staticmethod
+    def _apply(components: Sequence[StateComponent], staged: Mapping[str, Any]) -> None:
+        for c in components:
+            if c.key in staged:
+                try:
+                    c.stateful.load_state_dict(staged[c.key])
+                except Exception as exc:
+                    raise CheckpointError(f"component {c.key!r}: load_state_dict() raised {type(exc).__name__}: "
+                                          f"{exc}") from exc

@@ -1,0 +1,84 @@
+"""Errors raised by ckpt. Every error a save or load raises is raised on every rank."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+
+class CheckpointError(RuntimeError):
+    """A save or load failed. `failures` maps each failed rank to what went wrong there."""
+
+    def __init__(self, message: str, *, failures: Mapping[int, str] | None = None, path: str | None = None):
+        super().__init__(message)
+        self.failures: dict[int, str] = dict(failures or {})
+        self.path = path
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No committed checkpoint matches what was asked for."""
+
+
+class ManifestError(CheckpointError):
+    """A manifest is missing, unreadable, or describes files that cannot be trusted."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A file's bytes do not match what the manifest recorded (digest, size, header)."""
+
+    def __init__(self, message: str, *, path: str | None = None, component: str | None = None,
+                 failures: Mapping[int, str] | None = None):
+        super().__init__(message, path=path, failures=failures)
+        self.component = component
+
+
+class SerializationError(CheckpointError, TypeError):
+    """A state dict holds a value that cannot be stored without pickle."""
+
+    def __init__(self, message: str, *, component: str | None = None, key_path: str | None = None,
+                 failures: Mapping[int, str] | None = None):
+        super().__init__(message, failures=failures)
+        self.component = component
+        self.key_path = key_path
+
+
+class ReplicationError(CheckpointError):
+    """State that should be identical across replicas is not.
+
+    `mismatches` maps a tensor (or "(non-tensor state)", or "(whole component)" at QUICK level)
+    to the ranks whose copy differs from the lowest rank of the replica set.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        component: str,
+        mismatches: Mapping[str, Sequence[int]],
+        replica_ranks: Sequence[int],
+    ):
+        super().__init__(message)
+        self.component = component
+        self.mismatches = {name: tuple(ranks) for name, ranks in mismatches.items()}
+        self.replica_ranks = tuple(replica_ranks)
+
+
+class CollectiveTimeoutError(CheckpointError, TimeoutError):
+    """Ranks did not all reach a coordination step within the coordinator's timeout."""
+
+    def __init__(self, message: str, *, phase: str, missing_ranks: Sequence[int] | None = None):
+        super().__init__(message)
+        self.phase = phase
+        self.missing_ranks = tuple(missing_ranks) if missing_ranks is not None else None
+
+
+# Errors that keep their class when a failure on one rank is re-raised on every rank.
+REMOTE_ERROR_TYPES: dict[str, type[CheckpointError]] = {
+    cls.__name__: cls
+    for cls in (
+        CheckpointError,
+        CheckpointNotFoundError,
+        ManifestError,
+        CorruptCheckpointError,
+        SerializationError,
+    )
+}

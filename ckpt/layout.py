@@ -1,0 +1,84 @@
+"""Names on disk, and finding checkpoints in a run directory."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from .errors import CheckpointNotFoundError
+from .storage import Storage
+
+MANIFEST_NAME = "checkpoint_manifest.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+PARTIAL_SUFFIX = ".partial"
+PIN_NAME = "PINNED"  # a file inside a checkpoint that protects it from every retention rule
+STEP_DIGITS = 8
+_COMMITTED_RE = re.compile(r"^checkpoint-(\d+)$")
+_PARTIAL_RE = re.compile(r"^checkpoint-(\d+)(\.[A-Za-z0-9_-]+)?\.partial$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:0{STEP_DIGITS}d}"
+
+
+def partial_name(step: int) -> str:
+    return checkpoint_name(step) + PARTIAL_SUFFIX
+
+
+def parse_step(name: str) -> int | None:
+    """The step of a committed checkpoint's folder name, or None for any other name."""
+    match = _COMMITTED_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def is_partial_name(name: str) -> bool:
+    return bool(_PARTIAL_RE.match(name))
+
+
+@dataclass(frozen=True, order=True)
+class CheckpointRef:
+    """A committed checkpoint: its step and folder."""
+
+    step: int
+    path: str
+
+
+def list_checkpoints(storage: Storage, run_dir: str) -> list[CheckpointRef]:
+    """Committed checkpoints in `run_dir` (folder named by step, holding a manifest), oldest first."""
+    refs = []
+    for name in storage.list_dir(run_dir):
+        step = parse_step(name)
+        path = os.path.join(run_dir, name)
+        if step is not None and storage.is_dir(path) and storage.exists(os.path.join(path, MANIFEST_NAME)):
+            refs.append(CheckpointRef(step, path))
+    return sorted(refs)
+
+
+def list_partials(storage: Storage, run_dir: str) -> list[str]:
+    return [os.path.join(run_dir, n) for n in storage.list_dir(run_dir) if is_partial_name(n)]
+
+
+def resolve_checkpoint(storage: Storage, run_dir: str, checkpoint: str | int | os.PathLike) -> CheckpointRef:
+    """Turn "latest", a step number, or a path into a committed checkpoint."""
+    if checkpoint == "latest":
+        refs = list_checkpoints(storage, run_dir)
+        if not refs:
+            raise CheckpointNotFoundError(f"no committed checkpoint in {run_dir} (folders named "
+                                          f"{CHECKPOINT_PREFIX}<step> holding {MANIFEST_NAME})", path=run_dir)
+        return refs[-1]
+    if isinstance(checkpoint, int) and not isinstance(checkpoint, bool):
+        path = os.path.join(run_dir, checkpoint_name(checkpoint))
+        if not storage.exists(os.path.join(path, MANIFEST_NAME)):
+            steps = [r.step for r in list_checkpoints(storage, run_dir)]
+            raise CheckpointNotFoundError(f"no committed checkpoint for step {checkpoint} in {run_dir}; "
+                                          f"committed steps: {steps}", path=path)
+        return CheckpointRef(checkpoint, path)
+    path = os.fspath(checkpoint)
+    if not os.path.isabs(path) and not storage.exists(path):
+        path = os.path.join(run_dir, path)
+    if not storage.exists(os.path.join(path, MANIFEST_NAME)):
+        what = "an unfinished save" if path.rstrip("/").endswith(PARTIAL_SUFFIX) else "not a committed checkpoint"
+        raise CheckpointNotFoundError(f"{path} is {what}: it holds no {MANIFEST_NAME}", path=path)
+    step = parse_step(os.path.basename(os.path.normpath(path)))
+    return CheckpointRef(step if step is not None else -1, path)

@@ -1,0 +1,163 @@
+"""Deciding who writes what. Pure functions of data every rank holds, so every rank gets the same plan.
+
+Each rank declares its components (pattern, group, tensor sizes); from all declarations the plan names,
+for each component, its replica sets and every file: path, writer rank, owner, and which tensors.
+REPLICATED and PER_GROUP tensors are spread over a replica set's members, balanced by bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .component import SharingPattern, ValidationLevel
+from .errors import CheckpointError
+from .topology import RankTopology
+
+SKELETON_EXT = ".msgpack"
+TENSORS_EXT = ".safetensors"
+
+
+@dataclass(frozen=True)
+class ComponentDecl:
+    """What one rank says about one component at save time (sent to every rank)."""
+
+    key: str
+    pattern: str
+    process_group: str | None
+    required: bool
+    validation: str
+    # (name, nbytes) of every tensor; sent only by the lowest rank of a replica set, which plans the split.
+    tensor_sizes: tuple[tuple[str, int], ...] | None
+    digest: str | None  # QUICK/TENSOR summary digest of this rank's copy
+
+    def to_wire(self) -> list:
+        return [self.key, self.pattern, self.process_group, self.required, self.validation,
+                None if self.tensor_sizes is None else [list(t) for t in self.tensor_sizes], self.digest]
+
+    @classmethod
+    def from_wire(cls, w: list) -> ComponentDecl:
+        sizes = None if w[5] is None else tuple((str(n), int(b)) for n, b in w[5])
+        return cls(w[0], w[1], w[2], w[3], w[4], sizes, w[6])
+
+
+@dataclass(frozen=True)
+class FileAssignment:
+    """One file to write. `tensor_names=None` means every tensor the writer holds for the component."""
+
+    relpath: str
+    kind: str  # "tensors" or "state"
+    writer: int
+    owner: int | None
+    tensor_names: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    key: str
+    pattern: SharingPattern
+    process_group: str | None
+    required: bool
+    validation: ValidationLevel
+    replica_sets: tuple[tuple[int, ...], ...]
+    files: tuple[FileAssignment, ...]
+
+
+def balance(sizes: Sequence[tuple[str, int]], bins: int) -> list[list[str]]:
+    """Spread tensors over `bins` writers so each writes about the same bytes (largest first, to the
+    least loaded writer; ties go to the lower index). Deterministic for the same input."""
+    loads = [0] * bins
+    out: list[list[str]] = [[] for _ in range(bins)]
+    for name, nbytes in sorted(sizes, key=lambda item: (-item[1], item[0])):
+        target = min(range(bins), key=lambda i: (loads[i], i))
+        out[target].append(name)
+        loads[target] += nbytes
+    return out
+
+
+def build_plan(decls: Sequence[dict[str, ComponentDecl]], topo: RankTopology) -> dict[str, ComponentPlan]:
+    """The whole job's plan from every rank's declarations (index = rank)."""
+    plan = {}
+    for key in sorted({k for per_rank in decls for k in per_rank}):
+        declaring = [r for r, per_rank in enumerate(decls) if key in per_rank]
+        ref = decls[declaring[0]][key]
+        for r in declaring[1:]:
+            d = decls[r][key]
+            if (d.pattern, d.process_group) != (ref.pattern, ref.process_group):
+                raise CheckpointError(
+                    f"component {key!r}: rank {declaring[0]} declares pattern {ref.pattern} (group "
+                    f"{ref.process_group}) but rank {r} declares {d.pattern} (group {d.process_group}); a "
+                    "component must resolve to the same pattern on every rank")
+        plan[key] = _plan_component(key, SharingPattern(ref.pattern), ref, declaring, decls, topo)
+    return plan
+
+
+def _plan_component(key: str, pattern: SharingPattern, ref: ComponentDecl, declaring: list[int],
+                    decls: Sequence[dict[str, ComponentDecl]], topo: RankTopology) -> ComponentPlan:
+    def files_single(writer: int, owner: int | None, stem: str) -> list[FileAssignment]:
+        return [FileAssignment(f"{key}/{stem}{SKELETON_EXT}", "state", writer, owner, None),
+                FileAssignment(f"{key}/{stem}{TENSORS_EXT}", "tensors", writer, owner, None)]
+
+    def need_all(ranks: Sequence[int], what: str) -> None:
+        absent = sorted(set(ranks) - set(declaring))
+        if absent:
+            raise CheckpointError(f"component {key!r} is {pattern.name} but ranks {absent} did not pass it to "
+                                  f"save(); {what} must all declare it")
+
+    files: list[FileAssignment] = []
+    if pattern is SharingPattern.GLOBAL:
+        need_all([0], "rank 0 (its writer)")
+        replica_sets: tuple[tuple[int, ...], ...] = ((0,),)
+        files = files_single(0, None, "global")
+    elif pattern is SharingPattern.PER_RANK:
+        replica_sets = tuple((r,) for r in declaring)
+        for r in declaring:
+            files += files_single(r, r, f"rank-{r:05d}")
+    elif pattern is SharingPattern.PER_NODE:
+        replica_sets = tuple(topo.node_ranks(n) for n in range(topo.num_nodes))
+        for node, members in enumerate(replica_sets):
+            need_all(members, f"the ranks of node {node}")
+            files += files_single(members[0], node, f"node-{node:04d}")
+    else:
+        if pattern is SharingPattern.REPLICATED:
+            replica_sets = (tuple(range(topo.world_size)),)
+            stems = ["replicated"]
+            owners: list[int | None] = [None]
+        else:
+            name = ref.process_group or ""
+            replica_sets = topo.groups.get(name) or ((tuple(range(topo.world_size)),) if topo.world_size == 1 else ())
+            if not replica_sets:
+                raise CheckpointError(f"component {key!r} is PER_GROUP over {name!r}, but no process group of "
+                                      "that name was passed to CheckpointCoordinator(process_groups=...)")
+            stems = [f"group-{g:03d}" for g in range(len(replica_sets))]
+            owners = list(range(len(replica_sets)))
+        for members, stem, owner in zip(replica_sets, stems, owners, strict=True):
+            need_all(members, "the members of each replica set")
+            sizes = decls[members[0]][key].tensor_sizes or ()
+            files.append(FileAssignment(f"{key}/{stem}{SKELETON_EXT}", "state", members[0], owner, None))
+            parts = [(m, names) for m, names in zip(members, balance(sizes, len(members)), strict=True) if names]
+            for i, (writer, names) in enumerate(parts):
+                files.append(FileAssignment(f"{key}/{stem}.part-{i}-of-{len(parts)}{TENSORS_EXT}", "tensors",
+                                            writer, owner, tuple(names)))
+    return ComponentPlan(key, pattern, ref.process_group, ref.required, ValidationLevel(ref.validation),
+                         replica_sets, tuple(files))
+
+
+def owner_for_load(pattern: SharingPattern, topo: RankTopology, replica_sets: Sequence[Sequence[int]],
+                   process_group: str | None, key: str) -> int | None:
+    """Whose copy this rank reads: its rank, its node, the index of its saved group, or None."""
+    if pattern is SharingPattern.PER_RANK:
+        return topo.rank
+    if pattern is SharingPattern.PER_NODE:
+        return topo.node
+    if pattern is SharingPattern.PER_GROUP:
+        name = process_group or ""
+        mine = topo.group_of(name) if name in topo.groups else (topo.rank,) if topo.world_size == 1 else None
+        saved = [tuple(s) for s in replica_sets]
+        if mine is None or mine not in saved:
+            raise CheckpointError(
+                f"component {key!r} (PER_GROUP over {name!r}): this rank's group {mine} is not one of the saved "
+                f"groups {saved}; the job's layout changed since the save (resharding PER_GROUP state is not "
+                "supported for this component)")
+        return saved.index(mine)
+    return None

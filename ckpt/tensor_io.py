@@ -1,0 +1,274 @@
+"""Reading and writing checkpoint files: safetensors for tensors, raw bytes for msgpack skeletons.
+
+Files are written straight from each tensor's memory (no staging copy of the whole state) and hashed
+(xxh3-128) as the bytes go out. Reads fill one buffer per file, hash it in the same pass, and hand out
+tensors that are views into that buffer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+from .errors import CorruptCheckpointError
+from .storage import Storage
+
+DTYPE_TO_ST: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+    torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
+    torch.complex64: "C64",
+}
+ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
+
+_ALIGN = 8  # data section starts 8-aligned; tensors are ordered widest dtype first so each stays aligned
+_MAX_HEADER = 256 * 1024 * 1024
+_READ_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as recorded in a manifest."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """What a write produced: its size, its xxh3-128 digest and the tensors in it."""
+
+    nbytes: int
+    digest: str
+    tensors: tuple[TensorInfo, ...] = ()
+
+
+def new_hasher() -> xxhash.xxh3_128:
+    return xxhash.xxh3_128()
+
+
+def st_dtype(tensor: torch.Tensor, name: str) -> str:
+    try:
+        return DTYPE_TO_ST[tensor.dtype]
+    except KeyError:
+        supported = ", ".join(sorted(str(d).removeprefix("torch.") for d in DTYPE_TO_ST))
+        raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store "
+                        f"(supported: {supported})") from None
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in row-major order, without a copy when it is already a plain CPU tensor."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def write_safetensors(
+    storage: Storage, path: str, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
+) -> WrittenFile:
+    """Write a safetensors file from `(name, tensor)` pairs, hashing the bytes as they are written."""
+    ordered = sorted(tensors, key=lambda item: -item[1].element_size())
+    header: dict[str, object] = {}
+    infos: list[TensorInfo] = []
+    offset = 0
+    for name, tensor in ordered:
+        dtype = st_dtype(tensor, name)
+        nbytes = tensor.numel() * tensor.element_size()
+        shape = tuple(int(s) for s in tensor.shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        infos.append(TensorInfo(name, dtype, shape))
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-(8 + len(header_bytes)) % _ALIGN)
+    hasher = new_hasher()
+
+    def chunks() -> Iterator[memoryview | bytes]:
+        prefix = struct.pack("<Q", len(header_bytes)) + header_bytes
+        hasher.update(prefix)
+        yield prefix
+        for _, tensor in ordered:
+            data = tensor_bytes(tensor)
+            hasher.update(data)
+            yield data
+
+    nbytes = storage.write_file(path, chunks())
+    return WrittenFile(nbytes=nbytes, digest=hasher.hexdigest(), tensors=tuple(infos))
+
+
+def write_blob(storage: Storage, path: str, data: bytes) -> WrittenFile:
+    nbytes = storage.write_file(path, [data])
+    return WrittenFile(nbytes=nbytes, digest=xxhash.xxh3_128_hexdigest(data))
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    dtype: torch.dtype
+    shape: list[int]
+    begin: int
+    end: int
+
+
+def _bad_file(path: str, component: str | None, why: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"file {path} (component {component!r}) is not a valid safetensors file: {why}",
+                                  path=path, component=component)
+
+
+def parse_header(header_bytes: bytes, data_len: int, path: str, component: str | None) -> list[_Entry]:
+    """The tensors a safetensors header describes, in file order. Every field is checked."""
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad_file(path, component, f"header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _bad_file(path, component, "header is not a JSON object")
+    entries = [_parse_entry(name, e, data_len, path, component) for name, e in header.items() if name != "__metadata__"]
+    entries.sort(key=lambda e: (e.begin, e.end))
+    for a, b in itertools.pairwise(entries):
+        if b.begin < a.end:
+            raise _bad_file(path, component, f"tensors {a.name!r} and {b.name!r} overlap")
+    return entries
+
+
+def _parse_entry(name: str, entry: object, data_len: int, path: str, component: str | None) -> _Entry:
+    def bad(why: str) -> CorruptCheckpointError:
+        return _bad_file(path, component, f"tensor {name!r} {why}")
+
+    if not isinstance(entry, dict):
+        raise bad("has an entry that is not an object")
+    dtype = ST_TO_DTYPE.get(entry.get("dtype"))  # type: ignore[arg-type]
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if dtype is None:
+        raise bad(f"has unknown dtype {entry.get('dtype')!r}")
+    if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
+        raise bad(f"has a bad shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise bad(f"has bad data_offsets {offsets!r}")
+    begin, end = offsets
+    numel = math.prod(shape)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if not 0 <= begin <= end <= data_len:
+        raise bad(f"claims bytes {begin}..{end} but the file's data section has {data_len}")
+    if end - begin != numel * itemsize:
+        raise bad(f"has {end - begin} bytes for shape {shape} of {dtype} ({numel * itemsize} needed)")
+    return _Entry(name, dtype, shape, begin, end)
+
+
+def read_safetensors(storage: Storage, path: str, expected_size: int | None, expected_digest: str | None,
+                     component: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file into one new tensor per entry, hashing the bytes in the same pass.
+
+    Each tensor gets its own storage (consumers such as RNG state setters ignore storage offsets), and
+    nothing is read twice. Size, header and digest are all checked; a mismatch names the file.
+    """
+    size = _checked_size(storage, path, expected_size, component)
+    hasher = new_hasher() if expected_digest is not None else _NoHash()
+    out: dict[str, torch.Tensor] = {}
+    with storage.open_read(path) as f:
+        if size < 8:
+            raise _bad_file(path, component, "shorter than its 8-byte header length")
+        prefix = _read_exact(f, 8, path, component)
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(size - 8, _MAX_HEADER):
+            raise _bad_file(path, component, f"header length {header_len} runs past the end of the file ({size} bytes)")
+        header_bytes = _read_exact(f, header_len, path, component)
+        hasher.update(prefix)
+        hasher.update(header_bytes)
+        data_len = size - 8 - header_len
+        pos = 0
+        for e in parse_header(header_bytes, data_len, path, component):
+            if e.begin > pos:  # bytes no tensor claims still count toward the digest
+                hasher.update(_read_exact(f, e.begin - pos, path, component))
+            tensor = torch.empty(e.shape, dtype=e.dtype)
+            if e.end > e.begin:
+                view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+                _readinto_exact(f, view, path, component, hasher)
+            out[e.name] = tensor
+            pos = e.end
+        if pos < data_len:
+            hasher.update(_read_exact(f, data_len - pos, path, component))
+    _check_digest(hasher, expected_digest, path, component)
+    return out
+
+
+def read_blob(storage: Storage, path: str, expected_size: int | None, expected_digest: str | None,
+              component: str | None = None) -> bytes:
+    """A whole small file (a msgpack skeleton), size- and digest-checked."""
+    size = _checked_size(storage, path, expected_size, component)
+    with storage.open_read(path) as f:
+        data = _read_exact(f, size, path, component)
+    hasher = new_hasher()
+    hasher.update(data)
+    _check_digest(hasher, expected_digest, path, component)
+    return data
+
+
+class _NoHash:
+    def update(self, _data: object) -> None:
+        pass
+
+
+def _checked_size(storage: Storage, path: str, expected: int | None, component: str | None) -> int:
+    try:
+        size = storage.size(path)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"file {path} (component {component!r}) is missing", path=path,
+                                     component=component) from None
+    if expected is not None and size != expected:
+        raise CorruptCheckpointError(
+            f"file {path} (component {component!r}) has {size} bytes, the manifest says {expected}; "
+            "it was truncated or replaced after the save", path=path, component=component)
+    return size
+
+
+def _check_digest(hasher, expected: str | None, path: str, component: str | None) -> None:
+    if expected is not None and hasher.hexdigest() != expected:
+        raise CorruptCheckpointError(
+            f"file {path} (component {component!r}) does not match its digest in the manifest: its bytes "
+            "changed after it was written; restore it or load another checkpoint", path=path, component=component)
+
+
+def _read_exact(f, n: int, path: str, component: str | None) -> bytes:
+    buf = bytearray(n)
+    _readinto_exact(f, memoryview(buf), path, component, None)
+    return bytes(buf)
+
+
+def _readinto_exact(f, view: memoryview, path: str, component: str | None, hasher) -> None:
+    pos, total = 0, len(view)
+    while pos < total:
+        n = f.readinto(view[pos: pos + _READ_CHUNK])
+        if not n:
+            raise CorruptCheckpointError(f"file {path} (component {component!r}) ended early", path=path,
+                                         component=component)
+        if hasher is not None:
+            hasher.update(view[pos: pos + n])
+        pos += n
