@@ -72,7 +72,30 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(_to_plain(self), indent=1, allow_nan=False) + "\n"
+        plain = _to_plain(self)
+        plain = {"format_version": plain.pop("format_version"), **plain}
+        return _format(plain, 0) + "\n"
+
+
+def _is_leaf(value: Any) -> bool:
+    return not isinstance(value, dict | list) or (isinstance(value, list) and all(
+        not isinstance(v, dict | list) or (isinstance(v, list) and all(not isinstance(x, dict | list) for x in v))
+        for v in value))
+
+
+def _format(value: Any, depth: int) -> str:
+    """JSON with one line per small object or list of numbers: readable, and small for many tensors."""
+    if _is_leaf(value) or (isinstance(value, dict) and all(_is_leaf(v) for v in value.values()) and len(value) <= 4
+                           and not any(isinstance(v, list) and v and isinstance(v[0], list) for v in value.values())):
+        return json.dumps(value, allow_nan=False, separators=(", ", ": "))
+    pad, inner = " " * depth, " " * (depth + 1)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = ",\n".join(f"{inner}{json.dumps(k)}: {_format(v, depth + 1)}" for k, v in value.items())
+        return "{\n" + items + "\n" + pad + "}"
+    items = ",\n".join(f"{inner}{_format(v, depth + 1)}" for v in value)
+    return "[\n" + items + "\n" + pad + "]"
 
 
 def _to_plain(obj: Any) -> Any:
