@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from .catalog import RetentionOutcome, hold, retain, scan, summary_text
+from .catalog import best as best_checkpoints
 from .comm import Communicator
 from .component import SharingPattern, StateComponent
 from .errors import CheckpointError
@@ -34,6 +36,7 @@ from .layout import (
 from .loading import read_component
 from .manifest import Manifest, read_manifest
 from .planning import ComponentDecl, build_plan, owner_for_load
+from .retention import BestCheckpoint, RetentionPolicy
 from .saving import PreparedComponent, build_manifest, commit, prepare, write_files
 from .storage import LocalStorage, Storage
 from .topology import RankTopology, discover
@@ -69,7 +72,8 @@ class CheckpointCoordinator:
         storage: where bytes go; the local filesystem by default.
         verify_on_load: check every file's digest while reading it.
         local_world_size: ranks per node; defaults to torchrun's LOCAL_WORLD_SIZE.
-        after_commit: called on rank 0 after each commit (retention plugs in here).
+        after_commit: called on rank 0 after each commit.
+        retention: which checkpoints to keep; rank 0 deletes the rest after each commit. None keeps all.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class CheckpointCoordinator:
         verify_on_load: bool = True,
         local_world_size: int | None = None,
         after_commit: AfterCommit | None = None,
+        retention: RetentionPolicy | None = None,
     ):
         self.run_dir = os.fspath(run_dir)
         self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
@@ -90,6 +95,11 @@ class CheckpointCoordinator:
         self.storage: Storage = storage or LocalStorage()
         self.verify_on_load = verify_on_load
         self.after_commit = after_commit
+        if retention is not None and not isinstance(retention, RetentionPolicy):
+            raise TypeError(f"CheckpointCoordinator: retention={retention!r} must be a ckpt.RetentionPolicy or None")
+        self.retention = retention
+        self.resumed_from: str | None = None  # the last checkpoint loaded; retention never deletes it
+        self.last_retention: RetentionOutcome | None = None  # rank 0's outcome of the last save, on every rank
         self.comm = Communicator(self.timeout)
         self.topology: RankTopology = discover(self.comm, process_groups, local_world_size)
         self.rank = self.comm.rank
@@ -104,6 +114,21 @@ class CheckpointCoordinator:
     def latest(self) -> CheckpointRef | None:
         refs = self.checkpoints()
         return refs[-1] if refs else None
+
+    def best(self, n: int | None = None) -> list[BestCheckpoint]:
+        """The best `n` (default: the policy's preserve_n_best) committed checkpoints by the retention
+        metric, best first, read from the manifests on disk. Not collective; every rank sees the same."""
+        if self.retention is None:
+            raise ValueError("best(): this coordinator has no retention policy; pass "
+                             "CheckpointCoordinator(..., retention=RetentionPolicy(best_model_metric=...))")
+        return best_checkpoints(self.storage, self.run_dir, self.retention, n)
+
+    def summary(self) -> str:
+        """End-of-training text: the best checkpoints with their metric, the latest, and what is kept."""
+        infos = scan(self.storage, self.run_dir)
+        policy = self.retention or RetentionPolicy()
+        protected = {self.resumed_from: "resumed from"} if self.resumed_from else {}
+        return summary_text(self.run_dir, self.retention, policy.decide(infos, protected), infos)
 
     # ---- save ----------------------------------------------------------------------------------
 
@@ -128,7 +153,9 @@ class CheckpointCoordinator:
             records = self.comm.run_phase(
                 "write", lambda: write_files(self.storage, partial, mine, prepared, self.rank), what=what)
             manifest = build_manifest(step, plans, records, self.topology.describe(), metrics)
-            self.comm.run_phase("commit", lambda: self._commit(partial, final, manifest, overwrite), what=what)
+            outcome = self.comm.run_phase("commit", lambda: self._commit(partial, final, manifest, overwrite),
+                                          what=what)[0]
+            self.last_retention = None if outcome is None else RetentionOutcome.from_plain(outcome)
         except BaseException:
             if self.rank == 0:
                 self._discard(partial)
@@ -169,12 +196,21 @@ class CheckpointCoordinator:
             return self.topology.group_of(name)[0] == self.rank
         return False
 
-    def _commit(self, partial: str, final: str, manifest: Manifest, overwrite: bool) -> None:
+    def _commit(self, partial: str, final: str, manifest: Manifest, overwrite: bool) -> dict | None:
         if self.rank != 0:
-            return
+            return None
         commit(self.storage, partial, final, manifest, overwrite)
         if self.after_commit is not None:
             self.after_commit(self.run_dir, CheckpointRef(manifest.step, final), manifest)
+        if self.retention is None:
+            return None
+        protected = {final: "just saved", **({self.resumed_from: "resumed from"} if self.resumed_from else {})}
+        try:  # the save is committed: a retention failure must not make it look failed
+            return retain(self.storage, self.run_dir, self.retention, protected).to_plain()
+        except Exception as exc:
+            log.warning("retention after saving %s failed, nothing more was deleted: %s: %s", final,
+                        type(exc).__name__, exc)
+            return None
 
     def _discard(self, partial: str) -> None:
         try:
@@ -197,9 +233,10 @@ class CheckpointCoordinator:
         staged: dict[str, Any] = {}
         skipped: list[str] = []
         manifest_box: list[Manifest] = []
-        declared = self.comm.run_phase(
-            "read", lambda: self._stage(path, components, strict, staged, skipped, manifest_box),
-            what=f"load of {path}")
+        with hold(path, "being loaded"):
+            declared = self.comm.run_phase(
+                "read", lambda: self._stage(path, components, strict, staged, skipped, manifest_box),
+                what=f"load of {path}")
         manifest = manifest_box[0]
         unused = sorted(set(manifest.components) - {k for keys in declared for k in keys})
         if unused and strict:
@@ -207,6 +244,7 @@ class CheckpointCoordinator:
                 f"checkpoint {path} holds components {unused} that no rank passed to load(); pass them, or "
                 "load with strict=False to ignore them", path=path)
         self.comm.run_phase("apply", lambda: self._apply(components, staged), what=f"load of {path}")
+        self.resumed_from = path
         if self.rank == 0:
             log.info("loaded %s (%d components)", path, len(staged))
         return LoadResult(path=path, step=step, loaded=tuple(k for k in (c.key for c in components) if k in staged),

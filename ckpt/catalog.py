@@ -1,0 +1,209 @@
+"""What a run directory holds, as retention sees it, and carrying out a retention decision.
+
+Reads committed checkpoints with their manifests' metrics and pins, keeps the run's recorded policy,
+tracks checkpoints this process is reading, and deletes what a decision drops (rank 0 only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from .errors import CheckpointError
+from .layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkpoints, resolve_checkpoint
+from .manifest import read_manifest
+from .retention import BestCheckpoint, CheckpointInfo, RetentionDecision, RetentionPolicy
+from .storage import Storage
+
+log = logging.getLogger("ckpt")
+
+POLICY_NAME = "retention_policy.json"  # the run's policy, written by rank 0, read by `ckpt ls` / `ckpt prune`
+DELETING_SUFFIX = ".deleting" + PARTIAL_SUFFIX  # a checkpoint on its way out: never loaded, cleaned by a save
+
+_held: dict[str, list[str]] = {}
+_held_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def hold(path: str, why: str) -> Iterator[None]:
+    """Protect `path` from deletion by retention in this process while the block runs."""
+    key = os.path.normpath(os.path.abspath(path))
+    with _held_lock:
+        _held.setdefault(key, []).append(why)
+    try:
+        yield
+    finally:
+        with _held_lock:
+            _held[key].remove(why)
+            if not _held[key]:
+                del _held[key]
+
+
+def held() -> dict[str, str]:
+    """Checkpoints this process is reading or writing now: path -> why."""
+    with _held_lock:
+        return {path: whys[0] for path, whys in _held.items()}
+
+
+def read_info(storage: Storage, step: int, path: str) -> CheckpointInfo:
+    """A committed checkpoint's step, metrics, time and size; an unreadable manifest gives `error`."""
+    pinned = storage.exists(os.path.join(path, PIN_NAME))
+    try:
+        m = read_manifest(storage, path)
+    except (CheckpointError, OSError) as exc:
+        return CheckpointInfo(step, path, pinned=pinned, error=str(exc))
+    nbytes = sum(f.nbytes for c in m.components.values() for f in c.files)
+    return CheckpointInfo(step, path, dict(m.metrics), m.created_utc, nbytes, pinned)
+
+
+def scan(storage: Storage, run_dir: str) -> list[CheckpointInfo]:
+    """Every committed checkpoint of the run, oldest first. Folders with other names are not looked at."""
+    return [read_info(storage, ref.step, ref.path) for ref in list_checkpoints(storage, run_dir)]
+
+
+def best(storage: Storage, run_dir: str, policy: RetentionPolicy, n: int | None = None) -> list[BestCheckpoint]:
+    rule = policy.best_rule(n)
+    if rule is None:
+        raise ValueError("best(): the retention policy has no best_model_metric; set one "
+                         "(RetentionPolicy(best_model_metric='eval_loss', ...)) to rank checkpoints")
+    return rule.ranking(scan(storage, run_dir), rule.n or 1)
+
+
+# ---- pins ----------------------------------------------------------------------------------------
+
+def committed_dir(storage: Storage, path: str) -> str:
+    """`path` if it is a committed checkpoint; an error naming what it is otherwise."""
+    return resolve_checkpoint(storage, os.path.dirname(os.path.abspath(path)), os.path.abspath(path)).path
+
+
+def pin_checkpoint(storage: Storage, path: str) -> bool:
+    """Protect a checkpoint from every retention rule. Returns False when it was already pinned."""
+    target = os.path.join(committed_dir(storage, path), PIN_NAME)
+    if storage.exists(target):
+        return False
+    storage.write_file(target, [b""])
+    storage.fsync_dir(os.path.dirname(target))
+    return True
+
+
+def unpin_checkpoint(storage: Storage, path: str) -> bool:
+    """Remove a pin. Returns False when the checkpoint was not pinned."""
+    target = os.path.join(committed_dir(storage, path), PIN_NAME)
+    if not storage.exists(target):
+        return False
+    storage.remove_file(target)
+    storage.fsync_dir(os.path.dirname(target))
+    return True
+
+
+# ---- the run's recorded policy -------------------------------------------------------------------
+
+def read_policy(storage: Storage, run_dir: str) -> RetentionPolicy | None:
+    """The policy the run last saved with, or None when it never had one."""
+    path = os.path.join(run_dir, POLICY_NAME)
+    if not storage.exists(path):
+        return None
+    try:
+        with storage.open_read(path) as f:
+            return RetentionPolicy.from_plain(json.loads(f.read()))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a valid retention policy ({exc}); delete it or pass the policy "
+                              "options explicitly", path=path) from None
+
+
+def write_policy(storage: Storage, run_dir: str, policy: RetentionPolicy) -> None:
+    """Record the policy for offline tools (temp + rename); nothing is written when it is unchanged."""
+    path = os.path.join(run_dir, POLICY_NAME)
+    with contextlib.suppress(CheckpointError):
+        if read_policy(storage, run_dir) == policy:
+            return
+    tmp = path + ".tmp"
+    storage.write_file(tmp, [(json.dumps(policy.to_plain(), indent=1) + "\n").encode()])
+    storage.rename(tmp, path)
+
+
+# ---- deleting ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RetentionOutcome:
+    """What applying a decision did: the decision, the folders deleted, and deletions that failed."""
+
+    decision: RetentionDecision
+    deleted: tuple[str, ...] = ()
+    failed: tuple[tuple[str, str], ...] = ()  # (path, error)
+
+    def to_plain(self) -> dict:
+        return {"decision": self.decision.to_plain(), "deleted": list(self.deleted),
+                "failed": [list(f) for f in self.failed]}
+
+    @classmethod
+    def from_plain(cls, data: Mapping) -> RetentionOutcome:
+        return cls(RetentionDecision.from_plain(data["decision"]), tuple(data["deleted"]),
+                   tuple((p, e) for p, e in data["failed"]))
+
+
+def delete_checkpoint(storage: Storage, path: str) -> None:
+    """Uncommit first (an atomic rename to a name that is never loaded), then remove the files, so a
+    crash part way never leaves a committed checkpoint with files missing."""
+    doomed = os.path.normpath(path) + DELETING_SUFFIX
+    storage.remove_tree(doomed)
+    storage.rename(path, doomed)
+    storage.fsync_dir(os.path.dirname(os.path.normpath(path)) or ".")
+    storage.remove_tree(doomed)
+
+
+def apply_decision(storage: Storage, decision: RetentionDecision, dry_run: bool = False) -> RetentionOutcome:
+    """Delete every checkpoint the decision drops, logging each once with its reason.
+
+    A checkpoint pinned, or taken up by a reader in this process, since the decision was made is spared.
+    """
+    deleted, failed = [], []
+    for c in decision.dropped:
+        busy = held().get(os.path.normpath(os.path.abspath(c.path)))
+        if busy or storage.exists(os.path.join(c.path, PIN_NAME)) or not storage.exists(
+                os.path.join(c.path, MANIFEST_NAME)):
+            log.info("retention: keeping %s after all (%s)", c.path, busy or "pinned or already gone")
+            continue
+        if dry_run:
+            deleted.append(c.path)
+            continue
+        try:
+            delete_checkpoint(storage, c.path)
+        except OSError as exc:
+            log.warning("retention: could not delete %s: %s", c.path, exc)
+            failed.append((c.path, f"{type(exc).__name__}: {exc}"))
+            continue
+        log.info("retention: deleted %s (%s)", c.path, c.drop_reason)
+        deleted.append(c.path)
+    return RetentionOutcome(decision, tuple(deleted), tuple(failed))
+
+
+def summary_text(run_dir: str, policy: RetentionPolicy | None, decision: RetentionDecision,
+                 infos: list[CheckpointInfo]) -> str:
+    """The end-of-training report: the best checkpoints with their metric, the latest, what is kept."""
+    lines = [f"Checkpoints in {run_dir}" + (f" (retention: {policy.describe()})" if policy else "")]
+    if not decision.checkpoints:
+        return lines[0] + "\n  none committed\n"
+    if decision.best:
+        lines.append(f"Best by {policy.best_model_metric if policy else decision.best[0].metric}:")
+        lines += [f"  #{b.rank}  {os.path.basename(b.path)}  step {b.step}  {b.metric}={b.value:.6g}"
+                  for b in decision.best]
+    latest = decision.checkpoints[-1]
+    lines.append(f"Latest: {os.path.basename(latest.path)} (step {latest.step})")
+    size = sum(i.nbytes or 0 for i in infos if i.path in {c.path for c in decision.kept})
+    lines.append(f"Kept: {len(decision.kept)} checkpoints, {size / 1e6:.1f} MB")
+    width = max(len(os.path.basename(c.path)) for c in decision.kept)
+    lines += [f"  {os.path.basename(c.path):<{width}}  {', '.join(c.reasons)}" for c in decision.kept]
+    return "\n".join(lines) + "\n"
+
+
+def retain(storage: Storage, run_dir: str, policy: RetentionPolicy, protected: Mapping[str, str]) -> RetentionOutcome:
+    """Apply `policy` to the run after a commit: record it, decide from disk, then delete what it drops."""
+    write_policy(storage, run_dir, policy)
+    decision = policy.decide(scan(storage, run_dir), {**held(), **protected})
+    return apply_decision(storage, decision)
