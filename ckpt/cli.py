@@ -1,0 +1,380 @@
+"""The `ckpt` command: list, inspect, verify, diff, export, prune and pin checkpoints (see docs/cli.md).
+
+Every subcommand takes `--json`. Errors are one line on stderr with exit status 2 (`verify` exits 1 when
+files are bad, `diff` exits 1 when the checkpoints differ); set CKPT_DEBUG=1 to see a traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__
+from .catalog import apply_decision, pin_checkpoint, read_policy, scan, unpin_checkpoint
+from .errors import CheckpointError, CheckpointNotFoundError
+from .export import export_component
+from .inspection import Progress, describe, diff, open_checkpoint, verify
+from .layout import MANIFEST_NAME, list_partials, parse_step
+from .retention import CheckpointInfo, RetentionDecision, RetentionPolicy
+from .storage import LocalStorage
+
+EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+
+
+# ---- output helpers ------------------------------------------------------------------------------
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _metrics(metrics: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()) or "-"
+
+
+def _time(utc: str | None) -> str:
+    return utc.replace("T", " ")[:19] if utc else "-"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """Rows as aligned text columns (the last column is not padded)."""
+    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for r in cells:
+        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        parts[-1] = parts[-1].rstrip() if len(headers) - 1 not in right else parts[-1]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _pairs(rows: Sequence[Sequence[Any]]) -> str:
+    width = max(len(str(k)) for k, _ in rows)
+    return "\n".join(f"{k!s:<{width}}  {v}" for k, v in rows)
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _json(data: Any) -> None:
+    _out(json.dumps(data, indent=1))
+
+
+def _progress(args: argparse.Namespace, label: str) -> Progress | None:
+    """A progress line on stderr, only when a person is watching (stdout is a terminal) and not --json."""
+    if args.json or not sys.stdout.isatty():
+        return None
+    last = [-1]
+
+    def show(done: int, total: int) -> None:
+        pct = int(100 * done / total) if total else 100
+        if pct != last[0]:
+            last[0] = pct
+            sys.stderr.write(f"\r{label}: {pct:3d}% ({_size(done)} of {_size(total)})")
+            if done >= total:
+                sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+    return show
+
+
+# ---- policy for ls / prune -----------------------------------------------------------------------
+
+def _add_policy_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("retention policy (default: the one the run recorded in retention_policy.json)")
+    g.add_argument("--save-total-limit", type=int, metavar="K", help="keep the newest K checkpoints")
+    g.add_argument("--preserve-n-best", type=int, metavar="N", help="also keep the N best by --metric")
+    g.add_argument("--metric", metavar="M", help="metric to rank by (looked up as given, then as eval_M)")
+    way = g.add_mutually_exclusive_group()
+    way.add_argument("--greater-is-better", dest="greater", action="store_true", default=None,
+                     help="higher values of --metric are better")
+    way.add_argument("--lower-is-better", dest="greater", action="store_false", help="lower values are better")
+    g.add_argument("--keep-every-n-steps", type=int, metavar="S", help="also keep steps that are multiples of S")
+
+
+def _policy(args: argparse.Namespace, run_dir: str) -> tuple[RetentionPolicy | None, str]:
+    flags = (args.save_total_limit, args.preserve_n_best, args.metric, args.greater, args.keep_every_n_steps)
+    if any(f is not None for f in flags):
+        return RetentionPolicy(args.save_total_limit, args.preserve_n_best, args.metric, args.greater,
+                               args.keep_every_n_steps), "command line"
+    recorded = read_policy(LocalStorage(), run_dir)
+    return recorded, "recorded by the run" if recorded else "the run recorded none: nothing is deleted"
+
+
+def _run_dir(path: str) -> str:
+    path = os.path.normpath(path)
+    if not os.path.isdir(path):
+        raise CheckpointNotFoundError(f"{path} is not a folder" if os.path.exists(path) else f"{path} does not exist",
+                                      path=path)
+    if os.path.exists(os.path.join(path, MANIFEST_NAME)):
+        raise CheckpointNotFoundError(f"{path} is a checkpoint, not a run directory; use `ckpt inspect {path}`, or "
+                                      f"list its run with `ckpt ls {os.path.dirname(path) or '.'}`", path=path)
+    return path
+
+
+def _decide(run_dir: str, policy: RetentionPolicy | None) -> tuple[list[CheckpointInfo], RetentionDecision, set]:
+    """The decision now, and which kept checkpoints the next save (without a new best) would drop."""
+    infos = scan(LocalStorage(), run_dir)
+    decision = (policy or RetentionPolicy()).decide(infos)
+    next_to_go: set[str] = set()
+    if policy is not None and infos:
+        phantom = CheckpointInfo(infos[-1].step + 1, os.path.join(run_dir, "(next save)"))
+        later = policy.decide([*infos, phantom])
+        next_to_go = {c.path for c in later.dropped} - {c.path for c in decision.dropped}
+    return infos, decision, next_to_go
+
+
+# ---- subcommands ---------------------------------------------------------------------------------
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    run_dir = _run_dir(args.run_dir)
+    policy, source = _policy(args, run_dir)
+    infos, decision, next_to_go = _decide(run_dir, policy)
+    by_path = {c.path: c for c in decision.checkpoints}
+    rows = []
+    for info in infos:
+        d = by_path[info.path]
+        rows.append({"name": os.path.basename(info.path), "path": info.path, "step": info.step,
+                     "created_utc": info.created_utc, "nbytes": info.nbytes, "metrics": info.metrics,
+                     "pinned": info.pinned, "partial": False, "keep": d.keep, "reasons": list(d.reasons),
+                     "drop_reason": d.drop_reason, "next_to_go": info.path in next_to_go, "error": info.error})
+    for path in sorted(list_partials(LocalStorage(), run_dir)):
+        name = os.path.basename(path)
+        rows.append({"name": name, "path": path, "step": parse_step(name.split(".", 1)[0]), "created_utc": None,
+                     "nbytes": _du(path), "metrics": {}, "pinned": False, "partial": True, "keep": False,
+                     "reasons": [], "drop_reason": "unfinished save: never loaded, removed by the next save",
+                     "next_to_go": False, "error": None})
+    if args.json:
+        _json({"run_dir": run_dir, "policy": policy.to_plain() if policy else None, "policy_source": source,
+               "checkpoints": rows, "best": decision.to_plain()["best"]})
+        return EXIT_OK
+    _out(f"{run_dir}: {len(infos)} committed checkpoints; policy: "
+         + (f"{policy.describe()} ({source})" if policy else source))
+    if rows:
+        _out(table(["CHECKPOINT", "STEP", "CREATED (UTC)", "SIZE", "METRICS", "STATUS"],
+                   [[r["name"], r["step"], _time(r["created_utc"]), _size(r["nbytes"]),
+                     "manifest unreadable" if r["error"] else _metrics(r["metrics"]), _status(r)] for r in rows],
+                   right=(1, 3)))
+    return EXIT_OK
+
+
+def _status(r: dict) -> str:
+    if r["partial"]:
+        return "PARTIAL: " + r["drop_reason"]
+    if not r["keep"]:
+        return "would delete: " + r["drop_reason"]
+    return "keep: " + ", ".join(r["reasons"]) + (" (next to go)" if r["next_to_go"] else "")
+
+
+def _du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    run_dir = _run_dir(args.run_dir)
+    policy, source = _policy(args, run_dir)
+    if policy is None:
+        raise CheckpointError(f"{run_dir} has no recorded retention policy; pass one, e.g. --save-total-limit 3 "
+                              "--preserve-n-best 2 --metric eval_loss")
+    _, decision, _ = _decide(run_dir, policy)
+    outcome = apply_decision(LocalStorage(), decision, dry_run=args.dry_run)
+    reasons = {c.path: c.drop_reason for c in decision.dropped}
+    if args.json:
+        _json({"run_dir": run_dir, "policy": policy.to_plain(), "policy_source": source, "dry_run": args.dry_run,
+               "deleted": [{"path": p, "reason": reasons[p]} for p in outcome.deleted],
+               "failed": [{"path": p, "error": e} for p, e in outcome.failed],
+               "kept": [{"path": c.path, "reasons": list(c.reasons)} for c in decision.kept]})
+        return EXIT_ERROR if outcome.failed else EXIT_OK
+    verb = "would delete" if args.dry_run else "deleted"
+    _out(f"policy: {policy.describe()} ({source})")
+    rows = [[verb, os.path.basename(p), reasons[p]] for p in outcome.deleted]
+    rows += [["FAILED", os.path.basename(p), e] for p, e in outcome.failed]
+    rows += [["keep", os.path.basename(c.path), ", ".join(c.reasons)] for c in decision.kept]
+    _out(table(["ACTION", "CHECKPOINT", "WHY"], rows))
+    _out(f"{len(outcome.deleted)} {verb}, {len(decision.kept)} kept" + (" (dry run: nothing was deleted)"
+                                                                      if args.dry_run else ""))
+    return EXIT_ERROR if outcome.failed else EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = describe(open_checkpoint(args.checkpoint), with_tensors=args.tensors)
+    if args.json:
+        _json(info)
+        return EXIT_OK
+    topo = info["topology"]
+    groups = "; ".join(f"{k}={v}" for k, v in topo["process_groups"].items()) or "none"
+    _out(_pairs([
+        ["checkpoint", info["path"] + ("  (pinned)" if info["pinned"] else "")],
+        ["step", info["step"]], ["created", _time(info["created_utc"]) + " UTC"],
+        ["size", f"{_size(info['nbytes'])} in {info['files']} files"], ["metrics", _metrics(info["metrics"])],
+        ["topology", f"{topo['world_size']} ranks on {topo['num_nodes']} node(s) of {topo['local_world_size']}, "
+                     f"process groups: {groups}"],
+        ["versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items())],
+    ]))
+    _out()
+    _out(table(["COMPONENT", "PATTERN", "GROUP", "VALIDATION", "COPIES", "WRITER RANKS", "FILES", "SIZE", "TENSORS"],
+               [[c["key"], c["pattern"], c["process_group"] or "-", c["validation_level"], c["copies"],
+                 _ranks(c["writer_ranks"]), c["files"], _size(c["nbytes"]), c["tensors"]] for c in info["components"]],
+               right=(4, 6, 7, 8)))
+    if args.tensors:
+        _out()
+        _out(table(["COMPONENT", "COPY", "TENSOR", "DTYPE", "SHAPE", "FILE"],
+                   [[t["component"], t["copy"] or "-", t["name"], t["dtype"], t["shape"], t["file"]]
+                    for t in info["tensor_list"]]))
+    return EXIT_OK
+
+
+def _ranks(ranks: list[int]) -> str:
+    if len(ranks) > 2 and ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ",".join(map(str, ranks))
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    report = verify(open_checkpoint(args.checkpoint), _progress(args, "verify"))
+    if args.json:
+        _json(report)
+    elif report["ok"]:
+        _out(f"OK: all {report['checked']} files ({_size(report['nbytes'])}) of {report['path']} match the manifest")
+    else:
+        _out(f"FAILED: {report['bad']} of {report['checked']} files of {report['path']} do not match the manifest")
+        _out(table(["STATUS", "FILE", "COMPONENT", "WRITER", "DETAIL"],
+                   [[f["status"], f["path"], f["component"], f["writer_rank"], f["detail"]]
+                    for f in report["files"] if f["status"] != "ok"]))
+    if report["unlisted"] and not args.json:
+        _out(f"note: {len(report['unlisted'])} files not in the manifest: {', '.join(report['unlisted'][:5])}")
+    return EXIT_OK if report["ok"] else EXIT_FOUND
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    report = diff(open_checkpoint(args.a), open_checkpoint(args.b))
+    if args.json:
+        _json(report)
+        return EXIT_OK if report["identical"] else EXIT_FOUND
+    _out(f"a: {report['a']} (step {report['steps'][0]})\nb: {report['b']} (step {report['steps'][1]})")
+    rows, same = [], 0
+    for c in report["components"]:
+        if c["status"] in ("added", "removed"):
+            rows.append([c["key"], "-", "(whole component)", c["status"], ""])
+            continue
+        if c["pattern"][0] != c["pattern"][1]:
+            rows.append([c["key"], "-", "(pattern)", "changed", " -> ".join(c["pattern"])])
+        rows += [[c["key"], copy or "-", "(non-tensor state)", "changed", ""] for copy in c["non_tensor_state_changed"]]
+        for t in c["tensors"]:
+            if t["status"] == "same":
+                same += 1
+                continue
+            detail = (f"max |a-b| = {t['max_abs_diff']:.6g}" if "max_abs_diff" in t else
+                      f"{t['a']} -> {t['b']}" if "a" in t else f"{t['dtype']}{t['shape']}")
+            rows.append([c["key"], t["copy"] or "-", t["name"], t["status"], detail])
+    if rows:
+        _out(table(["COMPONENT", "COPY", "TENSOR", "CHANGE", "DETAIL"], rows))
+    _out(f"{len(rows)} differences, {same} tensors identical" if rows else f"identical ({same} tensors)")
+    return EXIT_OK if report["identical"] else EXIT_FOUND
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    result = export_component(open_checkpoint(args.checkpoint), args.component, args.output, rank=args.rank,
+                              group=args.group, node=args.node, concat_dim=args.concat_dim,
+                              progress=_progress(args, "export"))
+    if args.json:
+        _json(result)
+        return EXIT_OK
+    _out(f"wrote {result['output']}: {result['tensors']} tensors, {_size(result['nbytes'])} (component "
+         f"{result['component']!r}, {result['pattern']}, {result['copy']}, step {result['step']})")
+    left = result["left_out_non_tensor"]
+    if left:
+        _out(f"left out {len(left)} non-tensor values (safetensors holds tensors only): {', '.join(left[:8])}"
+             + (", ..." if len(left) > 8 else ""))
+    return EXIT_OK
+
+
+def _pin_command(pin: bool) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        ck = open_checkpoint(args.checkpoint)
+        changed = (pin_checkpoint if pin else unpin_checkpoint)(LocalStorage(), ck.path)
+        if args.json:
+            _json({"path": ck.path, "pinned": pin, "changed": changed})
+        else:
+            word = "pinned" if pin else "unpinned"
+            _out(f"{word} {ck.path}" if changed else f"{ck.path} was already {word}")
+        return EXIT_OK
+    return run
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ckpt", description="Inspect and manage ckpt checkpoints.")
+    parser.add_argument("--version", action="version", version=f"ckpt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("ls", cmd_ls, "list a run's checkpoints and why each is kept")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    _add_policy_flags(p)
+    p = command("inspect", cmd_inspect, "show a checkpoint's topology, components and files")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--tensors", action="store_true", help="list every tensor with its dtype and shape")
+    p = command("verify", cmd_verify, "re-hash every file against the manifest (exit 1 if any is bad)")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p = command("diff", cmd_diff, "what changed between two checkpoints (exit 1 if they differ)")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p = command("export", cmd_export, "write one component as a single safetensors file")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--component", required=True, help="the component's key, e.g. model")
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    p.add_argument("--rank", type=int, help="the copy this rank loads (PER_RANK, PER_GROUP, PER_NODE)")
+    p.add_argument("--group", type=int, help="PER_GROUP: the copy of this group index")
+    p.add_argument("--node", type=int, help="PER_NODE: the copy of this node")
+    p.add_argument("--concat-dim", type=int, metavar="D", help="concatenate every copy's tensors along dim D")
+    p = command("prune", cmd_prune, "apply a retention policy to a run now")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    _add_policy_flags(p)
+    p = command("pin", _pin_command(True), "protect a checkpoint from every retention policy")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p = command("unpin", _pin_command(False), "remove a checkpoint's pin")
+    p.add_argument("checkpoint", metavar="CKPT")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `ckpt` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `ckpt ls ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+    except Exception as exc:
+        if os.environ.get("CKPT_DEBUG"):
+            raise
+        known = isinstance(exc, CheckpointError | OSError | ValueError)
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        prefix = "" if known else f"unexpected {type(exc).__name__}: "
+        sys.stderr.write(f"ckpt {args.command}: error: {prefix}{text}\n")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,257 @@
+"""Looking inside committed checkpoints offline: what they hold, whether their bytes are intact, and how
+two of them differ. Used by the `ckpt` command; everything is read through the manifest and safetensors
+readers (never pickle), and reports are plain data ready for JSON.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import xxhash
+
+from .component import SharingPattern
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkpoints
+from .loading import checked_path, read_tensors
+from .manifest import ComponentEntry, Manifest, read_manifest
+from .storage import LocalStorage, Storage
+from .tensor_io import ST_TO_DTYPE
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A committed checkpoint opened for reading."""
+
+    storage: Storage
+    path: str
+    manifest: Manifest
+
+
+def open_checkpoint(path: str | os.PathLike, storage: Storage | None = None) -> Opened:
+    """The checkpoint at `path` (its folder, or its manifest file), or an error saying what `path` is."""
+    storage = storage or LocalStorage()
+    path = os.path.normpath(os.fspath(path))
+    if os.path.basename(path) == MANIFEST_NAME:
+        path = os.path.dirname(path) or "."
+    if not storage.exists(path):
+        raise CheckpointNotFoundError(f"{path} does not exist", path=path)
+    if not storage.is_dir(path):
+        raise CheckpointNotFoundError(f"{path} is a file, not a checkpoint folder", path=path)
+    if not storage.exists(os.path.join(path, MANIFEST_NAME)):
+        if path.endswith(PARTIAL_SUFFIX):
+            raise CheckpointNotFoundError(f"{path} is an unfinished save (no {MANIFEST_NAME}); it cannot be read",
+                                          path=path)
+        refs = list_checkpoints(storage, path)
+        if refs:
+            raise CheckpointNotFoundError(f"{path} is a run directory, not a checkpoint; pass one of its "
+                                          f"checkpoints, e.g. {refs[-1].path} (the latest)", path=path)
+        raise CheckpointNotFoundError(f"{path} is not a checkpoint: it holds no {MANIFEST_NAME}", path=path)
+    return Opened(storage, path, read_manifest(storage, path))
+
+
+def copy_label(pattern: SharingPattern, owner: int | None) -> str:
+    """How a copy is named in reports: "" for the job's single copy, else "rank 3", "group 1", "node 0"."""
+    if owner is None:
+        return ""
+    return {SharingPattern.PER_RANK: "rank", SharingPattern.PER_GROUP: "group",
+            SharingPattern.PER_NODE: "node"}.get(pattern, "copy") + f" {owner}"
+
+
+def dtype_name(st_dtype: str) -> str:
+    """A safetensors dtype code as torch names it ("F32" -> "float32")."""
+    dtype = ST_TO_DTYPE.get(st_dtype)
+    return str(dtype).removeprefix("torch.") if dtype is not None else st_dtype
+
+
+def owners(entry: ComponentEntry) -> list[int | None]:
+    found = {f.owner for f in entry.files}
+    return sorted(found, key=lambda o: -1 if o is None else o)
+
+
+def read_copy(ck: Opened, key: str, owner: int | None, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of one copy of a component, merged from its files (REPLICATED parts included)."""
+    out: dict[str, torch.Tensor] = {}
+    for f in ck.manifest.components[key].files_for(owner):
+        if f.kind == "tensors":
+            out.update(read_tensors(ck.storage, ck.path, f, key, verify))
+    return out
+
+
+# ---- inspect -------------------------------------------------------------------------------------
+
+def describe(ck: Opened, with_tensors: bool = False) -> dict[str, Any]:
+    """What a checkpoint holds: step, time, topology, metrics, and per component its pattern, group,
+    validation level, writer ranks, files, bytes and tensor count (and every tensor when asked)."""
+    m = ck.manifest
+    comps, tensors = [], []
+    for key, c in sorted(m.components.items()):
+        comps.append({
+            "key": key, "pattern": c.pattern.value, "process_group": c.process_group, "required": c.required,
+            "validation_level": c.validation_level.value, "copies": len(owners(c)),
+            "writer_ranks": sorted({f.writer_rank for f in c.files}), "files": len(c.files),
+            "nbytes": sum(f.nbytes for f in c.files), "tensors": sum(len(f.tensors) for f in c.files)})
+        rows = [(-1 if f.owner is None else f.owner, t.name, f, t) for f in c.files for t in f.tensors]
+        tensors += [{"component": key, "copy": copy_label(c.pattern, f.owner), "name": t.name,
+                     "dtype": dtype_name(t.dtype), "shape": list(t.shape), "file": f.path}
+                    for _, _, f, t in sorted(rows, key=lambda r: r[:2])]
+    topo = m.topology
+    out = {
+        "path": ck.path, "step": m.step, "created_utc": m.created_utc, "format_version": m.format_version,
+        "pinned": ck.storage.exists(os.path.join(ck.path, PIN_NAME)), "metrics": m.metrics,
+        "versions": m.versions, "nbytes": sum(c["nbytes"] for c in comps),
+        "files": sum(c["files"] for c in comps),
+        "topology": {"world_size": topo.world_size, "num_nodes": topo.num_nodes,
+                     "local_world_size": topo.local_world_size,
+                     "process_groups": {k: [list(g) for g in v] for k, v in topo.process_groups.items()}},
+        "components": comps,
+    }
+    if with_tensors:
+        out["tensor_list"] = tensors
+    return out
+
+
+# ---- verify --------------------------------------------------------------------------------------
+
+def verify(ck: Opened, progress: Progress | None = None) -> dict[str, Any]:
+    """Re-hash every file the manifest lists; report each as ok, missing, wrong size or wrong digest."""
+    entries = [(key, f) for key, c in sorted(ck.manifest.components.items()) for f in c.files]
+    total = sum(f.nbytes for _, f in entries)
+    done = 0
+    files = []
+    for key, f in entries:
+        status, detail = "ok", ""
+        try:
+            path = checked_path(ck.path, f, key)
+            size = ck.storage.size(path)
+            if size != f.nbytes:
+                status, detail = "wrong size", f"{size} bytes, the manifest says {f.nbytes}"
+            else:
+                digest = _hash_file(ck.storage, path, progress, done, total)
+                if digest != f.xxh3_128:
+                    status, detail = "digest mismatch", "its bytes changed after it was written"
+        except FileNotFoundError:
+            status, detail = "missing", "listed in the manifest but not on disk"
+        except CorruptCheckpointError as exc:
+            status, detail = "unsafe path", str(exc)
+        except OSError as exc:
+            status, detail = "unreadable", f"{type(exc).__name__}: {exc}"
+        done += f.nbytes
+        if progress:
+            progress(done, total)
+        files.append({"path": f.path, "component": key, "writer_rank": f.writer_rank, "nbytes": f.nbytes,
+                      "status": status, "detail": detail})
+    listed = {f.path for _, f in entries} | {MANIFEST_NAME, PIN_NAME}
+    extra = sorted(p for p in _walk(ck.path) if p not in listed)
+    bad = [f for f in files if f["status"] != "ok"]
+    return {"path": ck.path, "ok": not bad, "checked": len(files), "bad": len(bad), "nbytes": total,
+            "files": files, "unlisted": extra}
+
+
+def _hash_file(storage: Storage, path: str, progress: Progress | None, done: int, total: int) -> str:
+    hasher = xxhash.xxh3_128()
+    with storage.open_read(path) as f:
+        while chunk := f.read(_CHUNK):
+            hasher.update(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+    return hasher.hexdigest()
+
+
+def _walk(root: str) -> list[str]:
+    out = []
+    for folder, _, names in os.walk(root):
+        out += [os.path.relpath(os.path.join(folder, n), root).replace(os.sep, "/") for n in names]
+    return out
+
+
+# ---- diff ----------------------------------------------------------------------------------------
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest |a - b| over the elements (NaN against NaN counts as equal, NaN against a number as inf)."""
+    if a.numel() == 0:
+        return 0.0
+    if a.dtype == torch.bool:
+        return float((a != b).any())
+    if a.is_complex():
+        d = (a.to(torch.complex128) - b.to(torch.complex128)).abs()
+    else:
+        d = (a.to(torch.float64) - b.to(torch.float64)).abs()
+    if a.is_floating_point() or a.is_complex():
+        both = torch.isnan(a) & torch.isnan(b) if not a.is_complex() else torch.isnan(a).real & torch.isnan(b).real
+        d = torch.where(both, torch.zeros_like(d), d).nan_to_num(nan=math.inf)
+    return float(d.max())
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.numel() == 0:
+        return True
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def _diff_tensors(ta: dict[str, torch.Tensor], tb: dict[str, torch.Tensor], copy: str) -> list[dict[str, Any]]:
+    rows = []
+    for name in sorted(ta.keys() | tb.keys()):
+        a, b = ta.get(name), tb.get(name)
+        row: dict[str, Any] = {"copy": copy, "name": name}
+        if a is None or b is None:
+            t = a if a is not None else b
+            row.update(status="removed" if b is None else "added", dtype=str(t.dtype).removeprefix("torch."),
+                       shape=list(t.shape))
+        elif a.dtype != b.dtype or a.shape != b.shape:
+            what = "dtype" if a.dtype != b.dtype else "shape"
+            if a.dtype != b.dtype and a.shape != b.shape:
+                what = "dtype and shape"
+            row.update(status=f"{what} changed", a=_brief(a), b=_brief(b))
+        elif _same_bits(a, b):
+            row.update(status="same", max_abs_diff=0.0)
+        else:
+            row.update(status="changed", max_abs_diff=max_abs_diff(a, b))
+        rows.append(row)
+    return rows
+
+
+def _brief(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+
+
+def _state_digests(ck: Opened, key: str, owner: int | None) -> list[str]:
+    return [f.xxh3_128 for f in ck.manifest.components[key].files_for(owner) if f.kind == "state"]
+
+
+def diff(a: Opened, b: Opened) -> dict[str, Any]:
+    """Per component and tensor what changed from `a` to `b`: added, removed, dtype or shape changes, and
+    the largest absolute difference of tensors that kept their dtype and shape."""
+    comps = []
+    ma, mb = a.manifest.components, b.manifest.components
+    for key in sorted(ma.keys() | mb.keys()):
+        if key not in mb or key not in ma:
+            comps.append({"key": key, "status": "removed" if key not in mb else "added", "tensors": []})
+            continue
+        ca, cb = ma[key], mb[key]
+        rows, state_changed = [], []
+        for owner in sorted(set(owners(ca)) | set(owners(cb)), key=lambda o: -1 if o is None else o):
+            copy = copy_label(ca.pattern if owner in owners(ca) else cb.pattern, owner)
+            ta = read_copy(a, key, owner) if owner in owners(ca) else {}
+            tb = read_copy(b, key, owner) if owner in owners(cb) else {}
+            rows += _diff_tensors(ta, tb, copy)
+            if _state_digests(a, key, owner) != _state_digests(b, key, owner):
+                state_changed.append(copy)
+        changed = [r for r in rows if r["status"] != "same"]
+        comps.append({"key": key, "status": "changed" if changed or state_changed or ca.pattern != cb.pattern
+                      else "same", "pattern": [ca.pattern.value, cb.pattern.value],
+                      "non_tensor_state_changed": state_changed, "tensors": rows})
+    return {"a": a.path, "b": b.path, "steps": [a.manifest.step, b.manifest.step], "components": comps,
+            "identical": all(c["status"] == "same" for c in comps)}
+
+
+__all__ = ["Opened", "copy_label", "describe", "diff", "max_abs_diff", "open_checkpoint", "read_copy", "verify"]
+
