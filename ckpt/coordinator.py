@@ -12,6 +12,7 @@ applies it, so a failure anywhere leaves every rank's live state untouched.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from .background import BackgroundSave
 from .catalog import RetentionOutcome, hold, retain, scan, summary_text
 from .catalog import best as best_checkpoints
 from .comm import Communicator
@@ -34,10 +36,11 @@ from .layout import (
     resolve_checkpoint,
 )
 from .loading import read_component
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest, plain_metrics, read_manifest
 from .planning import ComponentDecl, build_plan, owner_for_load
 from .retention import BestCheckpoint, RetentionPolicy
-from .saving import PreparedComponent, build_manifest, commit, prepare, write_files
+from .saving import PreparedComponent, Snapshot, build_manifest, commit, declare, snapshot, write_files
+from .staging import StagingPool
 from .storage import LocalStorage, Storage
 from .topology import RankTopology, discover
 from .validation import check_replicas
@@ -74,6 +77,7 @@ class CheckpointCoordinator:
         local_world_size: ranks per node; defaults to torchrun's LOCAL_WORLD_SIZE.
         after_commit: called on rank 0 after each commit.
         retention: which checkpoints to keep; rank 0 deletes the rest after each commit. None keeps all.
+        async_save: the default of `save(async_save=...)`.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class CheckpointCoordinator:
         local_world_size: int | None = None,
         after_commit: AfterCommit | None = None,
         retention: RetentionPolicy | None = None,
+        async_save: bool = False,
     ):
         self.run_dir = os.fspath(run_dir)
         self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
@@ -100,6 +105,9 @@ class CheckpointCoordinator:
         self.retention = retention
         self.resumed_from: str | None = None  # the last checkpoint loaded; retention never deletes it
         self.last_retention: RetentionOutcome | None = None  # rank 0's outcome of the last save, on every rank
+        self.async_save = async_save
+        self._staging = StagingPool()
+        self._pending: BackgroundSave | None = None
         self.comm = Communicator(self.timeout)
         self.topology: RankTopology = discover(self.comm, process_groups, local_world_size)
         self.rank = self.comm.rank
@@ -133,10 +141,44 @@ class CheckpointCoordinator:
     # ---- save ----------------------------------------------------------------------------------
 
     def save(self, step: int, components: Sequence[StateComponent], metrics: Mapping[str, Any] | None = None,
-             *, overwrite: bool = False) -> str:
-        """Save every component as checkpoint `step`; returns its path. Collective: call on every rank."""
+             *, overwrite: bool = False, async_save: bool | None = None) -> str:
+        """Save every component as checkpoint `step` and return its path. Collective: call on every rank.
+
+        With `async_save` (default: the coordinator's), the state is copied into reusable CPU buffers and
+        the call returns; writing, replication checks, commit and retention run on a background thread.
+        The checkpoint exists once `wait()` (or the next save or load) returns without raising.
+        """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"save(step={step!r}): step must be a non-negative int")
+        run_async = self.async_save if async_save is None else async_save
+        self.wait()  # at most one save in flight; a background failure is raised here, on every rank
+        snapshots: dict[str, Snapshot] = {}
+        error: Exception | None = None
+        try:  # a failure here is raised inside the first phase, so every rank raises it together
+            plain = plain_metrics(metrics)
+            _check_unique([c.key for c in components])
+            staging = self._staging if run_async else None
+            if staging is not None:
+                staging.begin()
+            for c in components:
+                snapshots[c.key] = snapshot(c, staging)
+            if staging is not None:
+                staging.end()
+        except Exception as exc:
+            error, plain = exc, {}
+        job = functools.partial(self._write_checkpoint, step, snapshots, error, plain, overwrite)
+        if run_async:
+            self._pending = BackgroundSave(job, name=f"ckpt-save-{step}")
+            return os.path.join(self.run_dir, checkpoint_name(step))
+        return job()
+
+    def wait(self) -> str | None:
+        """Wait for the save in flight, if any; return its path or raise its error (on every rank)."""
+        pending, self._pending = self._pending, None
+        return pending.wait() if pending is not None else None
+
+    def _write_checkpoint(self, step: int, snapshots: Mapping[str, Snapshot], error: Exception | None,
+                          metrics: Mapping[str, Any], overwrite: bool) -> str:
         final = os.path.join(self.run_dir, checkpoint_name(step))
         partial = os.path.join(self.run_dir, partial_name(step))
         what = f"save of step {step}"
@@ -144,7 +186,7 @@ class CheckpointCoordinator:
         prepared: dict[str, PreparedComponent] = {}
         try:
             wires = self.comm.run_phase(
-                "prepare", lambda: self._prepare(components, prepared, final, partial, overwrite), what=what)
+                "prepare", lambda: self._declare(snapshots, error, prepared, final, partial, overwrite), what=what)
             decls = [{w[0]: ComponentDecl.from_wire(w) for w in per_rank} for per_rank in wires]
             plans = build_plan(decls, self.topology)
             check_replicas(self.comm, plans, [{k: d.digest for k, d in per.items()} for per in decls],
@@ -166,12 +208,10 @@ class CheckpointCoordinator:
                      time.perf_counter() - started)
         return final
 
-    def _prepare(self, components: Sequence[StateComponent], out: dict[str, PreparedComponent], final: str,
-                 partial: str, overwrite: bool) -> list[list]:
-        keys = [c.key for c in components]
-        dupes = sorted({k for k in keys if keys.count(k) > 1})
-        if dupes:
-            raise CheckpointError(f"component keys {dupes} are passed more than once; keys must be unique")
+    def _declare(self, snapshots: Mapping[str, Snapshot], error: Exception | None,
+                 out: dict[str, PreparedComponent], final: str, partial: str, overwrite: bool) -> list[list]:
+        if error is not None:
+            raise error
         if self.rank == 0:
             if self.storage.exists(final) and not overwrite:
                 raise CheckpointError(f"{final} already exists; pass overwrite=True to replace it, or save "
@@ -180,9 +220,8 @@ class CheckpointCoordinator:
                 log.info("removing unfinished save %s", stale)
                 self.storage.remove_tree(stale)
             self.storage.makedirs(partial)
-        for c in components:
-            pattern = c.resolve_pattern()
-            out[c.key] = prepare(c, pattern, c.resolve_validation(pattern), self._plans_split(c, pattern))
+        for key, snap in snapshots.items():
+            out[key] = declare(snap, self._plans_split(snap.component, snap.pattern))
         return [p.decl.to_wire() for p in out.values()]
 
     def _plans_split(self, c: StateComponent, pattern: SharingPattern) -> bool:
@@ -224,8 +263,10 @@ class CheckpointCoordinator:
              *, strict: bool = True) -> LoadResult:
         """Load `components` from a checkpoint ("latest", a step, or a path). Collective: call on every rank.
 
-        Everything is read and checked before any component's `load_state_dict` is called.
+        Everything is read and checked before any component's `load_state_dict` is called. A save still
+        in flight is waited for first.
         """
+        self.wait()
         what = "load"
         ref = self.comm.run_phase(
             "resolve", lambda: self._resolve(checkpoint) if self.rank == 0 else None, what=what)[0]
@@ -262,9 +303,7 @@ class CheckpointCoordinator:
         manifest = read_manifest(self.storage, path)
         manifest_box.append(manifest)
         keys = [c.key for c in components]
-        if len(set(keys)) != len(keys):
-            raise CheckpointError(f"component keys {sorted({k for k in keys if keys.count(k) > 1})} are passed "
-                                  "more than once; keys must be unique")
+        _check_unique(keys)
         for c in components:
             entry = manifest.components.get(c.key)
             if entry is None:
@@ -298,3 +337,9 @@ class CheckpointCoordinator:
                 except Exception as exc:
                     raise CheckpointError(f"component {c.key!r}: load_state_dict() raised {type(exc).__name__}: "
                                           f"{exc}") from exc
+
+
+def _check_unique(keys: Sequence[str]) -> None:
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise CheckpointError(f"component keys {dupes} are passed more than once; keys must be unique")

@@ -11,40 +11,61 @@ from dataclasses import dataclass
 import torch
 
 from . import __version__
-from .component import ValidationLevel
+from .component import SharingPattern, StateComponent, ValidationLevel
 from .errors import CheckpointError
 from .layout import MANIFEST_NAME
 from .manifest import ComponentEntry, FileEntry, Manifest, plain_metrics
 from .planning import ComponentDecl, ComponentPlan, FileAssignment
 from .serialization import FlatState, flatten_state
+from .staging import StagingPool
 from .storage import Storage
 from .tensor_io import TensorInfo, WrittenFile, write_blob, write_safetensors
 from .validation import summary_digest
 
 
 @dataclass(frozen=True)
+class Snapshot:
+    """One component's state on this rank at save time, taken apart (and staged, for async saves)."""
+
+    component: StateComponent
+    pattern: SharingPattern
+    validation: ValidationLevel
+    flat: FlatState
+
+
+@dataclass(frozen=True)
 class PreparedComponent:
-    """One component's state on this rank, taken apart and digested, ready to plan and write."""
+    """A snapshot with its digests and declaration, ready to plan and write."""
 
     decl: ComponentDecl
     flat: FlatState
     table: dict[str, str] | None
 
 
-def prepare(component, pattern, validation: ValidationLevel, is_planner: bool) -> PreparedComponent:
-    """Snapshot a component's state. `is_planner`: this rank plans the split of its replica set."""
+def snapshot(component: StateComponent, staging: StagingPool | None) -> Snapshot:
+    """Take a component's state now. With `staging`, its tensors are copied into reusable buffers, so
+    training may change the live state while the copies are written."""
+    pattern = component.resolve_pattern()
     try:
         state = component.stateful.state_dict()
     except Exception as exc:
         raise CheckpointError(f"component {component.key!r}: state_dict() raised {type(exc).__name__}: {exc}") from exc
     flat = flatten_state(state, component.key)
-    digest, table = summary_digest(flat, validation)
+    if staging is not None:
+        flat = staging.stage(component.key, flat)
+    return Snapshot(component, pattern, component.resolve_validation(pattern), flat)
+
+
+def declare(snap: Snapshot, is_planner: bool) -> PreparedComponent:
+    """Digest a snapshot for the replication check. `is_planner`: this rank plans its replica set's split."""
+    digest, table = summary_digest(snap.flat, snap.validation)
     sizes = None
     if is_planner:
-        sizes = tuple((name, t.numel() * t.element_size()) for name, t in flat.tensors.items())
-    decl = ComponentDecl(component.key, pattern.value, component.process_group_name, component.required,
-                         validation.value, sizes, digest)
-    return PreparedComponent(decl, flat, table)
+        sizes = tuple((name, t.numel() * t.element_size()) for name, t in snap.flat.tensors.items())
+    c = snap.component
+    decl = ComponentDecl(c.key, snap.pattern.value, c.process_group_name, c.required, snap.validation.value, sizes,
+                         digest)
+    return PreparedComponent(decl, snap.flat, table)
 
 
 def write_files(storage: Storage, root: str, assignments: Sequence[FileAssignment],
