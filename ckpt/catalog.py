@@ -178,9 +178,20 @@ def apply_decision(storage: Storage, decision: RetentionDecision, dry_run: bool 
             log.warning("retention: could not delete %s: %s", c.path, exc)
             failed.append((c.path, f"{type(exc).__name__}: {exc}"))
             continue
-        log.info("retention: deleted %s (%s)", c.path, c.drop_reason)
+        log.info("retention: deleted %s: %s", c.path, c.drop_reason)
         deleted.append(c.path)
     return RetentionOutcome(decision, tuple(deleted), tuple(failed))
+
+
+def human_size(n: float | None) -> str:
+    """Bytes as a short decimal size: 512 B, 66.8 kB, 1.2 GB."""
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
 
 
 def summary_text(run_dir: str, policy: RetentionPolicy | None, decision: RetentionDecision,
@@ -196,7 +207,7 @@ def summary_text(run_dir: str, policy: RetentionPolicy | None, decision: Retenti
     latest = decision.checkpoints[-1]
     lines.append(f"Latest: {os.path.basename(latest.path)} (step {latest.step})")
     size = sum(i.nbytes or 0 for i in infos if i.path in {c.path for c in decision.kept})
-    lines.append(f"Kept: {len(decision.kept)} checkpoints, {size / 1e6:.1f} MB")
+    lines.append(f"Kept: {len(decision.kept)} checkpoints, {human_size(size)}")
     width = max(len(os.path.basename(c.path)) for c in decision.kept)
     lines += [f"  {os.path.basename(c.path):<{width}}  {', '.join(c.reasons)}" for c in decision.kept]
     return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .catalog import apply_decision, pin_checkpoint, read_policy, scan, unpin_checkpoint
+from .catalog import apply_decision, human_size, pin_checkpoint, read_policy, scan, unpin_checkpoint
 from .errors import CheckpointError, CheckpointNotFoundError
 from .export import export_component
 from .inspection import Progress, describe, diff, open_checkpoint, verify
@@ -26,16 +26,6 @@ EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 
 
 # ---- output helpers ------------------------------------------------------------------------------
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""
-
 
 def _metrics(metrics: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()) or "-"
@@ -80,7 +70,7 @@ def _progress(args: argparse.Namespace, label: str) -> Progress | None:
         pct = int(100 * done / total) if total else 100
         if pct != last[0]:
             last[0] = pct
-            sys.stderr.write(f"\r{label}: {pct:3d}% ({_size(done)} of {_size(total)})")
+            sys.stderr.write(f"\r{label}: {pct:3d}% ({human_size(done)} of {human_size(total)})")
             if done >= total:
                 sys.stderr.write("\r\033[K")
             sys.stderr.flush()
@@ -161,7 +151,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
          + (f"{policy.describe()} ({source})" if policy else source))
     if rows:
         _out(table(["CHECKPOINT", "STEP", "CREATED (UTC)", "SIZE", "METRICS", "STATUS"],
-                   [[r["name"], r["step"], _time(r["created_utc"]), _size(r["nbytes"]),
+                   [[r["name"], r["step"], _time(r["created_utc"]), human_size(r["nbytes"]),
                      "manifest unreadable" if r["error"] else _metrics(r["metrics"]), _status(r)] for r in rows],
                    right=(1, 3)))
     return EXIT_OK
@@ -215,7 +205,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     _out(_pairs([
         ["checkpoint", info["path"] + ("  (pinned)" if info["pinned"] else "")],
         ["step", info["step"]], ["created", _time(info["created_utc"]) + " UTC"],
-        ["size", f"{_size(info['nbytes'])} in {info['files']} files"], ["metrics", _metrics(info["metrics"])],
+        ["size", f"{human_size(info['nbytes'])} in {info['files']} files"], ["metrics", _metrics(info["metrics"])],
         ["topology", f"{topo['world_size']} ranks on {topo['num_nodes']} node(s) of {topo['local_world_size']}, "
                      f"process groups: {groups}"],
         ["versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items())],
@@ -223,7 +213,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     _out()
     _out(table(["COMPONENT", "PATTERN", "GROUP", "VALIDATION", "COPIES", "WRITER RANKS", "FILES", "SIZE", "TENSORS"],
                [[c["key"], c["pattern"], c["process_group"] or "-", c["validation_level"], c["copies"],
-                 _ranks(c["writer_ranks"]), c["files"], _size(c["nbytes"]), c["tensors"]] for c in info["components"]],
+                 _ranks(c["writer_ranks"]), c["files"], human_size(c["nbytes"]), c["tensors"]] for c in info["components"]],
                right=(4, 6, 7, 8)))
     if args.tensors:
         _out()
@@ -244,7 +234,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         _json(report)
     elif report["ok"]:
-        _out(f"OK: all {report['checked']} files ({_size(report['nbytes'])}) of {report['path']} match the manifest")
+        _out(f"OK: all {report['checked']} files ({human_size(report['nbytes'])}) of {report['path']} match the manifest")
     else:
         _out(f"FAILED: {report['bad']} of {report['checked']} files of {report['path']} do not match the manifest")
         _out(table(["STATUS", "FILE", "COMPONENT", "WRITER", "DETAIL"],
@@ -289,7 +279,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.json:
         _json(result)
         return EXIT_OK
-    _out(f"wrote {result['output']}: {result['tensors']} tensors, {_size(result['nbytes'])} (component "
+    plural = "" if result["tensors"] == 1 else "s"
+    _out(f"wrote {result['output']}: {result['tensors']} tensor{plural}, {human_size(result['nbytes'])} (component "
          f"{result['component']!r}, {result['pattern']}, {result['copy']}, step {result['step']})")
     left = result["left_out_non_tensor"]
     if left:

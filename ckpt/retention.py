@@ -284,11 +284,13 @@ class RetentionPolicy:
         return RetentionDecision(decisions, tuple(best.ranking(ordered)) if best and best.n else ())
 
     def _drop_reason(self, c: CheckpointInfo) -> str:
-        parts = [f"not among the newest {self.save_total_limit}"]
-        if self.best_model_metric is not None and self.preserve_n_best:
+        k, n = self.save_total_limit, self.preserve_n_best
+        parts = ["not the newest" if k == 1 else f"not among the newest {k}"]
+        if self.best_model_metric is not None and n:
             found = metric_value(c.metrics, self.best_model_metric)
             value = f"{found[0]}={found[1]:.4g}" if found else f"no finite {self.best_model_metric}"
-            parts.append(f"not among the {self.preserve_n_best} best by {self.best_model_metric} ({value})")
+            best = "not the best" if n == 1 else f"not among the {n} best"
+            parts.append(f"{best} by {self.best_model_metric} ({value})")
         if self.keep_every_n_steps is not None:
             parts.append(f"step not a multiple of {self.keep_every_n_steps}")
         return ", ".join(parts)

@@ -190,7 +190,7 @@ def test_prune_applies_a_policy_offline(tmp_path, capsys):
                            "--metric", "eval_loss")
     assert code == 0 and sorted(os.path.basename(d["path"]) for d in data["deleted"]) == [
         "checkpoint-00000300", "checkpoint-00000400"]
-    assert all("not among the newest 1" in d["reason"] for d in data["deleted"])
+    assert all(d["reason"].startswith("not the newest, not the best by eval_loss") for d in data["deleted"])
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000100", "checkpoint-00000200", "checkpoint-00000500"]
     code, data = _json_cli(capsys, "unpin", str(tmp_path / "checkpoint-00000100"))
     assert data == {"path": str(tmp_path / "checkpoint-00000100"), "pinned": False, "changed": True}
