@@ -26,7 +26,7 @@ from .catalog import RetentionOutcome, hold, retain, scan, summary_text
 from .catalog import best as best_checkpoints
 from .comm import Communicator
 from .component import SharingPattern, StateComponent
-from .errors import CheckpointError
+from .errors import CheckpointError, CorruptCheckpointError
 from .layout import (
     CheckpointRef,
     checkpoint_name,
@@ -40,6 +40,7 @@ from .manifest import Manifest, plain_metrics, read_manifest
 from .planning import ComponentDecl, build_plan, owner_for_load
 from .retention import BestCheckpoint, RetentionPolicy
 from .saving import PreparedComponent, Snapshot, build_manifest, commit, declare, snapshot, write_files
+from .serialization import flatten_state
 from .staging import StagingPool
 from .storage import LocalStorage, Storage
 from .topology import RankTopology, discover
@@ -260,11 +261,14 @@ class CheckpointCoordinator:
     # ---- load ----------------------------------------------------------------------------------
 
     def load(self, components: Sequence[StateComponent], checkpoint: str | int | os.PathLike = "latest",
-             *, strict: bool = True) -> LoadResult:
+             *, strict: bool = True, in_place: bool = False) -> LoadResult:
         """Load `components` from a checkpoint ("latest", a step, or a path). Collective: call on every rank.
 
-        Everything is read and checked before any component's `load_state_dict` is called. A save still
-        in flight is waited for first.
+        Everything is read and checked before any component's `load_state_dict` is called, so a failed load
+        changes nothing. `in_place=True` is the fast path: tensors are read straight into the components'
+        existing CPU tensors of the same name, dtype and shape (no new memory, no copy); if it fails, the
+        error names the components whose live tensors may already hold bytes from the checkpoint.
+        A save still in flight is waited for first.
         """
         self.wait()
         what = "load"
@@ -276,7 +280,7 @@ class CheckpointCoordinator:
         manifest_box: list[Manifest] = []
         with hold(path, "being loaded"):
             declared = self.comm.run_phase(
-                "read", lambda: self._stage(path, components, strict, staged, skipped, manifest_box),
+                "read", lambda: self._stage(path, components, strict, staged, skipped, manifest_box, in_place),
                 what=f"load of {path}")
         manifest = manifest_box[0]
         unused = sorted(set(manifest.components) - {k for keys in declared for k in keys})
@@ -298,12 +302,13 @@ class CheckpointCoordinator:
         return [ref.path, step]
 
     def _stage(self, path: str, components: Sequence[StateComponent], strict: bool, staged: dict[str, Any],
-               skipped: list[str], manifest_box: list[Manifest]) -> list[str]:
+               skipped: list[str], manifest_box: list[Manifest], in_place: bool) -> list[str]:
         """Read this rank's share into `staged`; returns the keys this rank asked for."""
         manifest = read_manifest(self.storage, path)
         manifest_box.append(manifest)
         keys = [c.key for c in components]
         _check_unique(keys)
+        touched: list[str] = []  # components whose live tensors an in-place read has written to
         for c in components:
             entry = manifest.components.get(c.key)
             if entry is None:
@@ -325,7 +330,15 @@ class CheckpointCoordinator:
                                           path=path)
                 skipped.append(c.key)
                 continue
-            staged[c.key] = read_component(self.storage, path, c.key, entry, owner, self.verify_on_load)
+            if not in_place:
+                staged[c.key] = read_component(self.storage, path, c.key, entry, owner, self.verify_on_load)
+                continue
+            touched.append(c.key)
+            try:
+                into = flatten_state(c.stateful.state_dict(), c.key).tensors
+                staged[c.key] = read_component(self.storage, path, c.key, entry, owner, self.verify_on_load, into)
+            except CheckpointError as exc:
+                raise _in_place_failure(exc, touched, path) from exc
         return keys
 
     @staticmethod
@@ -343,3 +356,11 @@ def _check_unique(keys: Sequence[str]) -> None:
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
         raise CheckpointError(f"component keys {dupes} are passed more than once; keys must be unique")
+
+
+def _in_place_failure(exc: CheckpointError, touched: Sequence[str], path: str) -> CheckpointError:
+    message = (f"{exc}. This was an in-place load: the live tensors of components {list(touched)} may already "
+               f"hold bytes from {path}; load another checkpoint before using them")
+    if isinstance(exc, CorruptCheckpointError):
+        return CorruptCheckpointError(message, path=exc.path, component=exc.component)
+    return CheckpointError(message, path=path)

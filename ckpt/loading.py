@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,10 +25,12 @@ def checked_path(ckpt_dir: str, entry: FileEntry, component: str) -> str:
     return path
 
 
-def read_tensors(storage: Storage, ckpt_dir: str, entry: FileEntry, component: str, verify: bool) -> dict[str, torch.Tensor]:
-    """One safetensors file, checked against its manifest entry (digest, names, dtypes, shapes)."""
+def read_tensors(storage: Storage, ckpt_dir: str, entry: FileEntry, component: str, verify: bool,
+                 into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """One safetensors file, checked against its manifest entry (digest, names, dtypes, shapes).
+    `into`: existing tensors to read matching entries into, in place."""
     path = checked_path(ckpt_dir, entry, component)
-    tensors = read_safetensors(storage, path, entry.nbytes, entry.xxh3_128 if verify else None, component)
+    tensors = read_safetensors(storage, path, entry.nbytes, entry.xxh3_128 if verify else None, component, into)
     expected = {t.name: t for t in entry.tensors}
     if set(tensors) != set(expected):
         raise CorruptCheckpointError(
@@ -42,8 +45,9 @@ def read_tensors(storage: Storage, ckpt_dir: str, entry: FileEntry, component: s
 
 
 def read_component(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, owner: int | None,
-                   verify: bool) -> Any:
-    """The state dict of `key` for the copy owned by `owner`, rebuilt from its files."""
+                   verify: bool, into: Mapping[str, torch.Tensor] | None = None) -> Any:
+    """The state dict of `key` for the copy owned by `owner`, rebuilt from its files. `into`: the
+    component's live tensors by name, to read into in place."""
     files = entry.files_for(owner)
     skeletons = [f for f in files if f.kind == "state"]
     if len(skeletons) != 1:
@@ -53,7 +57,7 @@ def read_component(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEn
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         if f.kind == "tensors":
-            part = read_tensors(storage, ckpt_dir, f, key, verify)
+            part = read_tensors(storage, ckpt_dir, f, key, verify, into)
             clash = tensors.keys() & part.keys()
             if clash:
                 raise CorruptCheckpointError(f"component {key!r}: tensors {sorted(clash)[:5]} appear in two files",

@@ -11,7 +11,8 @@ import itertools
 import json
 import math
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,52 @@ def new_hasher() -> xxhash.xxh3_128:
     return xxhash.xxh3_128()
 
 
+class PipelinedHasher:
+    """xxh3-128 computed on a helper thread, so hashing one chunk overlaps the I/O of the next.
+
+    File reads and writes release the GIL while they wait on the kernel, which is when the helper
+    hashes. Small updates are batched into tasks of at least 1 MiB so many small tensors stay cheap.
+    Callers must keep each chunk's memory unchanged until `hexdigest()` returns.
+    """
+
+    _MIN_TASK = 1 << 20
+
+    def __init__(self) -> None:
+        self._hasher = xxhash.xxh3_128()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
+        self._batch: list[memoryview | bytes] = []
+        self._batch_bytes = 0
+        self._tasks: list[Future] = []
+
+    def update(self, data: memoryview | bytes) -> None:
+        self._batch.append(data)
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= self._MIN_TASK:
+            self._submit()
+
+    def _submit(self) -> None:
+        if self._batch:
+            batch, self._batch, self._batch_bytes = self._batch, [], 0
+            self._tasks.append(self._pool.submit(self._consume, batch))
+
+    def _consume(self, batch: list[memoryview | bytes]) -> None:
+        for data in batch:
+            self._hasher.update(data)
+
+    def hexdigest(self) -> str:
+        self._submit()
+        try:
+            for task in self._tasks:
+                task.result()
+        finally:
+            self.close()
+        return self._hasher.hexdigest()
+
+    def close(self) -> None:
+        """Stop the helper thread (also on error paths, where no digest is wanted)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def st_dtype(tensor: torch.Tensor, name: str) -> str:
     try:
         return DTYPE_TO_ST[tensor.dtype]
@@ -108,7 +155,7 @@ def write_safetensors(
         header["__metadata__"] = dict(metadata)
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-(8 + len(header_bytes)) % _ALIGN)
-    hasher = new_hasher()
+    hasher = PipelinedHasher()
 
     def chunks() -> Iterator[memoryview | bytes]:
         prefix = struct.pack("<Q", len(header_bytes)) + header_bytes
@@ -119,7 +166,11 @@ def write_safetensors(
             hasher.update(data)
             yield data
 
-    nbytes = storage.write_file(path, chunks())
+    try:
+        nbytes = storage.write_file(path, chunks())
+    except BaseException:
+        hasher.close()
+        raise
     return WrittenFile(nbytes=nbytes, digest=hasher.hexdigest(), tensors=tuple(infos))
 
 
@@ -183,15 +234,29 @@ def _parse_entry(name: str, entry: object, data_len: int, path: str, component: 
 
 
 def read_safetensors(storage: Storage, path: str, expected_size: int | None, expected_digest: str | None,
-                     component: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a safetensors file into one new tensor per entry, hashing the bytes in the same pass.
+                     component: str | None = None, into: Mapping[str, torch.Tensor] | None = None,
+                     ) -> dict[str, torch.Tensor]:
+    """Read a safetensors file into one tensor per entry, hashing the bytes in the same pass.
 
     Each tensor gets its own storage (consumers such as RNG state setters ignore storage offsets), and
-    nothing is read twice. Size, header and digest are all checked; a mismatch names the file.
+    nothing is read twice. With `into`, an entry whose name, dtype and shape match a contiguous CPU
+    tensor there is read straight into it (in place, no new memory). Size, header and digest are all
+    checked; a mismatch names the file.
     """
     size = _checked_size(storage, path, expected_size, component)
-    hasher = new_hasher() if expected_digest is not None else _NoHash()
+    hasher = PipelinedHasher() if expected_digest is not None else _NoHash()
     out: dict[str, torch.Tensor] = {}
+    try:
+        _read_entries(storage, path, size, component, into, hasher, out)
+    except BaseException:
+        hasher.close()
+        raise
+    _check_digest(hasher, expected_digest, path, component)
+    return out
+
+
+def _read_entries(storage: Storage, path: str, size: int, component: str | None,
+                  into: Mapping[str, torch.Tensor] | None, hasher, out: dict[str, torch.Tensor]) -> None:
     with storage.open_read(path) as f:
         if size < 8:
             raise _bad_file(path, component, "shorter than its 8-byte header length")
@@ -207,7 +272,7 @@ def read_safetensors(storage: Storage, path: str, expected_size: int | None, exp
         for e in parse_header(header_bytes, data_len, path, component):
             if e.begin > pos:  # bytes no tensor claims still count toward the digest
                 hasher.update(_read_exact(f, e.begin - pos, path, component))
-            tensor = torch.empty(e.shape, dtype=e.dtype)
+            tensor = _destination(into, e)
             if e.end > e.begin:
                 view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
                 _readinto_exact(f, view, path, component, hasher)
@@ -215,8 +280,6 @@ def read_safetensors(storage: Storage, path: str, expected_size: int | None, exp
             pos = e.end
         if pos < data_len:
             hasher.update(_read_exact(f, data_len - pos, path, component))
-    _check_digest(hasher, expected_digest, path, component)
-    return out
 
 
 def read_blob(storage: Storage, path: str, expected_size: int | None, expected_digest: str | None,
@@ -234,6 +297,22 @@ def read_blob(storage: Storage, path: str, expected_size: int | None, expected_d
 class _NoHash:
     def update(self, _data: object) -> None:
         pass
+
+    def hexdigest(self) -> str:
+        return ""
+
+    def close(self) -> None:
+        pass
+
+
+def _destination(into: Mapping[str, torch.Tensor] | None, e: _Entry) -> torch.Tensor:
+    """The caller's own tensor for this entry when it can take the bytes directly, else a new one."""
+    if into is not None:
+        t = into.get(e.name)
+        if (t is not None and t.device.type == "cpu" and t.dtype == e.dtype and list(t.shape) == e.shape
+                and t.is_contiguous() and not t.requires_grad):
+            return t
+    return torch.empty(e.shape, dtype=e.dtype)
 
 
 def _checked_size(storage: Storage, path: str, expected: int | None, component: str | None) -> int:
