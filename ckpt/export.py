@@ -126,12 +126,14 @@ def export_component(ck: Opened, key: str, output: str, *, rank: int | None = No
     chosen = select_copies(entry, key, rank, group, node, concat_dim)
     labels = [copy_label(entry.pattern, o) or "the single copy" for o in chosen]
     total = sum(f.nbytes for o in chosen for f in entry.files_for(o))
-    copies, done = [], 0
-    for owner in chosen:
-        copies.append(read_copy(ck, key, owner))
-        done += sum(f.nbytes for f in entry.files_for(owner))
+    done = [0]
+
+    def on_file(nbytes: int) -> None:
+        done[0] += nbytes
         if progress:
-            progress(done, total)
+            progress(done[0], total)
+
+    copies = [read_copy(ck, key, owner, on_file=on_file) for owner in chosen]
     tensors = _concat(copies, labels, concat_dim, key) if concat_dim is not None else copies[0]
     left_out = _left_out(ck, key, chosen[0], copies[0])
     how = f"concatenated along dim {concat_dim}: {', '.join(labels)}" if concat_dim is not None else labels[0]

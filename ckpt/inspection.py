@@ -76,12 +76,16 @@ def owners(entry: ComponentEntry) -> list[int | None]:
     return sorted(found, key=lambda o: -1 if o is None else o)
 
 
-def read_copy(ck: Opened, key: str, owner: int | None, verify: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor of one copy of a component, merged from its files (REPLICATED parts included)."""
+def read_copy(ck: Opened, key: str, owner: int | None, verify: bool = True,
+              on_file: Callable[[int], Any] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of one copy of a component, merged from its files (REPLICATED parts included).
+    `on_file(nbytes)` is called after each file is read."""
     out: dict[str, torch.Tensor] = {}
     for f in ck.manifest.components[key].files_for(owner):
         if f.kind == "tensors":
             out.update(read_tensors(ck.storage, ck.path, f, key, verify))
+        if on_file is not None:
+            on_file(f.nbytes)
     return out
 
 
