@@ -79,6 +79,7 @@ class CheckpointCoordinator:
         after_commit: called on rank 0 after each commit.
         retention: which checkpoints to keep; rank 0 deletes the rest after each commit. None keeps all.
         async_save: the default of `save(async_save=...)`.
+        io_threads: files each rank writes or reads at once.
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class CheckpointCoordinator:
         after_commit: AfterCommit | None = None,
         retention: RetentionPolicy | None = None,
         async_save: bool = False,
+        io_threads: int = 4,
     ):
         self.run_dir = os.fspath(run_dir)
         self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
@@ -107,6 +109,9 @@ class CheckpointCoordinator:
         self.resumed_from: str | None = None  # the last checkpoint loaded; retention never deletes it
         self.last_retention: RetentionOutcome | None = None  # rank 0's outcome of the last save, on every rank
         self.async_save = async_save
+        if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
+            raise ValueError(f"CheckpointCoordinator: io_threads={io_threads!r} must be an int >= 1")
+        self.io_threads = io_threads
         self._staging = StagingPool()
         self._pending: BackgroundSave | None = None
         self.comm = Communicator(self.timeout)
@@ -194,7 +199,8 @@ class CheckpointCoordinator:
                            {k: p.table for k, p in prepared.items()}, {k: p.flat for k, p in prepared.items()})
             mine = [a for p in plans.values() for a in p.files if a.writer == self.rank]
             records = self.comm.run_phase(
-                "write", lambda: write_files(self.storage, partial, mine, prepared, self.rank), what=what)
+                "write", lambda: write_files(self.storage, partial, mine, prepared, self.rank, self.io_threads),
+                what=what)
             manifest = build_manifest(step, plans, records, self.topology.describe(), metrics)
             outcome = self.comm.run_phase("commit", lambda: self._commit(partial, final, manifest, overwrite),
                                           what=what)[0]
@@ -241,7 +247,10 @@ class CheckpointCoordinator:
             return None
         commit(self.storage, partial, final, manifest, overwrite)
         if self.after_commit is not None:
-            self.after_commit(self.run_dir, CheckpointRef(manifest.step, final), manifest)
+            try:  # the checkpoint is committed; a failing hook must not make the save look failed
+                self.after_commit(self.run_dir, CheckpointRef(manifest.step, final), manifest)
+            except Exception as exc:
+                log.warning("after_commit hook failed for %s: %s: %s", final, type(exc).__name__, exc)
         if self.retention is None:
             return None
         protected = {final: "just saved", **({self.resumed_from: "resumed from"} if self.resumed_from else {})}
@@ -331,12 +340,14 @@ class CheckpointCoordinator:
                 skipped.append(c.key)
                 continue
             if not in_place:
-                staged[c.key] = read_component(self.storage, path, c.key, entry, owner, self.verify_on_load)
+                staged[c.key] = read_component(self.storage, path, c.key, entry, owner, self.verify_on_load,
+                                               threads=self.io_threads)
                 continue
             touched.append(c.key)
             try:
                 into = flatten_state(c.stateful.state_dict(), c.key).tensors
-                staged[c.key] = read_component(self.storage, path, c.key, entry, owner, self.verify_on_load, into)
+                staged[c.key] = read_component(self.storage, path, c.key, entry, owner, self.verify_on_load, into,
+                                               self.io_threads)
             except CheckpointError as exc:
                 raise _in_place_failure(exc, touched, path) from exc
         return keys

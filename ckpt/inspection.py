@@ -17,7 +17,7 @@ import xxhash
 from .component import SharingPattern
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 from .layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkpoints
-from .loading import checked_path, read_tensors
+from .loading import checked_path, read_copy_tensors
 from .manifest import ComponentEntry, Manifest, read_manifest
 from .storage import LocalStorage, Storage
 from .tensor_io import ST_TO_DTYPE
@@ -80,13 +80,7 @@ def read_copy(ck: Opened, key: str, owner: int | None, verify: bool = True,
               on_file: Callable[[int], Any] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of one copy of a component, merged from its files (REPLICATED parts included).
     `on_file(nbytes)` is called after each file is read."""
-    out: dict[str, torch.Tensor] = {}
-    for f in ck.manifest.components[key].files_for(owner):
-        if f.kind == "tensors":
-            out.update(read_tensors(ck.storage, ck.path, f, key, verify))
-        if on_file is not None:
-            on_file(f.nbytes)
-    return out
+    return read_copy_tensors(ck.storage, ck.path, key, ck.manifest.components[key], owner, verify, on_file=on_file)
 
 
 # ---- inspect -------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_SUFFIX = ".partial"
 PIN_NAME = "PINNED"  # a file inside a checkpoint that protects it from every retention rule
 STEP_DIGITS = 8
-_COMMITTED_RE = re.compile(r"^checkpoint-(\d+)$")
+# At least STEP_DIGITS digits: `checkpoint-5` is not ours, so no two folders claim the same step.
+_COMMITTED_RE = re.compile(r"^checkpoint-(\d{8,})$")
 _PARTIAL_RE = re.compile(r"^checkpoint-(\d+)(\.[A-Za-z0-9_-]+)?\.partial$")
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -12,7 +14,7 @@ from .errors import CorruptCheckpointError
 from .manifest import ComponentEntry, FileEntry
 from .serialization import unflatten_state
 from .storage import Storage
-from .tensor_io import read_blob, read_safetensors
+from .tensor_io import ST_TO_DTYPE, read_blob, read_safetensors
 
 
 def checked_path(ckpt_dir: str, entry: FileEntry, component: str) -> str:
@@ -38,14 +40,85 @@ def read_tensors(storage: Storage, ckpt_dir: str, entry: FileEntry, component: s
             f"{sorted(expected)[:5]}...", path=path, component=component)
     for name, t in tensors.items():
         info = expected[name]
-        if list(t.shape) != list(info.shape):
-            raise CorruptCheckpointError(f"file {path}: tensor {name!r} has shape {list(t.shape)}, the manifest says "
-                                         f"{list(info.shape)}", path=path, component=component)
+        if list(t.shape) != list(info.shape) or t.dtype != ST_TO_DTYPE[info.dtype]:
+            raise CorruptCheckpointError(
+                f"file {path}: tensor {name!r} is {t.dtype} {list(t.shape)}, the manifest says "
+                f"{ST_TO_DTYPE[info.dtype]} {list(info.shape)}", path=path, component=component)
     return tensors
 
 
+def read_copy_tensors(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, owner: int | None,
+                      verify: bool, into: Mapping[str, torch.Tensor] | None = None, threads: int = 1,
+                      on_file: Callable[[int], Any] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of one copy of a component, from all its files (read `threads` at a time).
+
+    Pieces of a tensor that was split across writers are read straight into their slices of one full
+    tensor (the caller's own, from `into`, when it matches), so reassembly costs no copy.
+    """
+    files = [f for f in entry.files_for(owner) if f.kind == "tensors"]
+    whole = _assemble_chunked(files, key, ckpt_dir, into)
+    per_file = []
+    for f in files:
+        targets = {n: t for n, t in (into or {}).items() if n not in whole}
+        for t in f.tensors:
+            if t.chunk is not None:
+                targets[t.name] = whole[t.name].view(-1)[t.chunk.start: t.chunk.stop]
+        per_file.append((f, targets))
+
+    def read_one(item: tuple[FileEntry, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        f, targets = item
+        part = read_tensors(storage, ckpt_dir, f, key, verify, targets)
+        if on_file is not None:
+            on_file(f.nbytes)
+        return part
+
+    if threads > 1 and len(per_file) > 1:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-read") as pool:
+            parts = list(pool.map(read_one, per_file))
+    else:
+        parts = [read_one(item) for item in per_file]
+    tensors: dict[str, torch.Tensor] = {}
+    for (f, targets), part in zip(per_file, parts, strict=True):
+        for t in f.tensors:
+            if t.chunk is not None and part[t.name].data_ptr() != targets[t.name].data_ptr():
+                targets[t.name].copy_(part[t.name])  # a piece whose view could not take the bytes directly
+        clash = (tensors.keys() & part.keys()) - whole.keys()
+        if clash:
+            raise CorruptCheckpointError(f"component {key!r}: tensors {sorted(clash)[:5]} appear in two files",
+                                         path=os.path.join(ckpt_dir, f.path), component=key)
+        tensors.update({n: t for n, t in part.items() if n not in whole})
+    tensors.update(whole)
+    return tensors
+
+
+def _assemble_chunked(files: list[FileEntry], key: str, ckpt_dir: str,
+                      into: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """A full tensor for each tensor stored in pieces, after checking the pieces cover it exactly."""
+    pieces: dict[str, list[tuple[int, int, str, tuple[int, ...]]]] = {}
+    for f in files:
+        for t in f.tensors:
+            if t.chunk is not None:
+                pieces.setdefault(t.name, []).append((t.chunk.start, t.chunk.stop, t.dtype, t.chunk.shape))
+    whole = {}
+    for name, parts in pieces.items():
+        parts.sort()
+        dtypes, shapes = {p[2] for p in parts}, {p[3] for p in parts}
+        numel = math.prod(parts[0][3])
+        ends = [0] + [p[1] for p in parts]
+        if len(dtypes) != 1 or len(shapes) != 1 or [p[0] for p in parts] != ends[:-1] or ends[-1] != numel:
+            raise CorruptCheckpointError(f"component {key!r}: the pieces of tensor {name!r} in {ckpt_dir} do not "
+                                         "cover it exactly once; the manifest is inconsistent", path=ckpt_dir,
+                                         component=key)
+        dtype, shape = ST_TO_DTYPE[parts[0][2]], list(parts[0][3])
+        live = (into or {}).get(name)
+        fits = (live is not None and live.device.type == "cpu" and live.dtype == dtype and list(live.shape) == shape
+                and live.is_contiguous() and not live.requires_grad)
+        whole[name] = live if fits else torch.empty(shape, dtype=dtype)
+    return whole
+
+
 def read_component(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, owner: int | None,
-                   verify: bool, into: Mapping[str, torch.Tensor] | None = None) -> Any:
+                   verify: bool, into: Mapping[str, torch.Tensor] | None = None, threads: int = 1) -> Any:
     """The state dict of `key` for the copy owned by `owner`, rebuilt from its files. `into`: the
     component's live tensors by name, to read into in place."""
     files = entry.files_for(owner)
@@ -54,15 +127,7 @@ def read_component(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEn
         whose = "the job" if owner is None else f"owner {owner}"
         raise CorruptCheckpointError(f"component {key!r} in {ckpt_dir} has {len(skeletons)} state files for {whose} "
                                      "(expected 1); the manifest is inconsistent", path=ckpt_dir, component=key)
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        if f.kind == "tensors":
-            part = read_tensors(storage, ckpt_dir, f, key, verify, into)
-            clash = tensors.keys() & part.keys()
-            if clash:
-                raise CorruptCheckpointError(f"component {key!r}: tensors {sorted(clash)[:5]} appear in two files",
-                                             path=os.path.join(ckpt_dir, f.path), component=key)
-            tensors.update(part)
+    tensors = read_copy_tensors(storage, ckpt_dir, key, entry, owner, verify, into, threads)
     s = skeletons[0]
     raw = read_blob(storage, checked_path(ckpt_dir, s, key), s.nbytes, s.xxh3_128 if verify else None, key)
     return unflatten_state(raw, tensors, key)

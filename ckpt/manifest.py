@@ -18,7 +18,7 @@ from .component import SharingPattern, ValidationLevel
 from .errors import ManifestError
 from .layout import MANIFEST_NAME
 from .storage import Storage
-from .tensor_io import ST_TO_DTYPE, TensorInfo
+from .tensor_io import ST_TO_DTYPE, ChunkInfo, TensorInfo
 
 FORMAT_VERSION = 1
 FILE_KINDS = ("tensors", "state")  # safetensors, or the msgpack skeleton with every non-tensor value
@@ -102,7 +102,10 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, SharingPattern | ValidationLevel):
         return obj.value
     if isinstance(obj, TensorInfo):
-        return {"name": obj.name, "dtype": obj.dtype, "shape": list(obj.shape)}
+        plain = {"name": obj.name, "dtype": obj.dtype, "shape": list(obj.shape)}
+        if obj.chunk is not None:
+            plain["chunk"] = {"shape": list(obj.chunk.shape), "start": obj.chunk.start, "stop": obj.chunk.stop}
+        return plain
     if hasattr(obj, "__dataclass_fields__"):
         return {k: _to_plain(getattr(obj, k)) for k in obj.__dataclass_fields__}
     if isinstance(obj, Mapping):
@@ -229,6 +232,16 @@ class _Parser:
             files=tuple(self.file(key, i, f) for i, f in enumerate(self.get(c, "files", list, where))),
         )
 
+    def chunk(self, value: Any, shape: tuple[int, ...], where: str) -> ChunkInfo | None:
+        if value is None:
+            return None
+        c = self.obj(value, where)
+        full = tuple(self.ints(c.get("shape"), f"{where}.shape"))
+        start, stop = self.get(c, "start", int, where), self.get(c, "stop", int, where)
+        if not (0 <= start <= stop <= math.prod(full)) or list(shape) != [stop - start]:
+            raise self.fail(where, f"range {start}..{stop} does not fit shape {list(full)} and piece {list(shape)}")
+        return ChunkInfo(full, start, stop)
+
     def file(self, key: str, index: int, value: Any) -> FileEntry:
         where = f"components.{key}.files[{index}]"
         f = self.obj(value, where)
@@ -248,8 +261,9 @@ class _Parser:
             dtype = self.get(t, "dtype", str, f"{where}.tensors[{j}]")
             if dtype not in ST_TO_DTYPE:
                 raise self.fail(f"{where}.tensors[{j}].dtype", f"is unknown: {dtype!r}")
-            tensors.append(TensorInfo(self.get(t, "name", str, f"{where}.tensors[{j}]"), dtype,
-                                      tuple(self.ints(t.get("shape"), f"{where}.tensors[{j}].shape"))))
+            shape = tuple(self.ints(t.get("shape"), f"{where}.tensors[{j}].shape"))
+            tensors.append(TensorInfo(self.get(t, "name", str, f"{where}.tensors[{j}]"), dtype, shape,
+                                      self.chunk(t.get("chunk"), shape, f"{where}.tensors[{j}].chunk")))
         nbytes = self.get(f, "nbytes", int, where)
         if nbytes < 0:
             raise self.fail(f"{where}.nbytes", "is negative")

@@ -27,8 +27,9 @@ class ComponentDecl:
     process_group: str | None
     required: bool
     validation: str
-    # (name, nbytes) of every tensor; sent only by the lowest rank of a replica set, which plans the split.
-    tensor_sizes: tuple[tuple[str, int], ...] | None
+    # (name, nbytes, itemsize) of every tensor; sent only by the lowest rank of a replica set, which plans
+    # the split.
+    tensor_sizes: tuple[tuple[str, int, int], ...] | None
     digest: str | None  # QUICK/TENSOR summary digest of this rank's copy
 
     def to_wire(self) -> list:
@@ -37,19 +38,33 @@ class ComponentDecl:
 
     @classmethod
     def from_wire(cls, w: list) -> ComponentDecl:
-        sizes = None if w[5] is None else tuple((str(n), int(b)) for n, b in w[5])
+        sizes = None if w[5] is None else tuple((str(n), int(b), int(i)) for n, b, i in w[5])
         return cls(w[0], w[1], w[2], w[3], w[4], sizes, w[6])
+
+
+# Tensors above a writer's fair share are cut into pieces no smaller than this, so one dominant tensor
+# (an embedding, say) does not leave one replica writing most of the bytes.
+MIN_CHUNK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True, order=True)
+class Piece:
+    """A tensor, or the element range [start, stop) of its flattened form."""
+
+    name: str
+    start: int | None = None
+    stop: int | None = None
 
 
 @dataclass(frozen=True)
 class FileAssignment:
-    """One file to write. `tensor_names=None` means every tensor the writer holds for the component."""
+    """One file to write. `pieces=None` means every tensor the writer holds for the component."""
 
     relpath: str
     kind: str  # "tensors" or "state"
     writer: int
     owner: int | None
-    tensor_names: tuple[str, ...] | None
+    pieces: tuple[Piece, ...] | None
 
 
 @dataclass(frozen=True)
@@ -63,14 +78,31 @@ class ComponentPlan:
     files: tuple[FileAssignment, ...]
 
 
-def balance(sizes: Sequence[tuple[str, int]], bins: int) -> list[list[str]]:
-    """Spread tensors over `bins` writers so each writes about the same bytes (largest first, to the
+def split(sizes: Sequence[tuple[str, int, int]], bins: int) -> list[tuple[Piece, int]]:
+    """The pieces to spread over `bins` writers, with their bytes: whole tensors, except that a tensor
+    larger than a fair share (and at least 2 x MIN_CHUNK_BYTES) is cut into element ranges."""
+    total = sum(nbytes for _, nbytes, _ in sizes)
+    share = max(-(-total // max(bins, 1)), MIN_CHUNK_BYTES)
+    pieces: list[tuple[Piece, int]] = []
+    for name, nbytes, itemsize in sizes:
+        if bins > 1 and nbytes > share and nbytes >= 2 * MIN_CHUNK_BYTES and itemsize > 0:
+            numel = nbytes // itemsize
+            per = -(-numel // -(-nbytes // share))
+            pieces += [(Piece(name, s, min(s + per, numel)), (min(s + per, numel) - s) * itemsize)
+                       for s in range(0, numel, per)]
+        else:
+            pieces.append((Piece(name), nbytes))
+    return pieces
+
+
+def balance(pieces: Sequence[tuple[Piece, int]], bins: int) -> list[list[Piece]]:
+    """Spread pieces over `bins` writers so each writes about the same bytes (largest first, to the
     least loaded writer; ties go to the lower index). Deterministic for the same input."""
     loads = [0] * bins
-    out: list[list[str]] = [[] for _ in range(bins)]
-    for name, nbytes in sorted(sizes, key=lambda item: (-item[1], item[0])):
+    out: list[list[Piece]] = [[] for _ in range(bins)]
+    for piece, nbytes in sorted(pieces, key=lambda item: (-item[1], item[0].name, item[0].start or 0)):
         target = min(range(bins), key=lambda i: (loads[i], i))
-        out[target].append(name)
+        out[target].append(piece)
         loads[target] += nbytes
     return out
 
@@ -135,10 +167,11 @@ def _plan_component(key: str, pattern: SharingPattern, ref: ComponentDecl, decla
             need_all(members, "the members of each replica set")
             sizes = decls[members[0]][key].tensor_sizes or ()
             files.append(FileAssignment(f"{key}/{stem}{SKELETON_EXT}", "state", members[0], owner, None))
-            parts = [(m, names) for m, names in zip(members, balance(sizes, len(members)), strict=True) if names]
-            for i, (writer, names) in enumerate(parts):
+            bins = balance(split(sizes, len(members)), len(members))
+            parts = [(m, pieces) for m, pieces in zip(members, bins, strict=True) if pieces]
+            for i, (writer, pieces) in enumerate(parts):
                 files.append(FileAssignment(f"{key}/{stem}.part-{i}-of-{len(parts)}{TENSORS_EXT}", "tensors",
-                                            writer, owner, tuple(names)))
+                                            writer, owner, tuple(pieces)))
     return ComponentPlan(key, pattern, ref.process_group, ref.required, ValidationLevel(ref.validation),
                          replica_sets, tuple(files))
 

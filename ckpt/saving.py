@@ -6,6 +6,7 @@ import datetime as _dt
 import os
 import platform
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -15,11 +16,11 @@ from .component import SharingPattern, StateComponent, ValidationLevel
 from .errors import CheckpointError
 from .layout import MANIFEST_NAME
 from .manifest import ComponentEntry, FileEntry, Manifest, plain_metrics
-from .planning import ComponentDecl, ComponentPlan, FileAssignment
+from .planning import ComponentDecl, ComponentPlan, FileAssignment, Piece
 from .serialization import FlatState, flatten_state
 from .staging import StagingPool
 from .storage import Storage
-from .tensor_io import TensorInfo, WrittenFile, write_blob, write_safetensors
+from .tensor_io import ChunkInfo, TensorInfo, WrittenFile, write_blob, write_safetensors
 from .validation import summary_digest
 
 
@@ -61,7 +62,7 @@ def declare(snap: Snapshot, is_planner: bool) -> PreparedComponent:
     digest, table = summary_digest(snap.flat, snap.validation)
     sizes = None
     if is_planner:
-        sizes = tuple((name, t.numel() * t.element_size()) for name, t in snap.flat.tensors.items())
+        sizes = tuple((name, t.numel() * t.element_size(), t.element_size()) for name, t in snap.flat.tensors.items())
     c = snap.component
     decl = ComponentDecl(c.key, snap.pattern.value, c.process_group_name, c.required, snap.validation.value, sizes,
                          digest)
@@ -69,39 +70,63 @@ def declare(snap: Snapshot, is_planner: bool) -> PreparedComponent:
 
 
 def write_files(storage: Storage, root: str, assignments: Sequence[FileAssignment],
-                prepared: Mapping[str, PreparedComponent], rank: int) -> list[dict]:
-    """Write this rank's files under `root` and fsync them and their folders. Returns file records."""
-    records = []
-    folders = set()
-    for a in assignments:
+                prepared: Mapping[str, PreparedComponent], rank: int, threads: int = 1) -> list[dict]:
+    """Write this rank's files under `root` (`threads` at a time), fsync them and their folders.
+    Returns one record per file written."""
+    for folder in sorted({os.path.dirname(os.path.join(root, a.relpath)) for a in assignments}):
+        storage.makedirs(folder)
+
+    def write_one(a: FileAssignment) -> dict | None:
         key = a.relpath.split("/", 1)[0]
         flat = prepared[key].flat
         path = os.path.join(root, a.relpath)
-        folders.add(os.path.dirname(path))
-        storage.makedirs(os.path.dirname(path))
         if a.kind == "state":
-            written = write_blob(storage, path, flat.skeleton)
-        else:
-            names = list(flat.tensors) if a.tensor_names is None else list(a.tensor_names)
-            if not names:
-                continue
-            missing = [n for n in names if n not in flat.tensors]
-            if missing:
-                raise CheckpointError(f"component {key!r}: rank {rank} was assigned tensors {missing[:5]} that its "
-                                      "state does not have; the replicas do not hold the same tensors")
-            try:
-                written = write_safetensors(storage, path, [(n, flat.tensors[n]) for n in names])
-            except TypeError as exc:
-                raise CheckpointError(f"component {key!r}: {exc}") from exc
-        records.append(_record(a, written))
-    for folder in sorted(folders):
+            return _record(a, write_blob(storage, path, flat.skeleton))
+        pieces = [Piece(n) for n in flat.tensors] if a.pieces is None else list(a.pieces)
+        if not pieces:
+            return None
+        missing = sorted({p.name for p in pieces if p.name not in flat.tensors})
+        if missing:
+            raise CheckpointError(f"component {key!r}: rank {rank} was assigned tensors {missing[:5]} that its "
+                                  "state does not have; the replicas do not hold the same tensors")
+        entries, chunks = _cut(pieces, flat.tensors)
+        try:
+            return _record(a, write_safetensors(storage, path, entries, chunks=chunks))
+        except TypeError as exc:
+            raise CheckpointError(f"component {key!r}: {exc}") from exc
+
+    if threads > 1 and len(assignments) > 1:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-write") as pool:
+            records = list(pool.map(write_one, assignments))
+    else:
+        records = [write_one(a) for a in assignments]
+    for folder in sorted({os.path.dirname(os.path.join(root, a.relpath)) for a in assignments}):
         storage.fsync_dir(folder)
-    return records
+    return [r for r in records if r is not None]
+
+
+def _cut(pieces: Sequence[Piece], tensors: Mapping[str, torch.Tensor]
+         ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, ChunkInfo]]:
+    """The (name, tensor) entries of a file: whole tensors, or 1-D views of a range of a flattened one."""
+    entries, chunks = [], {}
+    for p in pieces:
+        tensor = tensors[p.name]
+        if p.start is None:
+            entries.append((p.name, tensor))
+            continue
+        stop = p.stop if p.stop is not None else tensor.numel()
+        entries.append((p.name, tensor.detach().reshape(-1)[p.start: stop]))
+        chunks[p.name] = ChunkInfo(tuple(tensor.shape), p.start, stop)
+    return entries, chunks
 
 
 def _record(a: FileAssignment, w: WrittenFile) -> dict:
+    def plain(t: TensorInfo) -> list:
+        chunk = None if t.chunk is None else [list(t.chunk.shape), t.chunk.start, t.chunk.stop]
+        return [t.name, t.dtype, list(t.shape), chunk]
+
     return {"path": a.relpath, "kind": a.kind, "writer_rank": a.writer, "owner": a.owner, "nbytes": w.nbytes,
-            "xxh3_128": w.digest, "tensors": [[t.name, t.dtype, list(t.shape)] for t in w.tensors]}
+            "xxh3_128": w.digest, "tensors": [plain(t) for t in w.tensors]}
 
 
 def build_manifest(step: int, plans: Mapping[str, ComponentPlan], records: Sequence[Sequence[dict]],
@@ -111,7 +136,8 @@ def build_manifest(step: int, plans: Mapping[str, ComponentPlan], records: Seque
         for r in per_rank:
             entry = FileEntry(path=r["path"], kind=r["kind"], writer_rank=r["writer_rank"], owner=r["owner"],
                               nbytes=r["nbytes"], xxh3_128=r["xxh3_128"],
-                              tensors=tuple(TensorInfo(n, d, tuple(s)) for n, d, s in r["tensors"]))
+                              tensors=tuple(TensorInfo(n, d, tuple(s), None if c is None else ChunkInfo(tuple(c[0]), c[1], c[2]))
+                                            for n, d, s, c in r["tensors"]))
             by_key[r["path"].split("/", 1)[0]].append(entry)
     components = {
         key: ComponentEntry(pattern=p.pattern, process_group=p.process_group, required=p.required,
@@ -140,7 +166,8 @@ def commit(storage: Storage, partial: str, final: str, manifest: Manifest, overw
     if storage.exists(final):
         if not overwrite:
             raise CheckpointError(f"{final} appeared during the save; not replacing it", path=final)
-        # Moved aside under a name that is never loaded; a crash here leaves the old copy recoverable.
+        # Moved aside under a name that is never loaded, then removed once the new copy is in place. A crash
+        # between the two renames leaves the old copy on disk under that name until the next save cleans up.
         replaced = final + ".replaced.partial"
         storage.remove_tree(replaced)
         storage.rename(final, replaced)

@@ -49,12 +49,22 @@ _READ_CHUNK = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
+class ChunkInfo:
+    """Where a stored piece sits: elements [start, stop) of the flattened tensor of `shape`."""
+
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
 class TensorInfo:
-    """A tensor as recorded in a manifest."""
+    """A tensor as recorded in a manifest (`chunk` set when the file holds only a piece of it)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
+    chunk: ChunkInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -137,9 +147,11 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def write_safetensors(
-    storage: Storage, path: str, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
+    storage: Storage, path: str, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None,
+    chunks: Mapping[str, ChunkInfo] | None = None,
 ) -> WrittenFile:
-    """Write a safetensors file from `(name, tensor)` pairs, hashing the bytes as they are written."""
+    """Write a safetensors file from `(name, tensor)` pairs, hashing the bytes as they are written.
+    `chunks` marks entries that are pieces of a larger tensor (recorded in the returned infos)."""
     ordered = sorted(tensors, key=lambda item: -item[1].element_size())
     header: dict[str, object] = {}
     infos: list[TensorInfo] = []
@@ -149,7 +161,7 @@ def write_safetensors(
         nbytes = tensor.numel() * tensor.element_size()
         shape = tuple(int(s) for s in tensor.shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        infos.append(TensorInfo(name, dtype, shape))
+        infos.append(TensorInfo(name, dtype, shape, (chunks or {}).get(name)))
         offset += nbytes
     if metadata:
         header["__metadata__"] = dict(metadata)

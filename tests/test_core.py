@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -197,3 +198,23 @@ def test_truncated_file_is_named(tmp_path):
         f.truncate(os.path.getsize(target) - 10)
     with pytest.raises(CheckpointError, match=r"replicated.part-0-of-1.safetensors.*truncated"):
         coord.load([StateComponent("model", model, SharingPattern.REPLICATED)])
+
+
+def test_a_dominant_tensor_is_split_across_writers_and_reassembled(tmp_path):
+    from ckpt.planning import MIN_CHUNK_BYTES, balance, split
+
+    sizes = [("embed", 8 * MIN_CHUNK_BYTES, 4), ("small", 1000, 4)]
+    bins = balance(split(sizes, 4), 4)
+    loads = [sum(((p.stop or 250) - (p.start or 0)) * 4 for p in b) for b in bins]
+    assert max(loads) <= 1.01 * sum(loads) / 4, loads
+    pieces = sorted((p.start, p.stop) for b in bins for p in b if p.name == "embed")
+    assert pieces[0][0] == 0 and pieces[-1][1] == 2 * MIN_CHUNK_BYTES
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+    assert [p.start for p, _ in split(sizes, 1)] == [None, None], "one writer: nothing is cut"
+
+
+def test_unpadded_folder_names_are_not_checkpoints(tmp_path):
+    coord = CheckpointCoordinator(tmp_path)
+    coord.save(5, [StateComponent("a", Box({"x": 1}), SharingPattern.GLOBAL)])
+    os.rename(tmp_path / "checkpoint-00000005", tmp_path / "checkpoint-5")
+    assert coord.latest() is None

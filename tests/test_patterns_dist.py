@@ -111,3 +111,34 @@ def test_replicated_tensors_are_split_evenly_across_four_writers(tmp_path):
     total = sum(by_rank.values())
     for rank, nbytes in by_rank.items():
         assert 0.22 <= nbytes / total <= 0.28, f"rank {rank} wrote {nbytes / total:.1%} of the tensor bytes"
+
+
+def _dominant_tensor(rank: int, world: int, run_dir: str) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    state = {"embed.weight": torch.randn(4096, 4096, generator=gen), "head.bias": torch.randn(16, generator=gen)}
+    coord = CheckpointCoordinator(run_dir, timeout=60)
+    coord.save(step=1, components=[StateComponent("model", Box(state), SharingPattern.REPLICATED)])
+    target = Box({"embed.weight": torch.zeros(4096, 4096), "head.bias": torch.zeros(16)})
+    coord.load([StateComponent("model", target, SharingPattern.REPLICATED)], in_place=rank % 2 == 0)
+    return all(torch.equal(target.state[k], v) for k, v in state.items())
+
+
+def test_one_dominant_tensor_is_split_across_writers(tmp_path):
+    assert expect_ok(run_ranks(4, _dominant_tensor, str(tmp_path))) == [True] * 4
+    manifest = json.loads((tmp_path / "checkpoint-00000001" / "checkpoint_manifest.json").read_text())
+    files = [f for f in manifest["components"]["model"]["files"] if f["kind"] == "tensors"]
+    share = {f["writer_rank"]: f["nbytes"] for f in files}
+    total = sum(share.values())
+    assert sorted(share) == [0, 1, 2, 3] and max(share.values()) / total < 0.27, share
+    chunks = [t["chunk"] for f in files for t in f["tensors"] if t["name"] == "embed.weight"]
+    assert len(chunks) == 4 and all(c["shape"] == [4096, 4096] for c in chunks)
+
+    from safetensors.torch import load_file
+
+    from ckpt.cli import main as ckpt_main
+
+    out = tmp_path / "model.safetensors"
+    assert ckpt_main(["export", str(tmp_path / "checkpoint-00000001"), "--component", "model", "-o", str(out)]) == 0
+    exported = load_file(str(out))
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(exported["embed.weight"], torch.randn(4096, 4096, generator=gen))
