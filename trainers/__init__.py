@@ -1,0 +1,29 @@
+"""trainers: training loops that checkpoint through ckpt (Simple, DDP), with stateful callbacks."""
+
+from __future__ import annotations
+
+from .arguments import TrainingArguments
+from .base import StepOutput, Trainer, TrainingError
+from .callbacks import TrainerCallback, TrainerControl
+from .data import EpochSampler, StatefulDataLoader
+from .ddp import DDPTrainer, init_distributed
+from .rng import RNGState, set_seed
+from .simple import SimpleTrainer
+from .state import TrainerState
+
+__all__ = [
+    "DDPTrainer",
+    "EpochSampler",
+    "RNGState",
+    "SimpleTrainer",
+    "StatefulDataLoader",
+    "StepOutput",
+    "Trainer",
+    "TrainerCallback",
+    "TrainerControl",
+    "TrainerState",
+    "TrainingArguments",
+    "TrainingError",
+    "init_distributed",
+    "set_seed",
+]

@@ -1,0 +1,204 @@
+"""TrainingArguments: every option of a training run, validated once when it is built."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ckpt import RetentionPolicy, ValidationLevel
+
+from .keys import EVAL_PREFIX
+
+_BACKENDS = ("gloo", "nccl")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class TrainingArguments:
+    """Options of one training run. Invalid values raise ValueError naming the option, the value and the fix."""
+
+    output_dir: str | os.PathLike
+    """The run directory: checkpoints (`checkpoint-<step>/`) and `metrics.jsonl` go here. Shared by all ranks."""
+    max_steps: int
+    """Optimizer steps to train for in total (a resumed run counts the steps it resumed from)."""
+    per_device_train_batch_size: int = 8
+    """Samples per rank per step; the global batch is this times the world size."""
+    per_device_eval_batch_size: int = 8
+    """Samples per rank per evaluation batch."""
+    learning_rate: float = 1e-3
+    """Learning rate of the default optimizer (AdamW), used when no optimizer_factory is given."""
+    weight_decay: float = 0.0
+    """Weight decay of the default optimizer (AdamW)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this; None never clips (the norm is still computed and logged)."""
+    logging_steps: int = 50
+    """Log the loss (mean over the window, reduced across ranks), lr, grad norm and throughput every N steps."""
+    eval_steps: int | None = None
+    """Evaluate every N steps; None evaluates only where eval_on_save forces it."""
+    save_steps: int | None = None
+    """Save a checkpoint every N steps; None saves only at the end (see save_on_train_end)."""
+    eval_on_save: bool = False
+    """Evaluate at every save step too, so every checkpoint carries the metrics retention ranks it by."""
+    save_on_train_end: bool = True
+    """Save when training ends (max_steps reached or a callback stopped it) unless that step was just saved."""
+    save_total_limit: int | None = None
+    """Keep the newest K checkpoints (plus the best ones, see preserve_best_model); None keeps all."""
+    preserve_best_model: bool = False
+    """Also keep the preserve_n_best best checkpoints by best_model_metric; False keeps only the newest."""
+    best_model_metric: str = "loss"
+    """Evaluation metric that ranks checkpoints; looked up as `eval_<name>` ("loss" means eval_loss)."""
+    best_model_greater_is_better: bool | None = None
+    """Direction of best_model_metric; None infers it from the name (loss/error: lower, accuracy/f1: higher)."""
+    preserve_n_best: int = 1
+    """How many of the best checkpoints to keep when preserve_best_model is set."""
+    keep_every_n_steps: int | None = None
+    """Also keep every checkpoint whose step is a multiple of N (never deleted by retention)."""
+    resume_from_checkpoint: str | int | os.PathLike | None = None
+    """"latest" (the newest committed checkpoint in output_dir; a fresh start when there is none), a step,
+    a checkpoint path, or None to start fresh."""
+    seed: int = 0
+    """Seed of torch, Python `random` and NumPy at the start of a fresh run (a resume restores the streams)."""
+    data_seed: int | None = None
+    """Seed of the training data order; None uses seed."""
+    shuffle: bool = True
+    """Shuffle the training data each epoch (a permutation drawn from data_seed and the epoch number)."""
+    dispatch_batches: bool = False
+    """DDP only. True: rank 0 draws each global batch and scatters slices (data state GLOBAL).
+    False: every rank draws its own slice through a distributed sampler (data state PER_RANK)."""
+    full_determinism: bool = False
+    """Call torch.use_deterministic_algorithms(True) at the start of training (bit-exact runs on CUDA too)."""
+    ddp_layout_independent_reduce: bool = True
+    """DDP only: all-reduce each parameter's gradient on its own so the sums do not depend on DDP's bucket
+    layout, which DDP rebuilds after its first step (also the first step after a resume). Needed for
+    bit-exact resume with more than two ranks; False uses DDP's bucketed all-reduce (fewer collectives)."""
+    replica_validation: ValidationLevel = ValidationLevel.TENSOR
+    """DDP only: how hard to check, at every save, that model and optimizer are identical on every rank."""
+    ddp_backend: str | None = None
+    """DDP only: "gloo" or "nccl" when the trainer initialises torch.distributed; None picks nccl with CUDA."""
+    device: str | None = None
+    """Device to train on; None: cuda (one GPU per local rank) when available, else cpu."""
+    checkpoint_timeout_s: float = 1800.0
+    """How long a rank waits for the others at one step of a save or load before failing with an error."""
+    progress_bar: bool | None = None
+    """Show a progress bar on rank 0; None shows it when stderr is a terminal."""
+
+    def __post_init__(self) -> None:
+        self._check_paths_and_counts()
+        self._check_schedule()
+        self._check_choices()
+        if self.preserve_best_model or self.save_total_limit is not None or self.keep_every_n_steps is not None:
+            try:
+                self.retention_policy()
+            except ValueError as exc:
+                raise ValueError(f"TrainingArguments: {exc}") from None
+
+    # ---- validation ------------------------------------------------------------------------------
+
+    def _check_paths_and_counts(self) -> None:
+        if not isinstance(self.output_dir, str | os.PathLike) or not os.fspath(self.output_dir):
+            _fail("output_dir", self.output_dir, "must be a non-empty path (the run directory)")
+        for name in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "logging_steps",
+                     "preserve_n_best"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                _fail(name, value, "must be an int >= 1")
+        for name in ("eval_steps", "save_steps", "save_total_limit", "keep_every_n_steps", "data_seed"):
+            value = getattr(self, name)
+            low = 0 if name == "data_seed" else 1
+            if value is not None and (not _is_int(value) or value < low):
+                _fail(name, value, f"must be an int >= {low}, or None")
+        if not _is_int(self.seed) or self.seed < 0:
+            _fail("seed", self.seed, "must be an int >= 0")
+        for name in ("learning_rate", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                _fail(name, value, "must be a finite number >= 0")
+        norm = self.max_grad_norm
+        if norm is not None and (isinstance(norm, bool) or not isinstance(norm, int | float) or not norm > 0):
+            _fail("max_grad_norm", norm, "must be a number > 0, or None to never clip")
+        timeout = self.checkpoint_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            _fail("checkpoint_timeout_s", timeout, "must be a number of seconds > 0")
+
+    def _check_schedule(self) -> None:
+        for name in ("eval_on_save", "save_on_train_end", "preserve_best_model", "shuffle", "dispatch_batches",
+                     "full_determinism", "ddp_layout_independent_reduce"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be True or False")
+        if not self.preserve_best_model:
+            return
+        if self.save_steps is None:
+            _fail("preserve_best_model", True, "needs save_steps (checkpoints to rank); set save_steps")
+        if self.eval_on_save:
+            return
+        if self.eval_steps is None:
+            raise ValueError(
+                "TrainingArguments: preserve_best_model=True needs an evaluation at every save step; set "
+                f"eval_on_save=True, or eval_steps to a divisor of save_steps={self.save_steps}")
+        if self.save_steps % self.eval_steps:
+            fit = max(d for d in range(1, self.eval_steps + 1) if self.save_steps % d == 0)
+            raise ValueError(
+                f"TrainingArguments: preserve_best_model=True with save_steps={self.save_steps} and "
+                f"eval_steps={self.eval_steps}: save_steps must be a multiple of eval_steps, or checkpoints are "
+                f"saved at steps with no {self.metric_key!r} to rank them by. Set eval_on_save=True (evaluate at "
+                f"every save), or eval_steps={fit} (divides {self.save_steps})")
+
+    def _check_choices(self) -> None:
+        resume = self.resume_from_checkpoint
+        if resume is not None and not (
+                (_is_int(resume) and resume >= 0) or (isinstance(resume, str | os.PathLike) and os.fspath(resume))):
+            _fail("resume_from_checkpoint", resume, 'must be "latest", a step (int >= 0), a checkpoint path, or None')
+        if self.ddp_backend is not None and self.ddp_backend not in _BACKENDS:
+            _fail("ddp_backend", self.ddp_backend, f"must be one of {list(_BACKENDS)} or None")
+        if self.device is not None and (not isinstance(self.device, str) or not self.device):
+            _fail("device", self.device, 'must be a device name such as "cpu" or "cuda:0", or None')
+        if not isinstance(self.replica_validation, ValidationLevel):
+            _fail("replica_validation", self.replica_validation,
+                  f"must be a ckpt.ValidationLevel ({', '.join(v.name for v in ValidationLevel)})")
+        if not isinstance(self.best_model_metric, str) or not self.best_model_metric.strip():
+            _fail("best_model_metric", self.best_model_metric, 'must be a metric name such as "loss"')
+        if self.best_model_greater_is_better is not None and not isinstance(self.best_model_greater_is_better, bool):
+            _fail("best_model_greater_is_better", self.best_model_greater_is_better, "must be True, False or None")
+        if self.progress_bar is not None and not isinstance(self.progress_bar, bool):
+            _fail("progress_bar", self.progress_bar, "must be True, False or None (automatic)")
+
+    # ---- derived values --------------------------------------------------------------------------
+
+    @property
+    def metric_key(self) -> str:
+        """best_model_metric as it is named in metrics: with the `eval_` prefix."""
+        name = self.best_model_metric
+        return name if name.startswith(EVAL_PREFIX) else EVAL_PREFIX + name
+
+    @property
+    def shuffle_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
+
+    def retention_policy(self) -> RetentionPolicy:
+        """The ckpt retention policy these options describe."""
+        best = self.preserve_best_model
+        return RetentionPolicy(
+            save_total_limit=self.save_total_limit,
+            preserve_n_best=self.preserve_n_best if best else None,
+            best_model_metric=self.metric_key if best else None,
+            best_model_greater_is_better=self.best_model_greater_is_better if best else None,
+            keep_every_n_steps=self.keep_every_n_steps,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (for logs and the metrics file)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, ValidationLevel) else (
+                os.fspath(value) if isinstance(value, os.PathLike) else value)
+        return out
+
+
+def _fail(name: str, value: Any, what: str) -> None:
+    raise ValueError(f"TrainingArguments: {name}={value!r} {what}")

@@ -1,0 +1,400 @@
+"""Trainer: the training loop, eval/save scheduling, callbacks, and saving/loading through the coordinator.
+
+A concrete trainer says how its ranks are laid out and how each piece of state is shared:
+`_setup_distributed`, `_wrap_model`, `_build_train_loader`, `_all_reduce_sum`, `get_state_components`
+and, where it uses process groups, `get_process_groups`. The loop here is the same for all of them.
+The training step is one overridable method, `training_step`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from ckpt import CheckpointCoordinator, StateComponent
+
+from .arguments import TrainingArguments
+from .batches import call_model, extract_loss, first_tensor, to_device
+from .callback_handler import CallbackHandler
+from .callbacks import TrainerControl
+from .data import eval_batches
+from .keys import CALLBACK_PREFIX, EVAL_PREFIX, TRAIN_LOSS
+from .metrics_log import MetricsLogger
+from .rng import RNGState, set_seed
+from .schedule import StepPlan, plan_step
+from .state import TrainerState
+
+log = logging.getLogger("trainers")
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+_UNSET: Any = object()
+
+
+class TrainingError(RuntimeError):
+    """A training step failed on some rank; raised on every rank. `ranks` are the ranks that failed."""
+
+    def __init__(self, message: str, *, ranks: Sequence[int] = (), step: int | None = None):
+        super().__init__(message)
+        self.ranks = tuple(ranks)
+        self.step = step
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one training step reports: this rank's loss and the gradient norm before clipping."""
+
+    loss: float
+    grad_norm: float
+
+
+@dataclass(frozen=True)
+class StepConsensus:
+    """One step as every rank agrees on it (summed across ranks, so identical everywhere)."""
+
+    loss: float  # mean over ranks
+    tokens: int
+    stop: bool
+    save: bool
+    evaluate: bool
+    abort: bool
+    failed_ranks: tuple[int, ...]
+
+
+class Trainer:
+    """Runs a training loop and checkpoints it through a ckpt.CheckpointCoordinator.
+
+    The model's forward returns the loss (or a dict / object with `loss`) given a batch (dicts are passed
+    as keyword arguments, lists and tuples as positional ones), unless `loss_fn(model, batch)` is given.
+    Datasets are map-style (`len` and `[i]`); `data_collator` turns a list of samples into a batch.
+    """
+
+    def __init__(self, model: torch.nn.Module, args: TrainingArguments, *, train_dataset: Any,
+                 eval_dataset: Any = None, optimizer_factory: OptimizerFactory | None = None,
+                 lr_scheduler_factory: SchedulerFactory | None = None, callbacks: Sequence[object] = (),
+                 data_collator: Callable[[list[Any]], Any] | None = None, loss_fn: LossFn | None = None):
+        if not isinstance(args, TrainingArguments):
+            raise TypeError(f"args must be a trainers.TrainingArguments, not {type(args).__name__}")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if ds is not None and not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")):
+                raise TypeError(f"{name} must be map-style (len() and [i]); got {type(ds).__name__}")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required")
+        if args.preserve_best_model and eval_dataset is None:
+            raise ValueError("TrainingArguments.preserve_best_model=True ranks checkpoints by an evaluation metric; "
+                             "pass eval_dataset, or set preserve_best_model=False")
+        self.args = args
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.data_collator, self.loss_fn = data_collator, loss_fn
+        self.rank, self.world_size = self._setup_distributed()
+        self.device = self._select_device()
+        self.model = self._wrap_model(model.to(self.device))
+        params = self.unwrapped_model.parameters()
+        self.optimizer = optimizer_factory(params) if optimizer_factory else torch.optim.AdamW(
+            params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.lr_scheduler = lr_scheduler_factory(self.optimizer) if lr_scheduler_factory else None
+        self.state = TrainerState(max_steps=args.max_steps, world_size=self.world_size,
+                                  is_world_process_zero=self.rank == 0)
+        self.control = TrainerControl()
+        self.callback_handler = CallbackHandler(callbacks)
+        self.rng = RNGState()
+        self.train_loader = self._build_train_loader()
+        self.retention = args.retention_policy()
+        self.coordinator = self._build_coordinator()
+        self.metrics_logger = MetricsLogger(self.run_dir, enabled=self.rank == 0, max_steps=args.max_steps,
+                                            progress_bar=args.progress_bar)
+
+    # ---- what a concrete trainer provides ---------------------------------------------------------
+
+    def _setup_distributed(self) -> tuple[int, int]:
+        """(rank, world size); initialise whatever the trainer needs."""
+        raise NotImplementedError
+
+    def _select_device(self) -> torch.device:
+        if self.args.device is not None:
+            return torch.device(self.args.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def _build_train_loader(self) -> Any:
+        """An endless iterator of this rank's batches with state_dict()/load_state_dict() and `progress`."""
+        raise NotImplementedError
+
+    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum a small CPU float64 tensor over all ranks (in place) and return it."""
+        return values
+
+    def get_state_components(self) -> list[StateComponent]:
+        """Every piece of state this trainer owns, with how it is shared (callbacks are added by the base)."""
+        raise NotImplementedError
+
+    def get_process_groups(self) -> dict[str, Any]:
+        """Process groups that PER_GROUP components name; none by default."""
+        return {}
+
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self.model
+
+    @property
+    def run_dir(self) -> str:
+        return str(self.args.output_dir)
+
+    def _build_coordinator(self) -> CheckpointCoordinator:
+        return CheckpointCoordinator(self.run_dir, process_groups=self.get_process_groups() or None,
+                                     timeout=timedelta(seconds=self.args.checkpoint_timeout_s),
+                                     retention=self.retention)
+
+    def all_components(self) -> list[StateComponent]:
+        """The trainer's components plus one per stateful callback: what every checkpoint holds."""
+        own = self.get_state_components()
+        clash = [c.key for c in own if c.key.startswith(CALLBACK_PREFIX)]
+        if clash:
+            raise ValueError(f"get_state_components() returned keys {clash}; the prefix {CALLBACK_PREFIX!r} is "
+                             "reserved for callbacks")
+        return [*own, *self.callback_handler.components()]
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | int | None = _UNSET) -> TrainerState:
+        """Train until max_steps (or a callback stops it), resuming first if asked to. Collective."""
+        args = self.args
+        resume = args.resume_from_checkpoint if resume_from_checkpoint is _UNSET else resume_from_checkpoint
+        if args.full_determinism:
+            torch.use_deterministic_algorithms(True)
+        resumed_from = self._resume_or_seed(resume)
+        self.metrics_logger.start(self.state.global_step if resumed_from else None)
+        self.model.train()
+        self._call("on_train_begin", resumed_from=resumed_from)
+        self._clock = (time.perf_counter(), self.state.tokens_seen, self.state.global_step)
+        try:
+            while self.state.global_step < args.max_steps:
+                if self._after_step(self._run_step()):
+                    break
+        finally:
+            self.metrics_logger.close()
+        self._call("on_train_end")
+        return self.state
+
+    def _run_step(self) -> StepPlan:
+        errors: list[BaseException] = []
+        self._call_guarded("on_step_begin", errors)
+        batch = next(self.train_loader)
+        tokens = self.count_tokens(batch)
+        out = self.training_step(to_device(batch, self.device))
+        self.state.global_step += 1
+        self.state.epoch = float(self.train_loader.progress)
+        if not (math.isfinite(out.loss) and math.isfinite(out.grad_norm)):
+            self._call_guarded("on_instability", errors, reason="non_finite_loss" if not math.isfinite(out.loss)
+                               else "non_finite_grad_norm", loss=out.loss, grad_norm=out.grad_norm)
+        self._call_guarded("on_step_end", errors, loss=out.loss, grad_norm=out.grad_norm)
+        agreed = self._agree(out, tokens, failed=bool(errors))
+        if agreed.failed_ranks:
+            raise TrainingError(f"a callback failed at step {self.state.global_step} on ranks "
+                                f"{list(agreed.failed_ranks)}" + (f": {errors[0]!r}" if errors else ""),
+                                ranks=agreed.failed_ranks, step=self.state.global_step) from (errors[0] if errors
+                                                                                              else None)
+        self.state.tokens_seen += agreed.tokens
+        self.state.window_loss_sum += agreed.loss
+        self.state.window_grad_norm_sum += out.grad_norm
+        self.state.window_steps += 1
+        self._last_loss = agreed.loss
+        return plan_step(self.args, self.state.global_step, has_eval=self.eval_dataset is not None,
+                         want_eval=agreed.evaluate, want_save=agreed.save, want_stop=agreed.stop,
+                         want_abort=agreed.abort)
+
+    def training_step(self, batch: Any) -> StepOutput:
+        """Forward, backward, clip, optimizer and scheduler step for one batch already on the device."""
+        loss = self.compute_loss(self.model, batch)
+        loss.backward()
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.unwrapped_model.parameters(), max_norm)
+        self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepOutput(loss=float(loss.detach()), grad_norm=float(grad_norm))
+
+    def compute_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """The scalar loss of `model` on `batch` (loss_fn when given, else what the model returns)."""
+        if self.loss_fn is not None:
+            return extract_loss(self.loss_fn(model, batch))
+        return extract_loss(call_model(model, batch))
+
+    def count_tokens(self, batch: Any) -> int:
+        """Tokens in this rank's batch: the elements of its first tensor. Override for padded batches."""
+        first = first_tensor(batch)
+        return int(first.numel()) if first is not None else 0
+
+    def _agree(self, out: StepOutput, tokens: int, *, failed: bool) -> StepConsensus:
+        """Combine the step's loss, token count and control flags across ranks, so all ranks act alike."""
+        failed_mask = [0.0] * self.world_size
+        failed_mask[self.rank] = float(failed)
+        summed = self._sum_with_flags([out.loss, float(tokens), *failed_mask])
+        flags = self._agreed_flags(summed[:4])
+        return StepConsensus(loss=summed[4] / self.world_size, tokens=int(summed[5]), **flags,
+                             failed_ranks=tuple(r for r, v in enumerate(summed[6:]) if v > 0))
+
+    def _sum_with_flags(self, extra: list[float]) -> list[float]:
+        c = self.control
+        flags = [c.should_training_stop, c.should_save, c.should_evaluate, c.should_abort_without_save]
+        values = torch.tensor([*map(float, flags), *extra], dtype=torch.float64)
+        return self._all_reduce_sum(values).tolist()
+
+    def _agreed_flags(self, summed: list[float]) -> dict[str, bool]:
+        stop, save, evaluate, abort = (v > 0 for v in summed)
+        self.control.should_training_stop = stop
+        self.control.should_abort_without_save = abort
+        self.control.reset_step_flags()  # consumed: a request applies to one step
+        return {"stop": stop, "save": save, "evaluate": evaluate, "abort": abort}
+
+    def _after_step(self, plan: StepPlan) -> bool:
+        """Log, evaluate and save as planned, then honour what callbacks asked for meanwhile; True to stop."""
+        self._carry_out(plan, done=None)
+        if plan.stop or not (plan.log or plan.evaluate or plan.save):
+            return plan.stop
+        # Hooks ran (on_log, on_evaluate, on_save): an early-stopping callback, say, may have set a flag.
+        late = self._agreed_flags(self._sum_with_flags([])[:4])
+        if not any(late.values()):
+            return False
+        again = plan_step(self.args, self.state.global_step, has_eval=self.eval_dataset is not None,
+                          want_eval=late["evaluate"], want_save=late["save"], want_stop=late["stop"],
+                          want_abort=late["abort"])
+        self._carry_out(again, done=plan)
+        return again.stop
+
+    def _carry_out(self, plan: StepPlan, done: StepPlan | None) -> None:
+        """The work `plan` asks for that `done` (the step's earlier plan) has not done already."""
+        if plan.log:
+            self._log_window()  # an empty window logs nothing
+        metrics: dict[str, float] = self._step_metrics if done is not None else {}
+        if plan.evaluate and not (done and done.evaluate):
+            metrics = self.evaluate()
+            self._record_evaluation(metrics)
+        self._step_metrics = metrics
+        if plan.save and not (done and done.save):
+            self.save_checkpoint(metrics)
+        self.metrics_logger.progress(self.state.global_step, self._last_loss)
+
+    # ---- logging and evaluation -------------------------------------------------------------------
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _log_window(self) -> None:
+        s = self.state
+        if s.window_steps == 0:
+            return
+        entry = {"step": s.global_step, "epoch": s.epoch, "loss": s.window_loss_sum / s.window_steps,
+                 "lr": self.current_lr(), "grad_norm": s.window_grad_norm_sum / s.window_steps,
+                 "tokens_seen": s.tokens_seen}
+        s.log_history.append(entry)
+        s.reset_window()
+        now = time.perf_counter()
+        started, tokens0, step0 = self._clock
+        elapsed = max(now - started, 1e-9)
+        self._clock = (now, s.tokens_seen, s.global_step)
+        shown = {**entry, "tokens_per_s": (s.tokens_seen - tokens0) / elapsed,
+                 "steps_per_s": (s.global_step - step0) / elapsed}
+        self.metrics_logger.write("train", shown)
+        self._call("on_log", logs=shown)
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over eval_dataset, each rank taking its share; {"eval_loss": value} on every rank."""
+        if self.eval_dataset is None:
+            return {}
+        model = self.unwrapped_model  # not the DDP wrapper: uneven shards must not enter its collectives
+        was_training = model.training
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in eval_batches(self.eval_dataset, self.args.per_device_eval_batch_size,
+                                      num_replicas=self.world_size, rank=self.rank, collate_fn=self.data_collator):
+                first = first_tensor(batch)
+                n = int(first.shape[0]) if first is not None and first.dim() > 0 else 1
+                loss = self.compute_loss(model, to_device(batch, self.device))
+                totals += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+        model.train(was_training)
+        totals = self._all_reduce_sum(totals)
+        return {EVAL_PREFIX + "loss": float(totals[0] / totals[1]) if totals[1] > 0 else math.nan}
+
+    def _record_evaluation(self, metrics: dict[str, float]) -> None:
+        s = self.state
+        s.log_history.append({"step": s.global_step, "epoch": s.epoch, **metrics})
+        if self.args.preserve_best_model:
+            key = self.args.metric_key
+            if key not in metrics:
+                raise ValueError(f"TrainingArguments.best_model_metric={self.args.best_model_metric!r} ranks "
+                                 f"checkpoints by {key!r}, but evaluate() returned {sorted(metrics)}; name one of "
+                                 "those (without the eval_ prefix), or return it from evaluate()")
+            value = metrics[key]
+            better = bool(self.retention.greater_is_better)
+            if math.isfinite(value) and (s.best_metric is None or (
+                    value > s.best_metric if better else value < s.best_metric)):
+                s.best_metric, s.best_step = value, s.global_step
+        self.metrics_logger.write("eval", {"step": s.global_step, **metrics})
+        self._call("on_evaluate", metrics=metrics)
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+
+    def save_checkpoint(self, metrics: dict[str, float] | None = None) -> str:
+        """Save every component as checkpoint `global_step` (collective); returns its path."""
+        s = self.state
+        recorded = {TRAIN_LOSS: self._last_loss, "epoch": s.epoch, "tokens_seen": s.tokens_seen, **(metrics or {})}
+        path = self.coordinator.save(s.global_step, self.all_components(), metrics=recorded, overwrite=True)
+        self._call("on_save", checkpoint=path, metrics=recorded)
+        return path
+
+    def _resume_or_seed(self, resume: str | int | None) -> str | None:
+        """Load the checkpoint to resume from (returns its path), or seed a fresh run (returns None)."""
+        latest = self.coordinator.latest()
+        # Rank 0's view of the run dir decides, so every rank takes the same branch.
+        seen = torch.zeros(2, dtype=torch.float64)
+        if self.rank == 0 and latest is not None:
+            seen += torch.tensor([1.0, float(latest.step)], dtype=torch.float64)
+        has_checkpoint, newest = self._all_reduce_sum(seen).tolist()
+        if resume is None or (resume == "latest" and not has_checkpoint):
+            if has_checkpoint:
+                raise ValueError(f"output_dir {self.run_dir} already holds checkpoints (newest: step {int(newest)}); "
+                                 "set resume_from_checkpoint='latest' to continue that run, or use a new output_dir")
+            if resume == "latest" and self.rank == 0:
+                log.info("no checkpoint in %s yet: starting a fresh run", self.run_dir)
+            set_seed(self.args.seed)
+            self._last_loss = math.nan
+            return None
+        result = self.coordinator.load(self.all_components(), checkpoint=resume)
+        self._last_loss = float(result.metrics.get(TRAIN_LOSS, math.nan)) if isinstance(
+            result.metrics.get(TRAIN_LOSS), int | float) else math.nan
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", result.path, self.state.global_step)
+            if newest > result.step:
+                log.warning("checkpoints after step %d exist in %s; this run replaces them as it reaches their "
+                            "steps", result.step, self.run_dir)
+        return result.path
+
+    # ---- callbacks ----------------------------------------------------------------------------------
+
+    def _call(self, event: str, **kwargs: Any) -> None:
+        self.control = self.callback_handler.call(
+            event, self.args, self.state, self.control, trainer=self, model=self.unwrapped_model,
+            optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, **kwargs)
+
+    def _call_guarded(self, event: str, errors: list[BaseException], **kwargs: Any) -> None:
+        """Run a per-step event; an error is held until the ranks agree on it (so no rank is left waiting)."""
+        try:
+            self._call(event, **kwargs)
+        except Exception as exc:
+            log.error("rank %d: callback %s failed at step %d: %r", self.rank, event, self.state.global_step, exc)
+            errors.append(exc)

@@ -1,0 +1,167 @@
+"""The demo job's command line: build the model, data and trainer from flags, train, then report.
+
+Under torchrun it trains with DDPTrainer (gloo on CPU); as a plain `python -m trainers.demo` it uses
+SimpleTrainer. The run ends by printing the best checkpoints, the `ckpt ls` view of the run dir, and a
+digest of the final parameters (equal digests mean bit-identical parameters, e.g. after a resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import xxhash
+
+from trainers import DDPTrainer, SimpleTrainer, Trainer, TrainerCallback, TrainingArguments
+
+from .model import GPTConfig, TinyGPT
+from .text import CORPUS, ByteWindows, read_corpus, split
+
+log = logging.getLogger("trainers.demo")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m trainers.demo",
+        description="Train a small byte-level GPT on the bundled corpus with checkpoints and best-N retention. "
+                    "Run it under `torchrun --standalone --nproc-per-node N -m trainers.demo` for DDP.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = p.add_argument_group("run")
+    run.add_argument("--run-dir", default="runs/demo", help="where checkpoints and metrics.jsonl go")
+    run.add_argument("--max-steps", type=int, default=600, help="optimizer steps in total")
+    run.add_argument("--eval-steps", type=int, default=50, help="evaluate every N steps")
+    run.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps (with an evaluation)")
+    run.add_argument("--logging-steps", type=int, default=25, help="one log line every N steps")
+    run.add_argument("--seed", type=int, default=0, help="seeds the weights, dropout and data order")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the latest checkpoint in --run-dir (a fresh start if there is none)")
+    run.add_argument("--stop-at-step", type=int, default=None, metavar="K",
+                     help="stop after step K with a checkpoint, as an interrupted job would; finish with --resume")
+    run.add_argument("--save-total-limit", type=int, default=2, help="keep the newest N checkpoints ...")
+    run.add_argument("--preserve-n-best", type=int, default=2, help="... plus the N best by eval_loss")
+    run.add_argument("--dispatch-batches", action="store_true",
+                     help="rank 0 draws each global batch and scatters slices (default: a sampler per rank)")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch threads per rank (default: CPU cores / ranks on this node, at least 1)")
+    model = p.add_argument_group("model and data")
+    model.add_argument("--n-layer", type=int, default=2, help="transformer blocks")
+    model.add_argument("--n-head", type=int, default=4, help="attention heads per block")
+    model.add_argument("--d-model", type=int, default=64, help="width (a multiple of --n-head)")
+    model.add_argument("--block-size", type=int, default=64, help="bytes of context per sample")
+    model.add_argument("--dropout", type=float, default=0.1, help="dropout probability")
+    model.add_argument("--batch-size", type=int, default=8, help="samples per rank per step")
+    model.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    model.add_argument("--warmup-steps", type=int, default=40, help="linear warm-up, then cosine decay to 10%%")
+    model.add_argument("--eval-windows", type=int, default=96, help="held-out windows per evaluation")
+    model.add_argument("--corpus", default=CORPUS, help="a text file to train on (bytes)")
+    model.add_argument("--sample-bytes", type=int, default=160, help="bytes of text to sample at the end (0: none)")
+    return p.parse_args(argv)
+
+
+def cosine_with_warmup(warmup: int, total: int):
+    """LR scheduler factory: linear warm-up over `warmup` steps, then cosine decay to 10% at `total`."""
+
+    def factory(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        def scale(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
+
+    return factory
+
+
+class StopAtStep(TrainerCallback):
+    """Ends training after a given step (the end-of-training checkpoint is still written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """xxh3-128 over every parameter and buffer's name, dtype, shape and bytes, in state_dict order."""
+    h = xxhash.xxh3_128()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_trainer(opts: argparse.Namespace, distributed: bool) -> Trainer:
+    train_data, eval_data = split(read_corpus(opts.corpus))
+    cfg = GPTConfig(n_layer=opts.n_layer, n_head=opts.n_head, d_model=opts.d_model, block_size=opts.block_size,
+                    dropout=opts.dropout)
+    args = TrainingArguments(
+        output_dir=opts.run_dir, max_steps=opts.max_steps, per_device_train_batch_size=opts.batch_size,
+        per_device_eval_batch_size=16, logging_steps=opts.logging_steps, eval_steps=opts.eval_steps,
+        save_steps=opts.save_steps, eval_on_save=True, save_total_limit=opts.save_total_limit,
+        preserve_best_model=opts.preserve_n_best > 0, preserve_n_best=max(1, opts.preserve_n_best),
+        best_model_metric="loss", resume_from_checkpoint="latest" if opts.resume else None, seed=opts.seed,
+        dispatch_batches=opts.dispatch_batches, full_determinism=True, max_grad_norm=1.0)
+    torch.manual_seed(opts.seed)  # the initial weights (the same on every rank; DDP checks it)
+    model = TinyGPT(cfg)
+    callbacks = [StopAtStep(opts.stop_at_step)] if opts.stop_at_step else []
+    cls = DDPTrainer if distributed else SimpleTrainer
+    return cls(model, args, train_dataset=ByteWindows(train_data, cfg.block_size),
+               eval_dataset=ByteWindows(eval_data, cfg.block_size, limit=opts.eval_windows),
+               optimizer_factory=lambda params: torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95),
+                                                                   weight_decay=0.01),
+               lr_scheduler_factory=cosine_with_warmup(opts.warmup_steps, opts.max_steps), callbacks=callbacks)
+
+
+def report(trainer: Trainer, opts: argparse.Namespace) -> None:
+    """Rank 0: the best checkpoints (the coordinator's summary), the `ckpt ls` view of the run dir, the final
+    parameters' digest and a sample of generated text."""
+    coord = trainer.coordinator
+    out = sys.stdout
+    out.write("\n" + coord.summary() + "\n")
+    out.write(f"$ ckpt ls {opts.run_dir}\n")
+    out.flush()
+    # The `ckpt` console command's entry point (pyproject: ckpt = "ckpt.cli:main"), as a user would run it.
+    from ckpt.cli import main as ckpt_main
+
+    ckpt_main(["ls", opts.run_dir])
+    model = trainer.unwrapped_model
+    out.write(f"\nfinal parameters at step {trainer.state.global_step}: xxh3-128 {parameter_digest(model)}\n")
+    if opts.sample_bytes > 0:
+        model.eval()
+        prompt = torch.tensor(list(b"Day 7. "), dtype=torch.int64)
+        text = model.generate(prompt, opts.sample_bytes, generator=torch.Generator().manual_seed(0))
+        out.write("sample: " + bytes(text.tolist()).decode("ascii", errors="replace") + "\n")
+    out.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(opts.threads or max(1, (os.cpu_count() or 1) // local_world))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        trainer = build_trainer(opts, distributed)
+        trainer.train()
+        if trainer.rank == 0:
+            report(trainer, opts)
+    except ValueError as exc:  # options and state the user can fix; the message says how
+        if rank == 0:
+            sys.stderr.write(f"trainers.demo: error: {exc}\n")
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
