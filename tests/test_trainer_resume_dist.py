@@ -29,6 +29,7 @@ def _build(rank: int, cfg: dict, run_dir: str, callbacks: list, resume: str | No
     args = TrainingArguments(output_dir=run_dir, max_steps=TOTAL, per_device_train_batch_size=3,
                              per_device_eval_batch_size=5, logging_steps=7, save_steps=10, seed=3, max_grad_norm=0.5,
                              dispatch_batches=cfg.get("dispatch", False), full_determinism=True,
+                             async_save=cfg.get("async_save", False),
                              resume_from_checkpoint=resume, **retention)
     torch.manual_seed(1234)  # the model's initial weights; the trainer seeds its own streams
     cls = SimpleTrainer if cfg["trainer"] == "simple" else DDPTrainer
@@ -104,7 +105,7 @@ def test_simple_trainer_resume_is_bit_exact(tmp_path):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ddp_resume_is_bit_exact_in_both_dispatch_modes(tmp_path, world):
-    cfgs = [{"name": "dispatch", "trainer": "ddp", "dispatch": True},
+    cfgs = [{"name": "dispatch", "trainer": "ddp", "dispatch": True, "async_save": world == 2},
             {"name": "sampler", "trainer": "ddp", "dispatch": False}]
     if world == 2:
         cfgs.append({"name": "sampler_best", "trainer": "ddp", "dispatch": False, "best": True})

@@ -82,6 +82,9 @@ class TrainingArguments:
     """DDP only: "gloo" or "nccl" when the trainer initialises torch.distributed; None picks nccl with CUDA."""
     device: str | None = None
     """Device to train on; None: cuda (one GPU per local rank) when available, else cpu."""
+    async_save: bool = False
+    """Copy the state into CPU buffers and write checkpoints on a background thread while training goes on.
+    on_save then fires when the save is handed over; the next save, and the end of train(), wait for it."""
     checkpoint_timeout_s: float = 1800.0
     """How long a rank waits for the others at one step of a save or load before failing with an error."""
     progress_bar: bool | None = None
@@ -127,7 +130,7 @@ class TrainingArguments:
 
     def _check_schedule(self) -> None:
         for name in ("eval_on_save", "save_on_train_end", "preserve_best_model", "shuffle", "dispatch_batches",
-                     "full_determinism", "ddp_layout_independent_reduce"):
+                     "full_determinism", "ddp_layout_independent_reduce", "async_save"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be True or False")
         if not self.preserve_best_model:

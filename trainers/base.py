@@ -155,7 +155,7 @@ class Trainer:
     def _build_coordinator(self) -> CheckpointCoordinator:
         return CheckpointCoordinator(self.run_dir, process_groups=self.get_process_groups() or None,
                                      timeout=timedelta(seconds=self.args.checkpoint_timeout_s),
-                                     retention=self.retention)
+                                     retention=self.retention, async_save=self.args.async_save)
 
     def all_components(self) -> list[StateComponent]:
         """The trainer's components plus one per stateful callback: what every checkpoint holds."""
@@ -185,6 +185,7 @@ class Trainer:
                     break
         finally:
             self.metrics_logger.close()
+        self.coordinator.wait()  # the last checkpoint is committed before train() returns
         self._call("on_train_end")
         return self.state
 
