@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
+
+log = logging.getLogger("ckpt")
 
 
 class BackgroundSave:
@@ -20,6 +23,8 @@ class BackgroundSave:
             self.result = job()
         except BaseException as exc:  # handed to whoever waits, on the caller's thread
             self._error = exc
+            # Logged too: if the process ends before anyone waits, this is the only trace of it.
+            log.error("background save failed: %s: %s", type(exc).__name__, exc)
 
     def done(self) -> bool:
         return not self._thread.is_alive()

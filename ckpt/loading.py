@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from .manifest import ComponentEntry, FileEntry
 from .serialization import unflatten_state
 from .storage import Storage
 from .tensor_io import ST_TO_DTYPE, read_blob, read_safetensors
+from .threads import parallel_map
 
 
 def checked_path(ckpt_dir: str, entry: FileEntry, component: str) -> str:
@@ -72,11 +72,7 @@ def read_copy_tensors(storage: Storage, ckpt_dir: str, key: str, entry: Componen
             on_file(f.nbytes)
         return part
 
-    if threads > 1 and len(per_file) > 1:
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-read") as pool:
-            parts = list(pool.map(read_one, per_file))
-    else:
-        parts = [read_one(item) for item in per_file]
+    parts = parallel_map(read_one, per_file, threads, "ckpt-read")
     tensors: dict[str, torch.Tensor] = {}
     for (f, targets), part in zip(per_file, parts, strict=True):
         for t in f.tensors:

@@ -6,7 +6,6 @@ import datetime as _dt
 import os
 import platform
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from .serialization import FlatState, flatten_state
 from .staging import StagingPool
 from .storage import Storage
 from .tensor_io import ChunkInfo, TensorInfo, WrittenFile, write_blob, write_safetensors
+from .threads import parallel_map
 from .validation import summary_digest
 
 
@@ -95,11 +95,7 @@ def write_files(storage: Storage, root: str, assignments: Sequence[FileAssignmen
         except TypeError as exc:
             raise CheckpointError(f"component {key!r}: {exc}") from exc
 
-    if threads > 1 and len(assignments) > 1:
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-write") as pool:
-            records = list(pool.map(write_one, assignments))
-    else:
-        records = [write_one(a) for a in assignments]
+    records = parallel_map(write_one, list(assignments), threads, "ckpt-write")
     for folder in sorted({os.path.dirname(os.path.join(root, a.relpath)) for a in assignments}):
         storage.fsync_dir(folder)
     return [r for r in records if r is not None]

@@ -7,12 +7,12 @@ tensors that are views into that buffer.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import struct
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,7 @@ import xxhash
 
 from .errors import CorruptCheckpointError
 from .storage import Storage
+from .threads import SerialWorker
 
 DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -92,10 +93,9 @@ class PipelinedHasher:
 
     def __init__(self) -> None:
         self._hasher = xxhash.xxh3_128()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
+        self._worker = SerialWorker("ckpt-hash")
         self._batch: list[memoryview | bytes] = []
         self._batch_bytes = 0
-        self._tasks: list[Future] = []
 
     def update(self, data: memoryview | bytes) -> None:
         self._batch.append(data)
@@ -106,7 +106,7 @@ class PipelinedHasher:
     def _submit(self) -> None:
         if self._batch:
             batch, self._batch, self._batch_bytes = self._batch, [], 0
-            self._tasks.append(self._pool.submit(self._consume, batch))
+            self._worker.submit(lambda: self._consume(batch))
 
     def _consume(self, batch: list[memoryview | bytes]) -> None:
         for data in batch:
@@ -114,16 +114,14 @@ class PipelinedHasher:
 
     def hexdigest(self) -> str:
         self._submit()
-        try:
-            for task in self._tasks:
-                task.result()
-        finally:
-            self.close()
+        self._worker.finish()
         return self._hasher.hexdigest()
 
     def close(self) -> None:
         """Stop the helper thread (also on error paths, where no digest is wanted)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._batch = []
+        with contextlib.suppress(Exception):  # the caller is already handling an error of its own
+            self._worker.finish()
 
 
 def st_dtype(tensor: torch.Tensor, name: str) -> str:

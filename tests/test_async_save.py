@@ -120,3 +120,25 @@ def test_background_failure_is_raised_on_every_rank_at_the_next_save(tmp_path):
         assert "Input/output error (injected)" in res["error"]["message"]
         assert res["steps"] == [1]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000001"]
+
+
+def test_process_exit_waits_for_the_save_in_flight(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[2]); "
+        "from ckpt import *; from tests.workers import Box; "
+        "c = CheckpointCoordinator(sys.argv[1], async_save=True); "
+        "c.save(7, [StateComponent('m', Box({'w': torch.ones(2048, 2048)}), SharingPattern.GLOBAL)]); "
+        "print('returned', c.latest())"  # exits right after: no wait()
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path), repo], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "returned None" in done.stdout, "save() returned before the commit"
+    coord = CheckpointCoordinator(tmp_path)
+    assert coord.latest().step == 7
+    target = Box({})
+    coord.load([StateComponent("m", target, SharingPattern.GLOBAL)])
+    assert torch.equal(target.state["w"], torch.ones(2048, 2048))

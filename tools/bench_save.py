@@ -63,18 +63,6 @@ def fresh(root: str, name: str) -> str:
     return path
 
 
-def timed(fn: Callable[[], object], repeats: int, setup: Callable[[], object] | None = None) -> float:
-    """Median seconds of `fn` over `repeats` runs (`setup` runs untimed before each)."""
-    times = []
-    for _ in range(repeats):
-        if setup:
-            setup()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 # ---- the cases ---------------------------------------------------------------------------------
 
 def raw_write(state: dict[str, torch.Tensor], path: str) -> None:
@@ -114,6 +102,22 @@ def ours_save(coord: CheckpointCoordinator, state: dict[str, torch.Tensor], leve
     coord.save(1, [StateComponent("model", Holder(state), pattern, validation_level=level)], overwrite=True, **kw)
 
 
+def timed_fresh(coord: CheckpointCoordinator, fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of a collective save into an emptied run dir (rank 0 empties it, untimed)."""
+    times = []
+    for _ in range(repeats):
+        if dist.get_rank() == 0:
+            shutil.rmtree(coord.run_dir, ignore_errors=True)
+            os.makedirs(coord.run_dir)
+        os.sync()
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        dist.barrier()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def ours_load(coord: CheckpointCoordinator, out: dict[str, torch.Tensor], pattern=SharingPattern.REPLICATED,
               in_place: bool = False) -> None:
     coord.load([StateComponent("model", Holder(out), pattern)], checkpoint=1, in_place=in_place)
@@ -127,24 +131,49 @@ def supports_async(coord: CheckpointCoordinator) -> bool:
 
 # ---- one-rank benchmark ------------------------------------------------------------------------
 
+def interleaved(cases: dict[str, tuple[Callable[[], object], Callable[[], object] | None]], repeats: int
+                ) -> dict[str, float]:
+    """Median seconds per case, running the cases round-robin so drifting conditions (other load, the
+    disk's write-back) hit every case alike. Before each timed run: its setup, then os.sync() so no
+    case pays for another's dirty pages."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, (fn, setup) in cases.items():
+            if setup:
+                setup()
+            os.sync()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def bench_single(args: argparse.Namespace, root: str) -> dict:
     state = make_state(args.size_mb, args.tensors)
     total = nbytes(state)
     out = {k: torch.empty_like(v) for k, v in state.items()}
     level = ValidationLevel(args.validation)
-    rows: dict[str, float] = {}
-    r = args.repeats
-
-    raw_dir = os.path.join(root, "raw")
-    rows["raw write+fsync"] = timed(lambda: raw_write(state, raw_dir), r, lambda: fresh(root, "raw"))
-    rows["torch.save"] = timed(lambda: torch_save(state, os.path.join(root, "pt")), r, lambda: fresh(root, "pt"))
-    rows["dcp.save"] = timed(lambda: dcp_save(state, os.path.join(root, "dcp")), r, lambda: fresh(root, "dcp"))
+    raw_dir, pt_dir, dcp_dir = (os.path.join(root, n) for n in ("raw", "pt", "dcp"))
     coord = CheckpointCoordinator(os.path.join(root, "ours"), timeout=timedelta(minutes=30))
-    rows["ckpt save (none)"] = timed(lambda: ours_save(coord, state, ValidationLevel.NONE), r)
-    rows[f"ckpt save ({level.value})"] = timed(lambda: ours_save(coord, state, level), r)
+
+    def clear_ours() -> None:
+        coord.wait()
+        shutil.rmtree(coord.run_dir, ignore_errors=True)
+        os.makedirs(coord.run_dir)
+
+    save_cases = {
+        "raw write+fsync": (lambda: raw_write(state, raw_dir), lambda: fresh(root, "raw")),
+        "torch.save": (lambda: torch_save(state, pt_dir), lambda: fresh(root, "pt")),
+        "dcp.save": (lambda: dcp_save(state, dcp_dir), lambda: fresh(root, "dcp")),
+        "ckpt save (none)": (lambda: ours_save(coord, state, ValidationLevel.NONE), clear_ours),
+        f"ckpt save ({level.value})": (lambda: ours_save(coord, state, level), clear_ours),
+    }
+    rows = interleaved(save_cases, args.repeats)
     if supports_async(coord):
         blocked, totals = [], []
-        for _ in range(r):
+        for _ in range(args.repeats):
+            clear_ours()
+            os.sync()
             start = time.perf_counter()
             ours_save(coord, state, level, async_save=True)
             blocked.append(time.perf_counter() - start)
@@ -153,13 +182,20 @@ def bench_single(args: argparse.Namespace, root: str) -> dict:
         rows["ckpt async: caller blocked"] = statistics.median(blocked)
         rows["ckpt async: total"] = statistics.median(totals)
 
-    rows["raw read"] = timed(lambda: raw_read(state, raw_dir, out), r)
-    rows["torch.load"] = timed(lambda: torch_load(os.path.join(root, "pt")), r)
-    rows["dcp.load"] = timed(lambda: dcp_load(os.path.join(root, "dcp"), out), r)
-    rows["ckpt load"] = timed(lambda: ours_load(coord, out), r)
-    rows["ckpt load (in place)"] = timed(lambda: ours_load(coord, out, in_place=True), r)
-    coord.verify_on_load = False
-    rows["ckpt load (in place, no digest check)"] = timed(lambda: ours_load(coord, out, in_place=True), r)
+    def ours_verify(flag: bool) -> Callable[[], object]:
+        def setup() -> None:
+            coord.verify_on_load = flag
+        return setup
+
+    load_cases = {
+        "raw read": (lambda: raw_read(state, raw_dir, out), None),
+        "torch.load": (lambda: torch_load(pt_dir), None),
+        "dcp.load": (lambda: dcp_load(dcp_dir, out), None),
+        "ckpt load": (lambda: ours_load(coord, out), ours_verify(True)),
+        "ckpt load (in place)": (lambda: ours_load(coord, out, in_place=True), ours_verify(True)),
+        "ckpt load (in place, no digest check)": (lambda: ours_load(coord, out, in_place=True), ours_verify(False)),
+    }
+    rows.update(interleaved(load_cases, args.repeats))
     coord.verify_on_load = True
     if not all(torch.equal(out[k], state[k]) for k in state):
         raise SystemExit("ckpt load did not restore the state exactly")
@@ -170,14 +206,21 @@ def bench_small(args: argparse.Namespace, root: str) -> dict:
     """Many small tensors: per-tensor overhead against torch.save / torch.load of the same dict."""
     state = make_state(args.small_count * 4096 / 1e6, args.small_count, seed=1)
     out = {k: torch.empty_like(v) for k, v in state.items()}
-    r = args.repeats
+    pt_dir = os.path.join(root, "pt_small")
     coord = CheckpointCoordinator(os.path.join(root, "ours_small"))
-    rows = {
-        "torch.save": timed(lambda: torch_save(state, os.path.join(root, "pt_small")), r, lambda: fresh(root, "pt_small")),
-        "ckpt save": timed(lambda: ours_save(coord, state, ValidationLevel.NONE), r),
-        "torch.load": timed(lambda: torch_load(os.path.join(root, "pt_small")), r),
-        "ckpt load": timed(lambda: ours_load(coord, out), r),
-    }
+
+    def clear_ours() -> None:
+        shutil.rmtree(coord.run_dir, ignore_errors=True)
+        os.makedirs(coord.run_dir)
+
+    rows = interleaved({
+        "torch.save": (lambda: torch_save(state, pt_dir), lambda: fresh(root, "pt_small")),
+        "ckpt save": (lambda: ours_save(coord, state, ValidationLevel.NONE), clear_ours),
+    }, args.repeats)
+    rows.update(interleaved({
+        "torch.load": (lambda: torch_load(pt_dir), None),
+        "ckpt load": (lambda: ours_load(coord, out), None),
+    }, args.repeats))
     return {"bytes": nbytes(state), "tensors": len(state), "seconds": rows}
 
 
@@ -221,18 +264,11 @@ def bench_ranks(args: argparse.Namespace, root: str) -> dict | None:
     one = CheckpointCoordinator(os.path.join(root, "ours_one_writer"), timeout=timedelta(minutes=30))
     r = args.repeats
 
-    def sync_timed(fn: Callable[[], object]) -> float:
-        def run() -> None:
-            dist.barrier()
-            fn()
-            dist.barrier()
-        return timed(run, r)
-
     rows = {
-        "ckpt GLOBAL, rank 0 writes all": sync_timed(
-            lambda: ours_save(one, state, ValidationLevel.NONE, SharingPattern.GLOBAL)),
-        f"ckpt REPLICATED, {world} writers": sync_timed(lambda: ours_save(coord, state, ValidationLevel.NONE)),
-        f"ckpt REPLICATED, {world} writers ({level.value})": sync_timed(lambda: ours_save(coord, state, level)),
+        "ckpt GLOBAL, rank 0 writes all": timed_fresh(
+            one, lambda: ours_save(one, state, ValidationLevel.NONE, SharingPattern.GLOBAL), r),
+        f"ckpt REPLICATED, {world} writers": timed_fresh(coord, lambda: ours_save(coord, state, ValidationLevel.NONE), r),
+        f"ckpt REPLICATED, {world} writers ({level.value})": timed_fresh(coord, lambda: ours_save(coord, state, level), r),
     }
     written: dict[int, int] = {}
     if rank == 0:

@@ -1,0 +1,80 @@
+"""Plain threads for the save and load paths.
+
+concurrent.futures refuses new work once the interpreter begins shutting down, which is exactly when an
+async save still in flight must finish; these helpers use bare threads, which keep working until joined.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], threads: int, name: str) -> list[R]:
+    """`[fn(x) for x in items]` on up to `threads` threads; re-raises the first error (by item order)."""
+    if threads <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    results: list[Any] = [None] * len(items)
+    errors: list[BaseException | None] = [None] * len(items)
+    next_index = iter(range(len(items)))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                return
+            try:
+                results[i] = fn(items[i])
+            except BaseException as exc:
+                errors[i] = exc
+
+    pool = [threading.Thread(target=worker, name=f"{name}-{k}", daemon=True) for k in range(min(threads, len(items)))]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    for exc in errors:
+        if exc is not None:
+            raise exc
+    return results
+
+
+class SerialWorker:
+    """Runs submitted calls one after another on one helper thread, in submission order."""
+
+    _STOP = object()
+
+    def __init__(self, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            if self._error is None:
+                try:
+                    item()
+                except BaseException as exc:
+                    self._error = exc
+
+    def submit(self, call: Callable[[], Any]) -> None:
+        self._queue.put(call)
+
+    def finish(self) -> None:
+        """Wait for everything submitted; re-raise the first error."""
+        if self._thread.is_alive():
+            self._queue.put(self._STOP)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
