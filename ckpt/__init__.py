@@ -13,12 +13,21 @@ from .errors import (
     CollectiveTimeoutError,
     CorruptCheckpointError,
     ManifestError,
+    PartialLoadError,
     ReplicationError,
+    RunDirInUseError,
     SerializationError,
 )
 from .layout import CheckpointRef, list_checkpoints
 from .manifest import Manifest, read_manifest
-from .retention import BestCheckpoint, CheckpointDecision, CheckpointInfo, RetentionDecision, RetentionPolicy
+from .retention import (
+    BestCheckpoint,
+    CheckpointDecision,
+    CheckpointInfo,
+    RetentionDecision,
+    RetentionPolicy,
+    infer_greater_is_better,
+)
 
 __all__ = [
     "BestCheckpoint",
@@ -33,15 +42,18 @@ __all__ = [
     "LoadResult",
     "Manifest",
     "ManifestError",
+    "PartialLoadError",
     "ReplicationError",
     "RetentionDecision",
     "RetentionOutcome",
     "RetentionPolicy",
+    "RunDirInUseError",
     "SerializationError",
     "SharingPattern",
     "StateComponent",
     "ValidationLevel",
     "__version__",
+    "infer_greater_is_better",
     "list_checkpoints",
     "pin_checkpoint",
     "read_manifest",

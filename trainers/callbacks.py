@@ -84,3 +84,15 @@ EVENTS = ("on_train_begin", "on_step_begin", "on_step_end", "on_log", "on_evalua
 def is_stateful(callback: object) -> bool:
     """Whether a callback is saved with checkpoints (it has state_dict() and load_state_dict())."""
     return callable(getattr(callback, "state_dict", None)) and callable(getattr(callback, "load_state_dict", None))
+
+
+_DETECTORS = ("DivergenceDetector", "DualTimeScaleDivergenceDetector", "DualWindowDivergenceDetector")
+
+
+def __getattr__(name: str) -> Any:
+    # trainers.callbacks.DivergenceDetector, imported lazily: divergence.py itself builds on this module.
+    if name in _DETECTORS:
+        from . import divergence
+
+        return getattr(divergence, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,140 @@
+"""DivergenceDetector on its own: every parameter, NaN at any point, direction, state round trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from trainers.callbacks import TrainerControl
+from trainers.divergence import (
+    DivergenceDetector,
+    DualTimeScaleDivergenceDetector,
+    DualWindowDivergenceDetector,
+)
+
+
+def feed(detector: DivergenceDetector, values: list[float]) -> list[int]:
+    """The indexes of the observations that triggered."""
+    return [i for i, v in enumerate(values) if detector.observe(v, step=i)]
+
+
+def test_a_jump_triggers_after_patience_and_not_before():
+    d = DivergenceDetector(warmup=0)
+    assert feed(d, [3.8] * 10 + [9.7] * 3) == [12]
+
+
+@pytest.mark.parametrize("patience", [1, 2, 5])
+def test_patience_is_the_number_of_bad_observations_in_a_row(patience):
+    d = DivergenceDetector(warmup=0, smoothing=1.0, patience=patience)
+    assert feed(d, [2.0] * 5 + [4.0] * patience) == [5 + patience - 1]
+
+
+def test_a_good_observation_resets_the_count():
+    d = DivergenceDetector(warmup=0, smoothing=1.0, patience=3)
+    assert feed(d, [2.0, 4.0, 4.0, 2.0, 4.0, 4.0, 2.0]) == []
+    assert d.consecutive == 0
+
+
+def test_warmup_observations_never_count_but_warm_the_ema():
+    d = DivergenceDetector(warmup=5, smoothing=1.0, patience=1)
+    assert feed(d, [10.0, 2.0, 9.0, 2.0, 9.0]) == []  # wild, but inside warm-up
+    assert d.smoothed == 9.0 and d.best is None
+    assert feed(d, [2.0, 3.5]) == [1]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("at", [0, 3, 30])
+def test_non_finite_triggers_at_once_even_in_warmup(bad, at):
+    d = DivergenceDetector(warmup=10)
+    values = [2.0] * at + [bad]
+    assert feed(d, values) == [at]
+    assert d.smoothed is None or math.isfinite(d.smoothed)
+    assert d.best is None or math.isfinite(d.best)
+
+
+def test_nan_does_not_break_later_detection():
+    d = DivergenceDetector(warmup=0, smoothing=1.0)
+    assert feed(d, [2.0, 2.0, math.nan, 2.0, 2.0, math.nan, 2.0, 5.0, 5.0, 5.0]) == [2, 5, 9]
+
+
+def test_relative_threshold_alone():
+    d = DivergenceDetector(warmup=0, smoothing=1.0, threshold=None, relative_threshold=1.5, patience=1)
+    assert feed(d, [2.0, 2.9]) == []
+    assert feed(d, [3.0]) == [0]
+
+
+def test_either_rule_counts_when_both_are_set():
+    d = DivergenceDetector(warmup=0, smoothing=1.0, threshold=5.0, relative_threshold=1.2, patience=1)
+    assert feed(d, [1.0, 1.25]) == [1]  # the relative rule fired; the absolute one would not
+
+
+def test_smoothing_slows_the_response():
+    raw = DivergenceDetector(warmup=0, smoothing=1.0, patience=1)
+    smooth = DivergenceDetector(warmup=0, smoothing=0.1, patience=1)
+    values = [2.0] * 5 + [3.5] * 20
+    assert feed(raw, values)[0] < feed(smooth, values)[0]
+
+
+def test_greater_is_better_fires_on_drops_never_on_gains():
+    d = DivergenceDetector(warmup=0, smoothing=1.0, threshold=0.1, patience=2, metric_key="eval_accuracy")
+    assert d.greater_is_better is True
+    assert feed(d, [0.5, 0.6, 0.7, 0.8, 0.9, 0.99]) == []
+    assert feed(d, [0.85, 0.8]) == [1]
+    rel = DivergenceDetector(warmup=0, smoothing=1.0, threshold=None, relative_threshold=2.0, patience=1,
+                             metric_key="acc")
+    assert feed(rel, [0.8, 0.5, 0.39]) == [2]
+
+
+def test_unknown_metric_direction_asks_for_the_flag():
+    with pytest.raises(ValueError, match="pass greater_is_better"):
+        DivergenceDetector(metric_key="grad_norm")
+    assert DivergenceDetector(metric_key="grad_norm", greater_is_better=False).monitored == "grad_norm"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"smoothing": 0}, "smoothing=0"),
+    ({"threshold": None, "relative_threshold": None}, "both None"),
+    ({"relative_threshold": 0.9}, "relative_threshold=0.9"),
+    ({"patience": 0}, "patience=0"),
+    ({"warmup": -1}, "warmup=-1"),
+    ({"action": "panic"}, "action='panic'"),
+])
+def test_bad_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DivergenceDetector(**kwargs)
+
+
+def test_state_round_trip_mid_stream_gives_identical_decisions():
+    values = [5.0 - 0.1 * i for i in range(30)] + [4.0, 6.5, 7.0, 2.0, 7.5, 8.0, 8.5, math.nan, 3.0, 9.0, 9.0, 9.0]
+    straight = DivergenceDetector(warmup=4)
+    expected = feed(straight, values)
+    first = DivergenceDetector(warmup=4)
+    head = [i for i, v in enumerate(values[:33]) if first.observe(v, i)]
+    resumed = DivergenceDetector(warmup=4)
+    resumed.load_state_dict(first.state_dict())
+    tail = [i for i, v in enumerate(values[33:], start=33) if resumed.observe(v, i)]
+    assert head + tail == expected and expected
+
+
+def test_as_a_callback_it_steers_the_loop_by_action():
+    class State:
+        global_step = 64
+
+    for action, save, abort in [("stop", True, False), ("abort", False, True)]:
+        d = DivergenceDetector(warmup=0, action=action)
+        control = TrainerControl()
+        d.on_log(None, State(), control, logs={"loss": math.nan})
+        assert control.should_training_stop and control.should_save == save
+        assert control.should_abort_without_save == abort
+    watcher = DivergenceDetector(warmup=0, use_eval_loss=True, patience=1, smoothing=1.0)
+    control = TrainerControl()
+    watcher.on_log(None, State(), control, logs={"loss": math.nan})  # train loss is not watched
+    assert not control.should_training_stop
+    watcher.on_evaluate(None, State(), control, metrics={"eval_loss": 1.0})
+    watcher.on_evaluate(None, State(), control, metrics={"eval_loss": 3.0})
+    assert control.should_training_stop
+
+
+def test_seed_names_are_aliases():
+    assert DualTimeScaleDivergenceDetector is DivergenceDetector is DualWindowDivergenceDetector

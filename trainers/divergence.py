@@ -1,0 +1,181 @@
+"""DivergenceDetector: notice a run going bad within a few log entries, and never miss a NaN.
+
+The monitored value (train loss by default) is smoothed with an EMA; the detector tracks the best
+smoothed value and counts consecutive observations that are worse than the best by `threshold`
+(absolute) or by the factor `relative_threshold`. `patience` of those in a row trigger. A NaN or Inf
+triggers at once, never enters the EMA or the best, and does not stop the detector from working later.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckpt import infer_greater_is_better
+
+from .callbacks import TrainerCallback, TrainerControl
+
+ACTIONS = ("stop", "abort", "rollback")
+
+
+@dataclass
+class DivergenceDetector(TrainerCallback):
+    """Watches a logged value and triggers on divergence; usable with or without a trainer.
+
+    `observe(value, step)` returns True on the observation that triggers. As a callback it is fed by
+    `on_log` (the train loss, or `metric_key`) or by `on_evaluate` (`use_eval_loss`), and on a trigger
+    it reports through `on_instability` and steers the loop according to `action`:
+    "stop" (save, then stop), "abort" (stop without saving), "rollback" (hand over to recovery).
+    """
+
+    smoothing: float = 0.3
+    """EMA weight of the newest observation (0 < smoothing <= 1; 1 means no smoothing)."""
+    threshold: float | None = 1.0
+    """Absolute excess over the best smoothed value that counts as bad (None to use only the relative rule)."""
+    relative_threshold: float | None = None
+    """Factor over the best smoothed value that counts as bad, e.g. 1.5 (None to use only the absolute rule)."""
+    patience: int = 3
+    """Consecutive bad observations that trigger."""
+    warmup: int = 10
+    """Observations ignored at the start (they still warm up the EMA); NaN/Inf trigger even then."""
+    action: str = "stop"
+    """What the trainer does on a trigger: "stop", "abort" or "rollback"."""
+    use_eval_loss: bool = False
+    """Watch the evaluation loss (from on_evaluate) instead of the train loss (from on_log)."""
+    metric_key: str | None = None
+    """Watch this logged key instead (e.g. "grad_norm", "eval_accuracy")."""
+    greater_is_better: bool | None = None
+    """Direction of the watched value; None infers it from its name (loss-like names: lower is better)."""
+
+    # Running state (saved with checkpoints).
+    smoothed: float | None = field(default=None, init=False)
+    best: float | None = field(default=None, init=False)
+    observations: int = field(default=0, init=False)
+    consecutive: int = field(default=0, init=False)
+    triggered_at: int | None = field(default=None, init=False)
+    first_bad_step: int | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.smoothing <= 1:
+            raise ValueError(f"DivergenceDetector: smoothing={self.smoothing!r} must be in (0, 1]")
+        if self.threshold is None and self.relative_threshold is None:
+            raise ValueError("DivergenceDetector: threshold and relative_threshold are both None; set at least one")
+        if self.threshold is not None and self.threshold <= 0:
+            raise ValueError(f"DivergenceDetector: threshold={self.threshold!r} must be positive (or None)")
+        if self.relative_threshold is not None and self.relative_threshold <= 1:
+            raise ValueError(f"DivergenceDetector: relative_threshold={self.relative_threshold!r} must be > 1 "
+                             "(a factor over the best value), or None")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"DivergenceDetector: patience={self.patience!r} must be an int >= 1")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"DivergenceDetector: warmup={self.warmup!r} must be an int >= 0")
+        if self.action not in ACTIONS:
+            raise ValueError(f"DivergenceDetector: action={self.action!r} must be one of {ACTIONS}")
+        if self.greater_is_better is None:
+            inferred = infer_greater_is_better(self.monitored)
+            if inferred is None and self.metric_key is not None:
+                raise ValueError(f"DivergenceDetector: cannot tell whether {self.metric_key!r} is better high or "
+                                 "low; pass greater_is_better=True or False")
+            self.greater_is_better = bool(inferred)
+
+    @property
+    def monitored(self) -> str:
+        """The name of the watched value."""
+        if self.metric_key is not None:
+            return self.metric_key
+        return "eval_loss" if self.use_eval_loss else "loss"
+
+    # ---- detection ------------------------------------------------------------------------------
+
+    def observe(self, value: float, step: int) -> bool:
+        """Feed one observation; True when this one triggers."""
+        value = float(value)
+        if not math.isfinite(value):
+            self.consecutive = 0
+            self.first_bad_step = step
+            self.triggered_at = step
+            return True
+        self.observations += 1
+        self.smoothed = value if self.smoothed is None else self.smoothing * value + (1 - self.smoothing) * self.smoothed
+        if self.observations <= self.warmup:
+            return False
+        if self.best is None or self._better(self.smoothed, self.best):
+            self.best = self.smoothed
+        if self._bad(self.smoothed, self.best):
+            if self.consecutive == 0:
+                self.first_bad_step = step
+            self.consecutive += 1
+        else:
+            self.consecutive = 0
+            self.first_bad_step = None
+        if self.consecutive >= self.patience:
+            self.triggered_at = step
+            self.consecutive = 0  # keep watching: a run that recovers (or is rolled back) can trigger again
+            return True
+        return False
+
+    def _better(self, a: float, b: float) -> bool:
+        return a > b if self.greater_is_better else a < b
+
+    def _bad(self, value: float, best: float) -> bool:
+        if self.greater_is_better:
+            drop = best - value
+            return (self.threshold is not None and drop >= self.threshold) or (
+                self.relative_threshold is not None and best > 0 and value <= best / self.relative_threshold)
+        rise = value - best
+        return (self.threshold is not None and rise >= self.threshold) or (
+            self.relative_threshold is not None and best > 0 and value >= best * self.relative_threshold)
+
+    def reset(self) -> None:
+        """Forget the run's history (e.g. after a rollback to an older checkpoint)."""
+        self.smoothed = self.best = self.triggered_at = self.first_bad_step = None
+        self.observations = self.consecutive = 0
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"smoothed": self.smoothed, "best": self.best, "observations": self.observations,
+                "consecutive": self.consecutive, "triggered_at": self.triggered_at,
+                "first_bad_step": self.first_bad_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.smoothed, self.best = state["smoothed"], state["best"]
+        self.observations, self.consecutive = int(state["observations"]), int(state["consecutive"])
+        self.triggered_at, self.first_bad_step = state.get("triggered_at"), state.get("first_bad_step")
+
+    # ---- trainer hooks --------------------------------------------------------------------------
+
+    def on_log(self, args, state, control: TrainerControl, **kwargs: Any) -> None:
+        if self.use_eval_loss:
+            return
+        logs = kwargs.get("logs") or {}
+        if self.monitored in logs:
+            self._feed(float(logs[self.monitored]), state, control, kwargs)
+
+    def on_evaluate(self, args, state, control: TrainerControl, **kwargs: Any) -> None:
+        metrics = kwargs.get("metrics") or {}
+        key = self.monitored if self.monitored in metrics else f"eval_{self.monitored}"
+        if (self.use_eval_loss or self.metric_key is not None) and key in metrics:
+            self._feed(float(metrics[key]), state, control, kwargs)
+
+    def _feed(self, value: float, state, control: TrainerControl, kwargs: dict) -> None:
+        if not self.observe(value, state.global_step):
+            return
+        reason = "non_finite_metric" if not math.isfinite(value) else "divergence"
+        trainer = kwargs.get("trainer")
+        event = {"reason": reason, "metric": self.monitored, "value": value, "best": self.best,
+                 "smoothed": self.smoothed, "first_bad_step": self.first_bad_step, "action": self.action}
+        if trainer is not None and hasattr(trainer, "report_instability"):
+            trainer.report_instability(event)  # recovery decides, and may change the action
+            return
+        if self.action == "abort":
+            control.should_abort_without_save = True
+        elif self.action == "stop":
+            control.should_save = True
+        control.should_training_stop = True
+
+
+# The names earlier versions of these tools used.
+DualTimeScaleDivergenceDetector = DivergenceDetector
+DualWindowDivergenceDetector = DivergenceDetector
