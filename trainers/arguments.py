@@ -73,9 +73,10 @@ class TrainingArguments:
     full_determinism: bool = False
     """Call torch.use_deterministic_algorithms(True) at the start of training (bit-exact runs on CUDA too)."""
     ddp_layout_independent_reduce: bool = True
-    """DDP only: all-reduce each parameter's gradient on its own so the sums do not depend on DDP's bucket
-    layout, which DDP rebuilds after its first step (also the first step after a resume). Needed for
-    bit-exact resume with more than two ranks; False uses DDP's bucketed all-reduce (fewer collectives)."""
+    """DDP only: average gradients by gathering every rank's bucket and adding the copies in rank order, so
+    the sums do not depend on DDP's bucket layout, which DDP rebuilds after its first step (also the first
+    step after a resume). Needed for bit-exact resume with more than two ranks; moves about twice the bytes
+    of DDP's ring all-reduce. False uses DDP's own all-reduce."""
     replica_validation: ValidationLevel = ValidationLevel.TENSOR
     """DDP only: how hard to check, at every save, that model and optimizer are identical on every rank."""
     ddp_backend: str | None = None

@@ -18,7 +18,7 @@ from ckpt import SharingPattern, StateComponent
 
 from .base import Trainer
 from .data import EpochSampler, StatefulDataLoader
-from .ddp_hooks import per_parameter_allreduce
+from .ddp_hooks import ordered_allreduce
 from .dispatch import DispatchingLoader
 from .keys import DATA, LR_SCHEDULER, MODEL, OPTIMIZER, RNG, TRAINER_STATE
 
@@ -59,7 +59,7 @@ class DDPTrainer(Trainer):
         ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=ids)
         if self.args.ddp_layout_independent_reduce:
-            ddp.register_comm_hook(dist.group.WORLD, per_parameter_allreduce)
+            ddp.register_comm_hook(dist.group.WORLD, ordered_allreduce)
         return ddp
 
     @property
