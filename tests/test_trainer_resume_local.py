@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -32,6 +33,10 @@ def test_resume_from_a_step_or_a_path_replays_the_same_run(tmp_path):
     assert losses.losses == ref_losses.losses[4:]
     from_path, losses = _train(tmp_path / "a", resume=os.path.join(tmp_path, "a", "checkpoint-00000008"))
     assert plain(from_path.unwrapped_model.state_dict()) == final and losses.losses == ref_losses.losses[8:]
+    # metrics.jsonl drops what the abandoned runs logged past the resume point: no step appears twice.
+    with open(os.path.join(tmp_path, "a", "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    assert [x["step"] for x in logged if x["kind"] == "train"] == [5, 10, 12]
 
 
 def test_latest_in_an_empty_run_dir_starts_fresh_and_a_missing_step_is_an_error(tmp_path):
