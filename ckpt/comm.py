@@ -3,6 +3,11 @@
 Every step of a save or load is a *phase*: each rank runs its local part, catches what it raises, and
 all ranks exchange an outcome. If any rank failed, every rank raises the same error naming the failed
 ranks, so nobody is left waiting in a collective. Payloads are plain data packed with msgpack.
+
+Before each exchange a rank records its arrival in the job's c10d store (one `set`), so a rank whose
+exchange times out or loses a peer can name the ranks that never arrived, and where they were last seen.
+After such a failure the group cannot be trusted to pair the next collectives correctly, so the
+communicator refuses to run any more (on the ranks that saw the failure); build a new coordinator or restart.
 """
 
 from __future__ import annotations
@@ -37,18 +42,30 @@ class Communicator:
     def __init__(self, timeout: timedelta):
         self.timeout = timeout
         self.group = None
+        self._seq = 0  # exchanges so far; the same on every rank, since all take the same path
+        self._broken: str | None = None  # why this rank can no longer take part in exchanges
+        self._arrivals: _Arrivals | None = None
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
             if self.world_size > 1:
                 # Our own gloo group: coordination never queues behind (or deadlocks with) the training
                 # group's nccl work, and it can run from a background thread.
                 self.group = dist.new_group(backend="gloo", timeout=timeout)
+                self._arrivals = _Arrivals.open(self.group, self.rank)
         else:
             self.rank, self.world_size = 0, 1
 
     def all_gather_bytes(self, data: bytes, phase: str) -> list[bytes]:
         if self.group is None:
             return [data]
+        if self._broken is not None:
+            raise CheckpointError(
+                f"rank {self.rank}: cannot run the '{phase}' step: an earlier step failed ({self._broken}), so this "
+                "coordinator's collectives may no longer pair up across ranks. Restart the job (torchrun "
+                "--max-restarts does this), or build a new CheckpointCoordinator on every rank")
+        self._seq += 1
+        if self._arrivals is not None:
+            self._arrivals.arrive(self._seq, phase)
         try:
             size = torch.tensor([len(data)], dtype=torch.int64)
             sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
@@ -60,25 +77,39 @@ class Communicator:
             bufs = [torch.empty_like(mine) for _ in range(self.world_size)]
             dist.all_gather(bufs, mine, group=self.group)
         except Exception as exc:
-            raise self._collective_error(phase, exc) from exc
+            error = self._collective_error(phase, exc)
+            self._broken = f"'{phase}': {error}"
+            raise error from exc
         return [bytes(buf[: int(s.item())].numpy()) for buf, s in zip(bufs, sizes, strict=True)]
 
     def all_gather(self, obj: Any, phase: str) -> list[Any]:
         """Every rank's `obj` (msgpack-able plain data), in rank order."""
         return [_unpack(b) for b in self.all_gather_bytes(_pack(obj), phase)]
 
+    def close(self) -> None:
+        """Forget this rank's arrival record in the store (the group itself is left to torch)."""
+        if self._arrivals is not None:
+            self._arrivals.close()
+            self._arrivals = None
+
     def _collective_error(self, phase: str, exc: Exception) -> CheckpointError:
         text = str(exc)
+        underlying = f"{type(exc).__name__}: {_first_sentence(text) or repr(exc)}"
+        late = self._arrivals.missing(self._seq, self.world_size) if self._arrivals is not None else {}
+        late.pop(self.rank, None)
+        named = _describe_missing(late, phase)
         if "timed out" in text.lower() or "timeout" in text.lower():
             return CollectiveTimeoutError(
-                f"rank {self.rank}: not every rank reached the '{phase}' step within "
-                f"{self.timeout.total_seconds():.0f}s (CheckpointCoordinator(timeout=...)); a rank is hung, "
-                f"dead, or did not call the same save/load. Underlying error: {text.splitlines()[0] if text else exc!r}",
-                phase=phase,
+                f"rank {self.rank}: timed out after {self.timeout.total_seconds():.0f}s at the '{phase}' step "
+                f"(CheckpointCoordinator(timeout=...)): {named or 'not every rank reached it'}. A rank is hung, "
+                f"dead, or did not call the same save/load. ({underlying})",
+                phase=phase, missing_ranks=sorted(late) if late else None,
             )
         return CheckpointError(
-            f"rank {self.rank}: lost contact with other ranks during the '{phase}' step ({type(exc).__name__}: "
-            f"{text.splitlines()[0] if text else ''}); a rank has probably died"
+            f"rank {self.rank}: lost contact with other ranks during the '{phase}' step: "
+            f"{named + ', and has probably died' if named else 'a rank has probably died'}. ({underlying})",
+            failures={r: f"did not reach the '{phase}' step (the last step it reached: {seen})"
+                      for r, seen in late.items()},
         )
 
     def run_phase(self, phase: str, local: Callable[[], T], *, what: str) -> list[T]:
@@ -117,3 +148,74 @@ def _combined_error(what: str, phase: str, failures: dict[int, str], outcomes: l
         return cls(message, failures=failures)
     except TypeError:  # subclasses with other required fields
         return CheckpointError(message, failures=failures)
+
+
+def _describe_missing(late: dict[int, str], phase: str) -> str:
+    if not late:
+        return ""
+    ranks = sorted(late)
+    names = ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks[:16]))
+    if len(ranks) > 16:
+        names += f" and {len(ranks) - 16} more"
+    seen = "; ".join(f"rank {r}: {late[r]}" for r in ranks[:4])
+    return f"{names} never reached it (the last step reached: {seen})"
+
+
+def _first_sentence(text: str) -> str:
+    """The gist of a backend error: its first line, without gloo's generic advice."""
+    first = text.splitlines()[0] if text else ""
+    return first.split(". This is typically")[0]
+
+
+class _Arrivals:
+    """Each rank's latest exchange, kept in the job's c10d store: one key per rank, overwritten each time.
+
+    Only used to name missing ranks in errors, so every store failure just switches it off.
+    """
+
+    def __init__(self, store: Any, rank: int):
+        self.store, self.rank = store, rank
+
+    @classmethod
+    def open(cls, group: Any, rank: int) -> _Arrivals | None:
+        try:  # private torch API: guarded, and without it errors simply name no ranks
+            base = dist.distributed_c10d._get_default_store()
+            name = getattr(group, "group_name", None) or dist.distributed_c10d._get_process_group_name(group)
+            return cls(dist.PrefixStore(f"ckpt/arrivals/{name}/", base), rank)
+        except Exception as exc:
+            log.debug("rank %d: no c10d store for arrival records (%s); timeouts will not name ranks", rank, exc)
+            return None
+
+    def arrive(self, seq: int, phase: str) -> None:
+        try:
+            self.store.set(str(self.rank), f"{seq}:{phase}")
+        except Exception as exc:
+            log.debug("rank %d: arrival record failed (%s); switching it off", self.rank, exc)
+            self.store = None
+
+    def missing(self, seq: int, world_size: int) -> dict[int, str]:
+        """Ranks whose latest arrival is older than exchange `seq`, with the step they were last seen at."""
+        if self.store is None:
+            return {}
+        late: dict[int, str] = {}
+        try:
+            for r in range(world_size):
+                key = str(r)
+                if not self.store.check([key]):
+                    late[r] = "none"
+                    continue
+                last, _, phase = self.store.get(key).decode().partition(":")
+                if int(last) < seq:
+                    late[r] = f"'{phase}'"
+        except Exception as exc:
+            log.debug("rank %d: could not read arrival records (%s)", self.rank, exc)
+            return {}
+        return late
+
+    def close(self) -> None:
+        if self.store is not None:
+            try:
+                self.store.delete_key(str(self.rank))
+            except Exception as exc:
+                log.debug("rank %d: could not remove its arrival record (%s)", self.rank, exc)
+            self.store = None

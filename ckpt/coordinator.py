@@ -8,6 +8,8 @@ A save runs in phases, each ending in an exchange of outcomes between all ranks:
   commit   rank 0 writes the manifest, renames the folder into place, applies retention
 A load resolves the checkpoint on rank 0, reads everything into staging on every rank, and only then
 applies it, so a failure anywhere leaves every rank's live state untouched.
+Rank 0 holds the run dir's lock (ckpt/lock.py) from construction to `close()`, so a second job on the same
+run dir is refused instead of racing this one.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import secrets
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -26,16 +30,18 @@ from .catalog import RetentionOutcome, hold, retain, scan, summary_text
 from .catalog import best as best_checkpoints
 from .comm import Communicator
 from .component import SharingPattern, StateComponent
-from .errors import CheckpointError, CorruptCheckpointError
+from .errors import CheckpointError, CorruptCheckpointError, PartialLoadError, RunDirInUseError
 from .layout import (
     CheckpointRef,
     checkpoint_name,
     list_checkpoints,
     list_partials,
     partial_name,
+    removal_name,
     resolve_checkpoint,
 )
 from .loading import read_component
+from .lock import RunDirLock
 from .manifest import Manifest, plain_metrics, read_manifest
 from .planning import ComponentDecl, build_plan, owner_for_load
 from .retention import BestCheckpoint, RetentionPolicy
@@ -59,10 +65,11 @@ class LoadResult:
     path: str
     step: int
     loaded: tuple[str, ...]
-    skipped: tuple[str, ...]  # asked for, absent from the checkpoint, and allowed to be
+    skipped: tuple[str, ...]  # asked for, absent from the checkpoint (or damaged, below), and allowed to be
     not_requested: tuple[str, ...]  # in the checkpoint, passed by no rank (strict=False only)
     metrics: dict[str, Any] = field(default_factory=dict)
     manifest: Manifest | None = None
+    damaged: tuple[str, ...] = ()  # optional components skipped because their files failed checks (strict=False)
 
 
 class CheckpointCoordinator:
@@ -80,6 +87,11 @@ class CheckpointCoordinator:
         retention: which checkpoints to keep; rank 0 deletes the rest after each commit. None keeps all.
         async_save: the default of `save(async_save=...)`.
         io_threads: files each rank writes or reads at once.
+        force: start even when another process's coordinator holds the run dir's lock (a second job on the
+            same run dir). Each commit stays atomic, but the jobs' retention may delete each other's
+            checkpoints and neither cleans up the other's unfinished saves. Leave False unless you are sure.
+
+    Use it as a context manager, or call `close()`, to release the lock before the process ends.
     """
 
     def __init__(
@@ -95,6 +107,7 @@ class CheckpointCoordinator:
         retention: RetentionPolicy | None = None,
         async_save: bool = False,
         io_threads: int = 4,
+        force: bool = False,
     ):
         self.run_dir = os.fspath(run_dir)
         self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
@@ -112,12 +125,55 @@ class CheckpointCoordinator:
         if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
             raise ValueError(f"CheckpointCoordinator: io_threads={io_threads!r} must be an int >= 1")
         self.io_threads = io_threads
+        if not isinstance(force, bool):
+            raise TypeError(f"CheckpointCoordinator: force={force!r} must be a bool")
         self._staging = StagingPool()
         self._pending: BackgroundSave | None = None
+        self._closed = False
         self.comm = Communicator(self.timeout)
         self.topology: RankTopology = discover(self.comm, process_groups, local_world_size)
         self.rank = self.comm.rank
         self.storage.makedirs(self.run_dir)
+        lock_box: list[RunDirLock] = []
+        # The tag of this coordinator's unfinished-save folders: None while it holds the lock.
+        self._tag: str | None = self.comm.run_phase(
+            "lock", lambda: self._take_lock(force, lock_box), what="coordinator start-up")[0]
+        self._release = weakref.finalize(self, lock_box[0].release) if lock_box else None
+
+    def _take_lock(self, force: bool, out: list[RunDirLock]) -> str | None:
+        """Rank 0 locks the run dir (into `out`); returns the save-folder tag every rank will use."""
+        if self.rank != 0 or not os.path.isdir(self.run_dir):  # a storage with no local folder: no lock
+            return None
+        try:
+            out.append(RunDirLock.acquire(self.run_dir))
+            return None
+        except RunDirInUseError as exc:
+            if not force:
+                raise
+            log.warning("force=True: %s; going on without the lock", exc)
+            return f"p{os.getpid()}-{secrets.token_hex(4)}"
+
+    def close(self) -> None:
+        """Wait for a save in flight (collective), then release the run dir's lock. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            if self._release is not None:
+                self._release()
+            self.comm.close()
+
+    def __enter__(self) -> CheckpointCoordinator:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise CheckpointError(f"{what}: this CheckpointCoordinator for {self.run_dir} was closed; build a new one")
 
     # ---- queries -------------------------------------------------------------------------------
 
@@ -156,6 +212,7 @@ class CheckpointCoordinator:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"save(step={step!r}): step must be a non-negative int")
+        self._check_open("save()")
         run_async = self.async_save if async_save is None else async_save
         self.wait()  # at most one save in flight; a background failure is raised here, on every rank
         snapshots: dict[str, Snapshot] = {}
@@ -186,7 +243,7 @@ class CheckpointCoordinator:
     def _write_checkpoint(self, step: int, snapshots: Mapping[str, Snapshot], error: Exception | None,
                           metrics: Mapping[str, Any], overwrite: bool) -> str:
         final = os.path.join(self.run_dir, checkpoint_name(step))
-        partial = os.path.join(self.run_dir, partial_name(step))
+        partial = os.path.join(self.run_dir, partial_name(step, self._tag))
         what = f"save of step {step}"
         started = time.perf_counter()
         prepared: dict[str, PreparedComponent] = {}
@@ -223,13 +280,24 @@ class CheckpointCoordinator:
             if self.storage.exists(final) and not overwrite:
                 raise CheckpointError(f"{final} already exists; pass overwrite=True to replace it, or save "
                                       "another step", path=final)
-            for stale in list_partials(self.storage, self.run_dir):
-                log.info("removing unfinished save %s", stale)
-                self.storage.remove_tree(stale)
+            # Unfinished saves are stale only when this job owns the run dir; forced, they may be another job's.
+            for stale in list_partials(self.storage, self.run_dir) if self._tag is None else []:
+                self._remove_stale(stale)
             self.storage.makedirs(partial)
         for key, snap in snapshots.items():
             out[key] = declare(snap, self._plans_split(snap.component, snap.pattern))
         return [p.decl.to_wire() for p in out.values()]
+
+    def _remove_stale(self, stale: str) -> None:
+        """Move an unfinished save aside, then remove it: if a forced job commits it meanwhile, one of the two
+        renames fails cleanly, and the committed checkpoint is never emptied from under its name."""
+        doomed = os.path.join(self.run_dir, removal_name(os.path.basename(stale), secrets.token_hex(4)))
+        try:
+            self.storage.rename(stale, doomed)
+        except FileNotFoundError:
+            return  # committed or removed by someone else since it was listed
+        log.info("removing unfinished save %s", stale)
+        self.storage.remove_tree(doomed)
 
     def _plans_split(self, c: StateComponent, pattern: SharingPattern) -> bool:
         """Whether this rank is the lowest of the component's replica set (whose tensor list plans the split)."""
@@ -277,8 +345,11 @@ class CheckpointCoordinator:
         changes nothing. `in_place=True` is the fast path: tensors are read straight into the components'
         existing CPU tensors of the same name, dtype and shape (no new memory, no copy); if it fails, the
         error names the components whose live tensors may already hold bytes from the checkpoint.
-        A save still in flight is waited for first.
+        A save still in flight is waited for first. With `strict=False`, an optional component (required=False)
+        whose files fail their checks is skipped on every rank (listed in `damaged`) instead of failing the load.
+        If a component's `load_state_dict()` raises, PartialLoadError says which components each rank applied.
         """
+        self._check_open("load()")
         self.wait()
         what = "load"
         ref = self.comm.run_phase(
@@ -292,18 +363,25 @@ class CheckpointCoordinator:
                 "read", lambda: self._stage(path, components, strict, staged, skipped, manifest_box, in_place),
                 what=f"load of {path}")
         manifest = manifest_box[0]
-        unused = sorted(set(manifest.components) - {k for keys in declared for k in keys})
+        # A component damaged on any rank is dropped on every rank, so replicas never end up loaded on some.
+        damaged = sorted({k for _, bad in declared for k in bad})
+        for key in damaged:
+            staged.pop(key, None)
+        skipped += [k for k in damaged if k not in skipped and any(c.key == k for c in components)]
+        unused = sorted(set(manifest.components) - {k for keys, _ in declared for k in keys})
         if unused and strict:
             raise CheckpointError(
                 f"checkpoint {path} holds components {unused} that no rank passed to load(); pass them, or "
                 "load with strict=False to ignore them", path=path)
-        self.comm.run_phase("apply", lambda: self._apply(components, staged), what=f"load of {path}")
+        reports = self.comm.run_phase("apply", lambda: self._apply(components, staged), what=f"load of {path}")
+        if any(r["failed"] is not None for r in reports):
+            raise _apply_failure(path, reports)
         self.resumed_from = path
         if self.rank == 0:
             log.info("loaded %s (%d components)", path, len(staged))
         return LoadResult(path=path, step=step, loaded=tuple(k for k in (c.key for c in components) if k in staged),
                           skipped=tuple(skipped), not_requested=tuple(unused), metrics=dict(manifest.metrics),
-                          manifest=manifest)
+                          manifest=manifest, damaged=tuple(damaged))
 
     def _resolve(self, checkpoint: str | int | os.PathLike) -> list:
         ref = resolve_checkpoint(self.storage, self.run_dir, checkpoint)
@@ -311,13 +389,15 @@ class CheckpointCoordinator:
         return [ref.path, step]
 
     def _stage(self, path: str, components: Sequence[StateComponent], strict: bool, staged: dict[str, Any],
-               skipped: list[str], manifest_box: list[Manifest], in_place: bool) -> list[str]:
-        """Read this rank's share into `staged`; returns the keys this rank asked for."""
+               skipped: list[str], manifest_box: list[Manifest], in_place: bool) -> list[list[str]]:
+        """Read this rank's share into `staged`; returns the keys this rank asked for, and the optional ones
+        it found damaged (strict=False only)."""
         manifest = read_manifest(self.storage, path)
         manifest_box.append(manifest)
         keys = [c.key for c in components]
         _check_unique(keys)
         touched: list[str] = []  # components whose live tensors an in-place read has written to
+        damaged: list[str] = []
         for c in components:
             entry = manifest.components.get(c.key)
             if entry is None:
@@ -340,8 +420,15 @@ class CheckpointCoordinator:
                 skipped.append(c.key)
                 continue
             if not in_place:
-                staged[c.key] = read_component(self.storage, path, c.key, entry, owner, self.verify_on_load,
-                                               threads=self.io_threads)
+                try:
+                    staged[c.key] = read_component(self.storage, path, c.key, entry, owner, self.verify_on_load,
+                                                   threads=self.io_threads)
+                except (CheckpointError, OSError) as exc:
+                    if c.required or strict:
+                        raise
+                    log.warning("rank %d: skipping optional component %r of %s (strict=False): %s", self.rank,
+                                c.key, path, exc)
+                    damaged.append(c.key)
                 continue
             touched.append(c.key)
             try:
@@ -350,23 +437,42 @@ class CheckpointCoordinator:
                                                self.io_threads)
             except CheckpointError as exc:
                 raise _in_place_failure(exc, touched, path) from exc
-        return keys
+        return [keys, damaged]
 
-    @staticmethod
-    def _apply(components: Sequence[StateComponent], staged: Mapping[str, Any]) -> None:
+    def _apply(self, components: Sequence[StateComponent], staged: Mapping[str, Any]) -> dict[str, Any]:
+        """Hand each staged state to its component. Never raises: reports what it applied, and what failed."""
+        applied: list[str] = []
         for c in components:
             if c.key in staged:
                 try:
                     c.stateful.load_state_dict(staged[c.key])
                 except Exception as exc:
-                    raise CheckpointError(f"component {c.key!r}: load_state_dict() raised {type(exc).__name__}: "
-                                          f"{exc}") from exc
+                    log.debug("rank %d: load_state_dict() of %r failed", self.rank, c.key, exc_info=True)
+                    return {"applied": applied, "failed": c.key, "error": f"{type(exc).__name__}: {exc}"}
+                applied.append(c.key)
+        return {"applied": applied, "failed": None, "error": None}
 
 
 def _check_unique(keys: Sequence[str]) -> None:
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
         raise CheckpointError(f"component keys {dupes} are passed more than once; keys must be unique")
+
+
+def _apply_failure(path: str, reports: Sequence[Mapping[str, Any]]) -> PartialLoadError:
+    """One error for every rank: which component failed where, and what each rank had applied by then."""
+    failed = {r: rep for r, rep in enumerate(reports) if rep["failed"] is not None}
+    where = ", ".join(f"rank {r}: component {rep['failed']!r}: load_state_dict() raised {rep['error']}"
+                      for r, rep in list(failed.items())[:8])
+    applied = {r: tuple(rep["applied"]) for r, rep in enumerate(reports)}
+    state = "; ".join(f"rank {r}: {list(keys)}" + (f", then {reports[r]['failed']!r} failed and may be partly "
+                                                   "changed" if r in failed else " (all)")
+                      for r, keys in list(applied.items())[:8])
+    return PartialLoadError(
+        f"load of {path} failed while applying state ({where}). Components applied before the failure: {state}; "
+        "nothing else was changed. The live state now mixes loaded and earlier values: load again before "
+        "training on", applied=applied, failures={r: f"{rep['failed']}: {rep['error']}" for r, rep in failed.items()},
+        path=path)
 
 
 def _in_place_failure(exc: CheckpointError, touched: Sequence[str], path: str) -> CheckpointError:

@@ -71,6 +71,28 @@ class CollectiveTimeoutError(CheckpointError, TimeoutError):
         self.missing_ranks = tuple(missing_ranks) if missing_ranks is not None else None
 
 
+class RunDirInUseError(CheckpointError):
+    """Another process's coordinator holds the run directory's lock. `holder` says who (host, pid, start)."""
+
+    def __init__(self, message: str, *, holder: Mapping[str, object] | None = None,
+                 failures: Mapping[int, str] | None = None, path: str | None = None):
+        super().__init__(message, failures=failures, path=path)
+        self.holder = dict(holder or {})
+
+
+class PartialLoadError(CheckpointError):
+    """A component's `load_state_dict()` raised after the load had started applying state.
+
+    `applied` maps every rank to the components whose live state it replaced; the failing component on
+    a failed rank (in `failures`) may be partly changed; the others were not touched.
+    """
+
+    def __init__(self, message: str, *, applied: Mapping[int, Sequence[str]] | None = None,
+                 failures: Mapping[int, str] | None = None, path: str | None = None):
+        super().__init__(message, failures=failures, path=path)
+        self.applied = {rank: tuple(keys) for rank, keys in (applied or {}).items()}
+
+
 # Errors that keep their class when a failure on one rank is re-raised on every rank.
 REMOTE_ERROR_TYPES: dict[str, type[CheckpointError]] = {
     cls.__name__: cls
@@ -80,5 +102,6 @@ REMOTE_ERROR_TYPES: dict[str, type[CheckpointError]] = {
         ManifestError,
         CorruptCheckpointError,
         SerializationError,
+        RunDirInUseError,
     )
 }

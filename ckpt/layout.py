@@ -13,6 +13,7 @@ MANIFEST_NAME = "checkpoint_manifest.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_SUFFIX = ".partial"
 PIN_NAME = "PINNED"  # a file inside a checkpoint that protects it from every retention rule
+LOCK_NAME = ".ckpt.lock"  # in the run dir: held by the coordinator that owns the run (see ckpt/lock.py)
 STEP_DIGITS = 8
 # At least STEP_DIGITS digits: `checkpoint-5` is not ours, so no two folders claim the same step.
 _COMMITTED_RE = re.compile(r"^checkpoint-(\d{8,})$")
@@ -23,8 +24,9 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:0{STEP_DIGITS}d}"
 
 
-def partial_name(step: int) -> str:
-    return checkpoint_name(step) + PARTIAL_SUFFIX
+def partial_name(step: int, tag: str | None = None) -> str:
+    """The folder a save writes into. `tag` keeps apart the saves of coordinators that share a run dir."""
+    return checkpoint_name(step) + (f".{tag}" if tag else "") + PARTIAL_SUFFIX
 
 
 def parse_step(name: str) -> int | None:
@@ -35,6 +37,17 @@ def parse_step(name: str) -> int | None:
 
 def is_partial_name(name: str) -> bool:
     return bool(_PARTIAL_RE.match(name))
+
+
+def removal_name(partial: str, token: str) -> str:
+    """A fresh unfinished-save name for `partial` (a partial folder's name), to move it to before removing it.
+
+    Moving first means a concurrent commit of that folder either wins (and is not touched) or fails cleanly,
+    rather than having its files removed from under the committed name.
+    """
+    match = _PARTIAL_RE.match(partial)
+    step = match.group(1) if match else "0"
+    return f"{CHECKPOINT_PREFIX}{step}.removing-{token}{PARTIAL_SUFFIX}"
 
 
 @dataclass(frozen=True, order=True)

@@ -1,7 +1,10 @@
 """checkpoint_manifest.json: what a committed checkpoint holds. Written last; its presence is the commit.
 
 Everything read from a manifest is checked before it is used: types, relative paths that stay inside
-the checkpoint, and known enum values. See docs/format.md for the layout with an example.
+the checkpoint, known enum values and ranks inside the saved world. Fields this version does not know are
+refused rather than ignored: a reader that skips a field it does not understand could load a checkpoint
+whose meaning it has not grasped. The manifest carries a digest of its own content (`manifest_xxh3_128`)
+so a flipped byte in it is caught like one in any other file. See docs/format.md for the layout.
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ import json
 import math
 import os
 import posixpath
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import xxhash
 
 from .component import SharingPattern, ValidationLevel
 from .errors import ManifestError
@@ -22,6 +28,20 @@ from .tensor_io import ST_TO_DTYPE, ChunkInfo, TensorInfo
 
 FORMAT_VERSION = 1
 FILE_KINDS = ("tensors", "state")  # safetensors, or the msgpack skeleton with every non-tensor value
+DIGEST_FIELD = "manifest_xxh3_128"  # digest of the manifest's own content, every other field included
+
+# The fields of each object in a version-1 manifest (required unless listed as optional below).
+_FIELDS = {
+    "manifest": {"format_version", DIGEST_FIELD, "step", "created_utc", "topology", "versions", "metrics",
+                 "components"},
+    "topology": {"world_size", "num_nodes", "local_world_size", "process_groups"},
+    "component": {"pattern", "process_group", "required", "validation_level", "replica_sets", "files"},
+    "file": {"path", "kind", "writer_rank", "owner", "nbytes", "xxh3_128", "tensors"},
+    "tensor": {"name", "dtype", "shape", "chunk"},
+    "chunk": {"shape", "start", "stop"},
+}
+_OPTIONAL = {DIGEST_FIELD, "process_group", "owner", "tensors", "chunk"}
+_HEX128 = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True)
@@ -74,7 +94,14 @@ class Manifest:
     def to_json(self) -> str:
         plain = _to_plain(self)
         plain = {"format_version": plain.pop("format_version"), **plain}
+        plain = {"format_version": plain["format_version"], DIGEST_FIELD: content_digest(plain), **plain}
         return _format(plain, 0) + "\n"
+
+
+def content_digest(data: Mapping[str, Any]) -> str:
+    """xxh3-128 of a manifest's content (its digest field left out), independent of layout and key order."""
+    body = {k: v for k, v in data.items() if k != DIGEST_FIELD}
+    return xxhash.xxh3_128_hexdigest(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode())
 
 
 def _is_leaf(value: Any) -> bool:
@@ -141,10 +168,14 @@ def read_manifest(storage: Storage, checkpoint_dir: str) -> Manifest:
         raise ManifestError(f"{checkpoint_dir} has no {MANIFEST_NAME}: it is not a committed checkpoint",
                             path=path) from None
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise ManifestError(f"{path} is not valid JSON ({exc})", path=path) from None
     return parse_manifest(data, path)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (ckpt writes non-finite metrics as strings)")
 
 
 def parse_manifest(data: Any, path: str) -> Manifest:
@@ -155,32 +186,88 @@ def parse_manifest(data: Any, path: str) -> Manifest:
     if version != FORMAT_VERSION:
         raise ManifestError(f"{path}: format_version {version} is not supported (this ckpt reads version "
                             f"{FORMAT_VERSION}); use the ckpt release that wrote it", path=path)
-    topo = p.obj(p.get(d, "topology", dict, "manifest"), "topology")
-    groups = {
-        name: tuple(tuple(p.ints(m, f"topology.process_groups.{name}")) for m in p.list(members, f"topology.process_groups.{name}"))
-        for name, members in p.obj(p.get(topo, "process_groups", dict, "topology"), "topology.process_groups").items()
-    }
-    topology = Topology(
-        world_size=p.get(topo, "world_size", int, "topology"),
-        num_nodes=p.get(topo, "num_nodes", int, "topology"),
-        local_world_size=p.get(topo, "local_world_size", int, "topology"),
-        process_groups=groups,
-    )
+    p.fields(d, "manifest", "manifest")
+    topology = p.topology(p.get(d, "topology", dict, "manifest"))
+    p.world_size = topology.world_size
     comps = p.obj(p.get(d, "components", dict, "manifest"), "components")
-    return Manifest(
-        step=p.get(d, "step", int, "manifest"),
+    step = p.get(d, "step", int, "manifest")
+    if step < 0:
+        raise p.fail("manifest.step", f"is negative: {step}")
+    metrics = p.obj(p.get(d, "metrics", dict, "manifest"), "metrics")
+    for name, value in metrics.items():
+        if value is not None and not isinstance(value, bool | int | float | str):
+            raise p.fail(f"metrics.{name}", f"should be a number, string, bool or null, is {type(value).__name__}")
+    versions = p.obj(p.get(d, "versions", dict, "manifest"), "versions")
+    for name, value in versions.items():
+        if not isinstance(value, str):
+            raise p.fail(f"versions.{name}", f"should be a string, is {type(value).__name__}")
+    manifest = Manifest(
+        step=step,
         created_utc=p.get(d, "created_utc", str, "manifest"),
         topology=topology,
-        versions={str(k): str(v) for k, v in p.obj(p.get(d, "versions", dict, "manifest"), "versions").items()},
-        metrics=dict(p.obj(p.get(d, "metrics", dict, "manifest"), "metrics")),
+        versions=dict(versions),
+        metrics=dict(metrics),
         components={key: p.component(key, value) for key, value in comps.items()},
         format_version=version,
     )
+    p.unique_paths(manifest)
+    if DIGEST_FIELD in d and d[DIGEST_FIELD] != _digest_or_fail(p, d):  # last: field errors say more
+        raise ManifestError(f"{path} does not match its own digest ({DIGEST_FIELD}): its bytes changed after it "
+                            "was written; restore it from a copy, or load another checkpoint", path=path)
+    return manifest
+
+
+def _digest_or_fail(p: _Parser, d: dict) -> str:
+    try:
+        return content_digest(d)
+    except (TypeError, ValueError) as exc:  # values JSON cannot hold (only reachable with hand-built data)
+        raise p.fail("manifest", f"holds values JSON cannot represent ({exc})") from None
 
 
 class _Parser:
     def __init__(self, path: str):
         self.path = path
+        self.world_size = 0  # known once the topology is read; ranks are checked against it
+
+    def fields(self, d: dict, kind: str, where: str) -> None:
+        """Refuse fields this version does not know, and name the first required one that is missing."""
+        allowed = _FIELDS[kind]
+        unknown = sorted(str(k) for k in d if k not in allowed)
+        if unknown:
+            raise self.fail(where, f"has unknown fields {unknown} (format_version {FORMAT_VERSION} has "
+                                   f"{sorted(allowed)})")
+        for name in sorted(allowed - _OPTIONAL):
+            if name not in d:
+                raise self.fail(f"{where}.{name}", "is missing")
+
+    def rank(self, value: Any, where: str) -> int:
+        if type(value) is not int or not 0 <= value < self.world_size:
+            raise self.fail(where, f"is {value!r}, not a rank of the saved world (0..{self.world_size - 1})")
+        return value
+
+    def topology(self, value: Any) -> Topology:
+        topo = self.obj(value, "topology")
+        self.fields(topo, "topology", "topology")
+        sizes = {k: self.get(topo, k, int, "topology") for k in ("world_size", "num_nodes", "local_world_size")}
+        if min(sizes.values()) < 1 or sizes["world_size"] != sizes["num_nodes"] * sizes["local_world_size"]:
+            raise self.fail("topology", f"is inconsistent: {sizes} (world_size must be num_nodes x "
+                                        "local_world_size, all positive)")
+        self.world_size = sizes["world_size"]
+        groups = {}
+        for name, members in self.obj(self.get(topo, "process_groups", dict, "topology"),
+                                      "topology.process_groups").items():
+            where = f"topology.process_groups.{name}"
+            groups[name] = tuple(tuple(self.rank(r, where) for r in self.ints(m, where))
+                                 for m in self.list(members, where))
+        return Topology(sizes["world_size"], sizes["num_nodes"], sizes["local_world_size"], groups)
+
+    def unique_paths(self, manifest: Manifest) -> None:
+        seen: set[str] = set()
+        for key, c in manifest.components.items():
+            for f in c.files:
+                if f.path in seen:
+                    raise self.fail(f"components.{key}.files", f"list {f.path!r} twice")
+                seen.add(f.path)
 
     def fail(self, where: str, why: str) -> ManifestError:
         return ManifestError(f"{self.path}: {where} {why}; the manifest is damaged or was not written by ckpt",
@@ -218,6 +305,9 @@ class _Parser:
     def component(self, key: str, value: Any) -> ComponentEntry:
         where = f"components.{key}"
         c = self.obj(value, where)
+        if not key or "/" in key or "\\" in key or key in {".", ".."}:
+            raise self.fail(where, "is not a usable component name (it becomes the component's folder)")
+        self.fields(c, "component", where)
         group = c.get("process_group")
         if group is not None and not isinstance(group, str):
             raise self.fail(f"{where}.process_group", "should be a string or null")
@@ -227,7 +317,7 @@ class _Parser:
             required=self.get(c, "required", bool, where),
             validation_level=self.enum(ValidationLevel, self.get(c, "validation_level", str, where),
                                        f"{where}.validation_level"),
-            replica_sets=tuple(tuple(self.ints(m, f"{where}.replica_sets"))
+            replica_sets=tuple(tuple(self.rank(r, f"{where}.replica_sets") for r in self.ints(m, f"{where}.replica_sets"))
                                for m in self.list(self.get(c, "replica_sets", list, where), f"{where}.replica_sets")),
             files=tuple(self.file(key, i, f) for i, f in enumerate(self.get(c, "files", list, where))),
         )
@@ -236,6 +326,7 @@ class _Parser:
         if value is None:
             return None
         c = self.obj(value, where)
+        self.fields(c, "chunk", where)
         full = tuple(self.ints(c.get("shape"), f"{where}.shape"))
         start, stop = self.get(c, "start", int, where), self.get(c, "stop", int, where)
         if not (0 <= start <= stop <= math.prod(full)) or list(shape) != [stop - start]:
@@ -245,30 +336,47 @@ class _Parser:
     def file(self, key: str, index: int, value: Any) -> FileEntry:
         where = f"components.{key}.files[{index}]"
         f = self.obj(value, where)
+        self.fields(f, "file", where)
         path = self.get(f, "path", str, where)
         norm = posixpath.normpath(path)
         if path.startswith("/") or "\\" in path or norm.startswith("..") or norm != path or not path:
             raise self.fail(f"{where}.path", f"{path!r} is not a plain relative path inside the checkpoint")
+        if not path.startswith(f"{key}/") or "\x00" in path:
+            raise self.fail(f"{where}.path", f"{path!r} is not inside the component's folder {key + '/'!r}")
         kind = self.get(f, "kind", str, where)
         if kind not in FILE_KINDS:
             raise self.fail(f"{where}.kind", f"is {kind!r}, expected one of {FILE_KINDS}")
         owner = f.get("owner")
         if owner is not None and type(owner) is not int:
             raise self.fail(f"{where}.owner", "should be an integer or null")
+        if owner is not None and owner < 0:
+            raise self.fail(f"{where}.owner", f"is negative: {owner}")
         tensors = []
+        names: set[str] = set()
         for j, t in enumerate(self.list(f.get("tensors", []), f"{where}.tensors")):
             t = self.obj(t, f"{where}.tensors[{j}]")
+            self.fields(t, "tensor", f"{where}.tensors[{j}]")
             dtype = self.get(t, "dtype", str, f"{where}.tensors[{j}]")
             if dtype not in ST_TO_DTYPE:
                 raise self.fail(f"{where}.tensors[{j}].dtype", f"is unknown: {dtype!r}")
             shape = tuple(self.ints(t.get("shape"), f"{where}.tensors[{j}].shape"))
-            tensors.append(TensorInfo(self.get(t, "name", str, f"{where}.tensors[{j}]"), dtype, shape,
+            name = self.get(t, "name", str, f"{where}.tensors[{j}]")
+            if not name or name in names:
+                raise self.fail(f"{where}.tensors[{j}].name", f"{name!r} is empty or appears twice in the file")
+            names.add(name)
+            tensors.append(TensorInfo(name, dtype, shape,
                                       self.chunk(t.get("chunk"), shape, f"{where}.tensors[{j}].chunk")))
+        if kind == "state" and tensors:
+            raise self.fail(f"{where}.tensors", "lists tensors for a state (msgpack) file")
         nbytes = self.get(f, "nbytes", int, where)
         if nbytes < 0:
             raise self.fail(f"{where}.nbytes", "is negative")
-        return FileEntry(path=path, kind=kind, writer_rank=self.get(f, "writer_rank", int, where), owner=owner,
-                         nbytes=nbytes, xxh3_128=self.get(f, "xxh3_128", str, where), tensors=tuple(tensors))
+        digest = self.get(f, "xxh3_128", str, where)
+        if not _HEX128.match(digest):
+            raise self.fail(f"{where}.xxh3_128", f"is {digest!r}, not 32 lowercase hex digits")
+        return FileEntry(path=path, kind=kind, writer_rank=self.rank(self.get(f, "writer_rank", int, where),
+                                                                     f"{where}.writer_rank"),
+                         owner=owner, nbytes=nbytes, xxh3_128=digest, tensors=tuple(tensors))
 
 
 def manifest_dict(manifest: Manifest) -> dict[str, Any]:
@@ -276,5 +384,5 @@ def manifest_dict(manifest: Manifest) -> dict[str, Any]:
     return _to_plain(manifest)
 
 
-__all__ = ["FORMAT_VERSION", "ComponentEntry", "FileEntry", "Manifest", "Topology", "manifest_dict",
-           "parse_manifest", "plain_metrics", "read_manifest"]
+__all__ = ["DIGEST_FIELD", "FORMAT_VERSION", "ComponentEntry", "FileEntry", "Manifest", "Topology",
+           "content_digest", "manifest_dict", "parse_manifest", "plain_metrics", "read_manifest"]

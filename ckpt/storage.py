@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO, Protocol
 
 
@@ -50,7 +50,7 @@ class LocalStorage:
 
     def write_file(self, path: str, chunks: Iterable[memoryview | bytes]) -> int:
         written = 0
-        with open(path, "wb", buffering=0) as f:
+        with _naming(path), open(path, "wb", buffering=0) as f:
             for chunk in chunks:
                 written += _write_all(f, chunk)
             os.fsync(f.fileno())
@@ -90,9 +90,21 @@ class LocalStorage:
     def fsync_dir(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
-            os.fsync(fd)
+            with _naming(path):
+                os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """Give OSErrors from write()/fsync(), which carry no file name, the path they happened on."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
+        raise
 
 
 def _write_all(f: BinaryIO, chunk: memoryview | bytes) -> int:

@@ -3,7 +3,8 @@
 `run_ranks(world_size, fn, *args)` spawns fresh interpreters (so every test gets a clean
 torch.distributed), initialises a gloo process group over a FileStore in a temp folder, calls
 `fn(rank, world_size, *args)` on each, and returns the per-rank results. A rank that raises gives a
-`RankFailure` in its slot instead of a result; a rank that hangs past `timeout` fails the test.
+`RankFailure` in its slot instead of a result; a rank that dies without reporting (SIGKILL, os._exit)
+gets a `RankFailure` of type "RankDied" naming its exit code; a rank that hangs past `timeout` fails the test.
 `fn` must be importable at module level (tests define their workers as top-level functions).
 """
 
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue as queue_module
+import signal
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,18 +69,42 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, env: dict | None = None
             p.start()
         results: dict[int, Any] = {}
         try:
-            for _ in range(world_size):
-                rank, result = queue.get(timeout=timeout)
-                results[rank] = result
-        except Exception as exc:
-            missing = sorted(set(range(world_size)) - set(results))
-            raise AssertionError(f"ranks {missing} did not finish within {timeout}s; got {results}") from exc
+            _collect(procs, queue, results, timeout)
         finally:
             for p in procs:
                 p.join(timeout=10)
                 if p.is_alive():
                     p.kill()
     return [results[r] for r in range(world_size)]
+
+
+def _collect(procs: list, queue, results: dict[int, Any], timeout: float) -> None:
+    """Fill `results` from the queue; a rank whose process exited without a result is recorded as dead."""
+    deadline = time.monotonic() + timeout
+    while len(results) < len(procs):
+        try:
+            rank, result = queue.get(timeout=0.2)
+            results[rank] = result
+            continue
+        except queue_module.Empty:
+            pass
+        dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
+        if dead:
+            time.sleep(0.5)  # a rank that reported just before exiting: its result is still in the pipe
+            while True:
+                try:
+                    rank, result = queue.get_nowait()
+                except queue_module.Empty:
+                    break
+                results[rank] = result
+            for r in dead:
+                if r not in results:
+                    code = procs[r].exitcode
+                    how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                    results[r] = RankFailure("RankDied", f"rank {r} died ({how}) without reporting", "", {"exitcode": code})
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(len(procs))) - set(results))
+            raise AssertionError(f"ranks {missing} did not finish within {timeout}s; got {results}")
 
 
 def failures(results: list) -> dict[int, RankFailure]:

@@ -82,7 +82,7 @@ def test_snapshot_failure_surfaces_at_wait(tmp_path):
     with pytest.raises(CheckpointError, match=r"component 'bad': state_dict\(\) raised ValueError: boom"):
         coord.wait()
     assert coord.wait() is None, "the error is raised once"
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == [".ckpt.lock"]  # the run dir's lock, never a checkpoint
 
 
 class FailOnRank(LocalStorage):
@@ -119,7 +119,7 @@ def test_background_failure_is_raised_on_every_rank_at_the_next_save(tmp_path):
         assert "save of step 2 failed on rank 1 during 'write'" in res["error"]["message"]
         assert "Input/output error (injected)" in res["error"]["message"]
         assert res["steps"] == [1]
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000001"]
+    assert sorted(os.listdir(tmp_path)) == [".ckpt.lock", "checkpoint-00000001"]
 
 
 def test_process_exit_waits_for_the_save_in_flight(tmp_path):

@@ -184,14 +184,15 @@ def test_prune_applies_a_policy_offline(tmp_path, capsys):
     code, out, _ = _run_cli(capsys, "prune", str(tmp_path), "--save-total-limit", "1", "--preserve-n-best", "1",
                             "--metric", "eval_loss", "--dry-run")
     actions = [line.split("  ")[0] for line in out.splitlines()[2:-1]]
-    assert code == 0 and actions.count("would delete") == 3 and len(os.listdir(tmp_path)) == 5
+    assert code == 0 and actions.count("would delete") == 3 and len(os.listdir(tmp_path)) == 6  # 5 + the run dir's lock
     assert _run_cli(capsys, "pin", str(tmp_path / "checkpoint-00000100"))[1].startswith("pinned")
     code, data = _json_cli(capsys, "prune", str(tmp_path), "--save-total-limit", "1", "--preserve-n-best", "1",
                            "--metric", "eval_loss")
     assert code == 0 and sorted(os.path.basename(d["path"]) for d in data["deleted"]) == [
         "checkpoint-00000300", "checkpoint-00000400"]
     assert all(d["reason"].startswith("not the newest, not the best by eval_loss") for d in data["deleted"])
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000100", "checkpoint-00000200", "checkpoint-00000500"]
+    assert sorted(os.listdir(tmp_path)) == [".ckpt.lock", "checkpoint-00000100", "checkpoint-00000200",
+                                            "checkpoint-00000500"]
     code, data = _json_cli(capsys, "unpin", str(tmp_path / "checkpoint-00000100"))
     assert data == {"path": str(tmp_path / "checkpoint-00000100"), "pinned": False, "changed": True}
     code, _, err = _run_cli(capsys, "prune", str(tmp_path))

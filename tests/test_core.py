@@ -97,7 +97,7 @@ def test_unstorable_state_fails_the_save_and_commits_nothing(tmp_path):
     coord = CheckpointCoordinator(tmp_path)
     with pytest.raises(SerializationError, match=r"component 'bad', key 'inner/when'"):
         coord.save(1, [StateComponent("bad", Box({"inner": {"when": object()}}), SharingPattern.GLOBAL)])
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == [".ckpt.lock"]  # the run dir's lock, never a checkpoint
 
 
 def test_state_dict_that_raises_is_named(tmp_path):
@@ -142,7 +142,7 @@ def test_existing_step_needs_overwrite(tmp_path):
     target = Box({})
     coord.load([StateComponent("a", target, SharingPattern.GLOBAL)], checkpoint=3)
     assert target.state["v"].item() == 2.0
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000003"]
+    assert sorted(os.listdir(tmp_path)) == [".ckpt.lock", "checkpoint-00000003"]
 
 
 def test_strict_and_non_strict_loading(tmp_path):

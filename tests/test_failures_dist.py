@@ -122,7 +122,7 @@ def test_failed_write_on_one_rank_leaves_previous_checkpoint_latest(tmp_path):
         assert "rank 2" in res["outcome"]["message"]
         assert res["latest_after_failure"] == 10
         assert res["loaded"] == 30
-    assert results[0]["dirs"] == ["checkpoint-00000010", "checkpoint-00000030"]
+    assert results[0]["dirs"] == [".ckpt.lock", "checkpoint-00000010", "checkpoint-00000030"]
 
 
 def _corrupt_then_load(rank: int, world: int, run_dir: str, victim: str) -> dict:

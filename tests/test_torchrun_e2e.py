@@ -25,7 +25,7 @@ def test_example_job_under_torchrun_saves_and_resumes(tmp_path):
     second = _torchrun(2, "--run-dir", run_dir, "--steps", "1")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "saved steps 3..3" in second.stdout and "loaded step 3" in second.stdout
-    assert sorted(os.listdir(run_dir)) == [f"checkpoint-0000000{i}" for i in (1, 2, 3)]
+    assert sorted(os.listdir(run_dir)) == [".ckpt.lock"] + [f"checkpoint-0000000{i}" for i in (1, 2, 3)]
     with open(os.path.join(run_dir, "checkpoint-00000003", "checkpoint_manifest.json")) as f:
         manifest = json.load(f)
     assert manifest["topology"]["world_size"] == 2
