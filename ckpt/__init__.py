@@ -20,6 +20,7 @@ from .errors import (
 )
 from .layout import CheckpointRef, list_checkpoints
 from .manifest import Manifest, read_manifest
+from .reshard import is_shard_entry, local_piece, needs_reshard, shard_entry
 from .retention import (
     BestCheckpoint,
     CheckpointDecision,
@@ -54,8 +55,12 @@ __all__ = [
     "ValidationLevel",
     "__version__",
     "infer_greater_is_better",
+    "is_shard_entry",
     "list_checkpoints",
+    "local_piece",
+    "needs_reshard",
     "pin_checkpoint",
     "read_manifest",
+    "shard_entry",
     "unpin_checkpoint",
 ]

@@ -44,6 +44,7 @@ from .loading import read_component
 from .lock import RunDirLock
 from .manifest import Manifest, plain_metrics, read_manifest
 from .planning import ComponentDecl, build_plan, owner_for_load
+from .reshard import needs_reshard, read_merged
 from .retention import BestCheckpoint, RetentionPolicy
 from .saving import PreparedComponent, Snapshot, build_manifest, commit, declare, snapshot, write_files
 from .serialization import flatten_state
@@ -70,6 +71,7 @@ class LoadResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     manifest: Manifest | None = None
     damaged: tuple[str, ...] = ()  # optional components skipped because their files failed checks (strict=False)
+    resharded: tuple[str, ...] = ()  # components this rank assembled from every saved copy (reshard=True)
 
 
 class CheckpointCoordinator:
@@ -338,7 +340,7 @@ class CheckpointCoordinator:
     # ---- load ----------------------------------------------------------------------------------
 
     def load(self, components: Sequence[StateComponent], checkpoint: str | int | os.PathLike = "latest",
-             *, strict: bool = True, in_place: bool = False) -> LoadResult:
+             *, strict: bool = True, in_place: bool = False, reshard: bool = False) -> LoadResult:
         """Load `components` from a checkpoint ("latest", a step, or a path). Collective: call on every rank.
 
         Everything is read and checked before any component's `load_state_dict` is called, so a failed load
@@ -348,6 +350,9 @@ class CheckpointCoordinator:
         A save still in flight is waited for first. With `strict=False`, an optional component (required=False)
         whose files fail their checks is skipped on every rank (listed in `damaged`) instead of failing the load.
         If a component's `load_state_dict()` raises, PartialLoadError says which components each rank applied.
+        `reshard=True` loads PER_RANK, PER_GROUP and PER_NODE components saved under another layout (world size,
+        groups, nodes) by merging every saved copy (ckpt/reshard.py); components this rank has its own copy of
+        load as usual.
         """
         self._check_open("load()")
         self.wait()
@@ -358,9 +363,11 @@ class CheckpointCoordinator:
         staged: dict[str, Any] = {}
         skipped: list[str] = []
         manifest_box: list[Manifest] = []
+        resharded: list[str] = []
         with hold(path, "being loaded"):
             declared = self.comm.run_phase(
-                "read", lambda: self._stage(path, components, strict, staged, skipped, manifest_box, in_place),
+                "read", lambda: self._stage(path, components, strict, staged, skipped, manifest_box, in_place,
+                                    resharded if reshard else None),
                 what=f"load of {path}")
         manifest = manifest_box[0]
         # A component damaged on any rank is dropped on every rank, so replicas never end up loaded on some.
@@ -381,7 +388,8 @@ class CheckpointCoordinator:
             log.info("loaded %s (%d components)", path, len(staged))
         return LoadResult(path=path, step=step, loaded=tuple(k for k in (c.key for c in components) if k in staged),
                           skipped=tuple(skipped), not_requested=tuple(unused), metrics=dict(manifest.metrics),
-                          manifest=manifest, damaged=tuple(damaged))
+                          manifest=manifest, damaged=tuple(damaged),
+                          resharded=tuple(k for k in resharded if k in staged))
 
     def _resolve(self, checkpoint: str | int | os.PathLike) -> list:
         ref = resolve_checkpoint(self.storage, self.run_dir, checkpoint)
@@ -389,9 +397,11 @@ class CheckpointCoordinator:
         return [ref.path, step]
 
     def _stage(self, path: str, components: Sequence[StateComponent], strict: bool, staged: dict[str, Any],
-               skipped: list[str], manifest_box: list[Manifest], in_place: bool) -> list[list[str]]:
+               skipped: list[str], manifest_box: list[Manifest], in_place: bool,
+               resharded: list[str] | None = None) -> list[list[str]]:
         """Read this rank's share into `staged`; returns the keys this rank asked for, and the optional ones
-        it found damaged (strict=False only)."""
+        it found damaged (strict=False only). `resharded`, when given, turns resharding on and collects the
+        components assembled from every saved copy."""
         manifest = read_manifest(self.storage, path)
         manifest_box.append(manifest)
         keys = [c.key for c in components]
@@ -407,11 +417,24 @@ class CheckpointCoordinator:
                         f"{sorted(manifest.components)}); pass strict=False, or mark it required=False", path=path)
                 skipped.append(c.key)
                 continue
+            if resharded is not None and needs_reshard(entry, manifest.topology, self.topology):
+                try:
+                    staged[c.key] = read_merged(self.storage, path, c.key, entry, self.verify_on_load,
+                                                self.io_threads)
+                    resharded.append(c.key)
+                except (CheckpointError, OSError) as exc:
+                    if c.required or strict:
+                        raise
+                    log.warning("rank %d: skipping optional component %r of %s (strict=False): %s", self.rank,
+                                c.key, path, exc)
+                    damaged.append(c.key)
+                continue
             if entry.pattern is SharingPattern.PER_RANK and manifest.topology.world_size != self.topology.world_size:
                 raise CheckpointError(
                     f"component {c.key!r} is PER_RANK and was saved by {manifest.topology.world_size} ranks; this job "
                     f"has {self.topology.world_size}. PER_RANK state cannot move to another world size; resume with "
-                    f"the same number of ranks, or leave {c.key!r} out of the load", path=path)
+                    f"the same number of ranks, leave {c.key!r} out of the load, or pass reshard=True (which merges every "
+                    "rank's copy, and fails for state that differs per rank)", path=path)
             owner = owner_for_load(entry.pattern, self.topology, entry.replica_sets, entry.process_group, c.key)
             if not entry.files_for(owner):
                 if c.required and strict:

@@ -190,7 +190,7 @@ def owner_for_load(pattern: SharingPattern, topo: RankTopology, replica_sets: Se
         if mine is None or mine not in saved:
             raise CheckpointError(
                 f"component {key!r} (PER_GROUP over {name!r}): this rank's group {mine} is not one of the saved "
-                f"groups {saved}; the job's layout changed since the save (resharding PER_GROUP state is not "
-                "supported for this component)")
+                f"groups {saved}; the job's layout changed since the save. Load with reshard=True to assemble it "
+                "from every saved group's copy (see docs/parallelism.md), or resume with the saved layout")
         return saved.index(mine)
     return None
