@@ -1,4 +1,5 @@
-"""trainers: training loops that checkpoint through ckpt (Simple, DDP), with stateful callbacks."""
+"""trainers: training loops that checkpoint through ckpt (Simple, DDP, Pipeline, Hybrid, Accelerate), with stateful
+callbacks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from .base import StepOutput, Trainer, TrainingError
 from .callbacks import TrainerCallback, TrainerControl
 from .data import EpochSampler, StatefulDataLoader
 from .ddp import DDPTrainer, init_distributed
+from .hybrid import HybridTrainer
+from .parallel_config import LayoutChange, ParallelConfig, PipelineConfig
+from .pipeline import PipelineTrainer
 from .rng import RNGState, set_seed
 from .simple import SimpleTrainer
 from .state import TrainerState
@@ -14,6 +18,11 @@ from .state import TrainerState
 __all__ = [
     "DDPTrainer",
     "EpochSampler",
+    "HybridTrainer",
+    "LayoutChange",
+    "ParallelConfig",
+    "PipelineConfig",
+    "PipelineTrainer",
     "RNGState",
     "SimpleTrainer",
     "StatefulDataLoader",

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ckpt import CheckpointCoordinator, StateComponent
+from ckpt import CheckpointCoordinator, LoadResult, StateComponent
 
 from .arguments import TrainingArguments
 from .batches import call_model, extract_loss, first_tensor, to_device
@@ -375,7 +375,7 @@ class Trainer:
             set_seed(self.args.seed)
             self._last_loss = math.nan
             return None
-        result = self.coordinator.load(self.all_components(), checkpoint=resume)
+        result = self._load_checkpoint(resume)
         self._last_loss = float(result.metrics.get(TRAIN_LOSS, math.nan)) if isinstance(
             result.metrics.get(TRAIN_LOSS), int | float) else math.nan
         if self.rank == 0:
@@ -384,6 +384,10 @@ class Trainer:
                 log.warning("checkpoints after step %d exist in %s; this run replaces them as it reaches their "
                             "steps", result.step, self.run_dir)
         return result.path
+
+    def _load_checkpoint(self, checkpoint: str | int) -> LoadResult:
+        """Load every component from `checkpoint` (collective). Trainers that resume across layouts override it."""
+        return self.coordinator.load(self.all_components(), checkpoint=checkpoint)
 
     # ---- callbacks ----------------------------------------------------------------------------------
 
