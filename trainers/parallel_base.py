@@ -197,8 +197,13 @@ class ParallelTrainer(Trainer):
         result = self._load_part(shared, checkpoint, reshard=True)
         manifest = result.manifest
         own = [c for c in components if c.key in _PER_RANK_KEYS]
-        moved = sorted(c.key for c in own if c.key in manifest.components
-                       and needs_reshard(manifest.components[c.key], manifest.topology, self.coordinator.topology))
+        saved_mesh = {k: manifest.topology.process_groups.get(k) for k in ("dp", self.inner_dim)}
+        mesh = {k: self.coordinator.topology.groups.get(k) for k in ("dp", self.inner_dim)}
+        # The same groups can mean another layout (a tp group of (dp=2, tp=2) is the whole world at dp=1), so a
+        # changed mesh moves all per-rank state, except what was saved for the whole job.
+        moved = sorted(c.key for c in own if c.key in manifest.components and (
+            needs_reshard(manifest.components[c.key], manifest.topology, self.coordinator.topology)
+            or (saved_mesh != mesh and manifest.components[c.key].pattern is not SharingPattern.GLOBAL)))
         moved = self._agree_on(moved)
         if not moved:
             self._load_part(own, result.path)
@@ -206,7 +211,7 @@ class ParallelTrainer(Trainer):
         saved = manifest.topology
         if self.parallel.on_layout_change is LayoutChange.ERROR:
             raise CheckpointError(
-                f"{result.path} was saved by {saved.world_size} ranks (groups {saved.process_groups}); this job is "
+                f"{result.path} was saved by {saved.world_size} ranks (mesh groups {_plain(saved_mesh)}); this job is "
                 f"laid out as dp={self.dp_size} x {self.inner_dim}={self.inner_size}. Model and optimizer can be "
                 f"resharded, but components {moved} are state of ranks that no longer exist. Resume with the saved "
                 "layout, or set on_layout_change=LayoutChange.RESEED to reseed RNG from the saved streams and restart "
@@ -237,3 +242,7 @@ class ParallelTrainer(Trainer):
         flags = torch.tensor([float(k in keys) for k in _PER_RANK_KEYS], dtype=torch.float64)
         summed = self._all_reduce_sum(flags)
         return [k for k, v in zip(_PER_RANK_KEYS, summed.tolist(), strict=True) if v > 0]
+
+
+def _plain(groups: dict[str, Any]) -> dict[str, Any]:
+    return {k: [list(g) for g in v] if v is not None else None for k, v in groups.items()}
