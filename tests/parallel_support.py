@@ -77,7 +77,8 @@ def full_optimizer(trainer: Any) -> dict[str, Any]:
     """exp_avg / exp_avg_sq / step of every parameter, by name, as full tensors."""
     names = {id(p): n for n, p in trainer.unwrapped_model.named_parameters()}
     out = {}
-    for p, s in trainer.optimizer.state.items():
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # Accelerate wraps it
+    for p, s in optimizer.state.items():
         out[names[id(p)]] = {k: plain(v.full_tensor() if isinstance(v, DTensor) else v) for k, v in s.items()}
     return out
 
