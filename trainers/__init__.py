@@ -3,6 +3,7 @@ callbacks."""
 
 from __future__ import annotations
 
+from .accel import AccelTrainer
 from .arguments import TrainingArguments
 from .base import StepOutput, Trainer, TrainingError
 from .callbacks import TrainerCallback, TrainerControl
@@ -16,6 +17,7 @@ from .simple import SimpleTrainer
 from .state import TrainerState
 
 __all__ = [
+    "AccelTrainer",
     "DDPTrainer",
     "EpochSampler",
     "HybridTrainer",
