@@ -29,6 +29,7 @@ from .retention import (
     RetentionPolicy,
     infer_greater_is_better,
 )
+from .storage import LocalStorage, Storage
 
 __all__ = [
     "BestCheckpoint",
@@ -41,6 +42,7 @@ __all__ = [
     "CollectiveTimeoutError",
     "CorruptCheckpointError",
     "LoadResult",
+    "LocalStorage",
     "Manifest",
     "ManifestError",
     "PartialLoadError",
@@ -52,6 +54,7 @@ __all__ = [
     "SerializationError",
     "SharingPattern",
     "StateComponent",
+    "Storage",
     "ValidationLevel",
     "__version__",
     "infer_greater_is_better",

@@ -23,7 +23,7 @@ import xxhash
 from .component import SharingPattern, ValidationLevel
 from .errors import ManifestError
 from .layout import MANIFEST_NAME
-from .storage import Storage
+from .storage import LocalStorage, Storage
 from .tensor_io import ST_TO_DTYPE, ChunkInfo, TensorInfo
 
 FORMAT_VERSION = 1
@@ -159,7 +159,12 @@ def plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float | str | 
     return out
 
 
-def read_manifest(storage: Storage, checkpoint_dir: str) -> Manifest:
+def read_manifest(storage: Storage | str | os.PathLike, checkpoint_dir: str | os.PathLike | None = None) -> Manifest:
+    """A checkpoint's manifest, checked: `read_manifest(path)` on the local filesystem, or
+    `read_manifest(storage, path)` through a given Storage."""
+    if checkpoint_dir is None:
+        storage, checkpoint_dir = LocalStorage(), os.fspath(storage)  # type: ignore[arg-type]
+    checkpoint_dir = os.fspath(checkpoint_dir)
     path = os.path.join(checkpoint_dir, MANIFEST_NAME)
     try:
         with storage.open_read(path) as f:
