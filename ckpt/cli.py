@@ -19,6 +19,7 @@ from .errors import CheckpointError, CheckpointNotFoundError
 from .export import export_component
 from .inspection import Progress, describe, diff, open_checkpoint, verify
 from .layout import MANIFEST_NAME, list_partials, parse_step
+from .reshape import load_plan, mesh_picture, parse_shape, saved_mesh
 from .retention import CheckpointInfo, RetentionDecision, RetentionPolicy
 from .storage import LocalStorage
 
@@ -196,7 +197,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    info = describe(open_checkpoint(args.checkpoint), with_tensors=args.tensors)
+    ck = open_checkpoint(args.checkpoint)
+    info = describe(ck, with_tensors=args.tensors)
+    mesh = saved_mesh(ck.manifest)
+    info["mesh"] = [{"name": d.name, "size": d.size} for d in mesh] if mesh else None
+    if args.at:
+        shape = parse_shape(args.at)
+        info["load_at"] = {"shape": dict(shape), "components": load_plan(ck.manifest, shape)}
     if args.json:
         _json(info)
         return EXIT_OK
@@ -215,6 +222,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                [[c["key"], c["pattern"], c["process_group"] or "-", c["validation_level"], c["copies"],
                  _ranks(c["writer_ranks"]), c["files"], human_size(c["nbytes"]), c["tensors"]] for c in info["components"]],
                right=(4, 6, 7, 8)))
+    if mesh:
+        _out()
+        _out("mesh " + " x ".join(f"{d.name}={d.size}" for d in mesh) + " (ranks):")
+        _out(mesh_picture([(d.name, d.size) for d in mesh]))
+    if args.at:
+        _out()
+        _out(f"load at {args.at}:")
+        _out(table(["COMPONENT", "PATTERN", "WHAT THE LOAD DOES"],
+                   [[c["key"], c["pattern"], c["action"]] for c in info["load_at"]["components"]]))
     if args.tensors:
         _out()
         _out(table(["COMPONENT", "COPY", "TENSOR", "DTYPE", "SHAPE", "FILE"],
@@ -321,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("inspect", cmd_inspect, "show a checkpoint's topology, components and files")
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--tensors", action="store_true", help="list every tensor with its dtype and shape")
+    p.add_argument("--at", metavar="SHAPE", help="what a load under another layout would do, e.g. dp=1,tp=2 "
+                                                  "(each saved mesh dimension), or world=N")
     p = command("verify", cmd_verify, "re-hash every file against the manifest (exit 1 if any is bad)")
     p.add_argument("checkpoint", metavar="CKPT")
     p = command("diff", cmd_diff, "what changed between two checkpoints (exit 1 if they differ)")

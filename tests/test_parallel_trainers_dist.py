@@ -104,6 +104,7 @@ def test_pipeline_tp_and_pp_meshes_resume_bit_exact_at_world_four(tmp_path):
     for f in comps["model"]["files"]:
         assert f["writer_rank"] in comps["model"]["replica_sets"][f["owner"]]
     assert {f["writer_rank"] for f in comps["model"]["files"] if f["kind"] == "tensors"} == {0, 1, 2, 3}
+    _inspect_at_other_shapes(os.path.join(root, "dp2xtp2", "straight", "checkpoint-00000016"))
     pp = _manifest(root, "dp2xpp2")
     assert pp["topology"]["process_groups"] == {"dp": [[0, 2], [1, 3]], "pp": [[0, 1], [2, 3]]}
     assert pp["components"]["data"]["process_group"] == "pp"
@@ -114,6 +115,28 @@ def test_pipeline_tp_and_pp_meshes_resume_bit_exact_at_world_four(tmp_path):
         assert "in process group 'dp'" in p["message"] and "[[0, 2]]" in p["message"], p["message"]
         assert "net.0.weight/local" in p["mismatches"] and list(p["mismatches"]["net.0.weight/local"]) == [2]
         assert p["replica_ranks"] == [0, 2]
+
+
+def _inspect_at_other_shapes(path: str) -> None:
+    """`ckpt inspect --at` draws the saved mesh and says what a load at another shape does, per component."""
+    import contextlib
+    import io
+
+    from ckpt.cli import main as ckpt_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert ckpt_main(["inspect", path, "--at", "dp=1,tp=2"]) == 0
+    text = out.getvalue()
+    assert "mesh dp=2 x tp=2 (ranks):\n     tp0 tp1\ndp0    0   1\ndp1    2   3" in text, text
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert ckpt_main(["inspect", path, "--at", "tp=1,dp=4", "--json"]) == 0
+    info = json.loads(out.getvalue())
+    assert info["mesh"] == [{"name": "dp", "size": 2}, {"name": "tp", "size": 2}]
+    plan = {c["key"]: c["action"] for c in info["load_at"]["components"]}
+    assert plan["model"] == "reshard=True: 4 tensors reassembled from their saved shards"
+    assert plan["trainer_state"].startswith("loads as saved") and plan["rng"] == "each rank reads its own file"
 
 
 def test_two_stage_gpipe_resumes_bit_exact(tmp_path):

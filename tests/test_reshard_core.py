@@ -102,3 +102,14 @@ def test_per_group_shards_and_per_rank_names_load_at_another_world_size(tmp_path
             assert "component 'rng' cannot be resharded: key 'seed' differs" in res["rng_error"]
     bad = failures(run_ranks(2, _load_without_reshard, str(tmp_path)))
     assert sorted(bad) == [0, 1] and "Load with reshard=True" in bad[0].message
+
+
+def test_mesh_shapes_for_inspect():
+    from ckpt.reshape import mesh_groups, mesh_picture, parse_shape
+
+    assert mesh_groups([("dp", 2), ("tp", 2)]) == {"dp": [(0, 2), (1, 3)], "tp": [(0, 1), (2, 3)]}
+    assert mesh_groups([("dp", 4), ("tp", 2)])["dp"] == [(0, 2, 4, 6), (1, 3, 5, 7)]
+    assert mesh_picture([("dp", 2), ("pp", 2)]).splitlines() == ["     pp0 pp1", "dp0    0   1", "dp1    2   3"]
+    assert parse_shape("dp=1, tp=2") == [("dp", 1), ("tp", 2)]
+    with pytest.raises(ValueError, match="name=size pairs"):
+        parse_shape("dp:2")
