@@ -191,34 +191,26 @@ class ParallelTrainer(Trainer):
 
     def _load_checkpoint(self, checkpoint: str | int) -> LoadResult:
         """Load with resharding: state shared by the replicas or keyed by name loads under any mesh; RNG and
-        the data position load as saved when this rank's copy exists, else follow `on_layout_change`."""
-        components = self.all_components()
-        shared = [c for c in components if c.key not in _PER_RANK_KEYS]
-        result = self._load_part(shared, checkpoint, reshard=True)
-        manifest = result.manifest
-        own = [c for c in components if c.key in _PER_RANK_KEYS]
+        the data position load as saved when this rank's copy exists, else follow `on_layout_change` (checked
+        before anything is applied)."""
+        # Resolves the checkpoint on rank 0 and reads its manifest on every rank; applies nothing.
+        probe = self.coordinator.load([], checkpoint=checkpoint, strict=False)
+        path, manifest = probe.path, probe.manifest
         saved_mesh = {k: manifest.topology.process_groups.get(k) for k in ("dp", self.inner_dim)}
         mesh = {k: self.coordinator.topology.groups.get(k) for k in ("dp", self.inner_dim)}
         # The same groups can mean another layout (a tp group of (dp=2, tp=2) is the whole world at dp=1), so a
         # changed mesh moves all per-rank state, except what was saved for the whole job.
-        moved = sorted(c.key for c in own if c.key in manifest.components and (
-            needs_reshard(manifest.components[c.key], manifest.topology, self.coordinator.topology)
-            or (saved_mesh != mesh and manifest.components[c.key].pattern is not SharingPattern.GLOBAL)))
-        moved = self._agree_on(moved)
-        if not moved:
-            self._load_part(own, result.path)
-            return result
-        saved = manifest.topology
-        if self.parallel.on_layout_change is LayoutChange.ERROR:
+        moved = self._agree_on(sorted(key for key in _PER_RANK_KEYS if key in manifest.components and (
+            needs_reshard(manifest.components[key], manifest.topology, self.coordinator.topology)
+            or (saved_mesh != mesh and manifest.components[key].pattern is not SharingPattern.GLOBAL))))
+        if moved and self.parallel.on_layout_change is LayoutChange.ERROR:
             raise CheckpointError(
-                f"{result.path} was saved by {saved.world_size} ranks (mesh groups {_plain(saved_mesh)}); this job is "
-                f"laid out as dp={self.dp_size} x {self.inner_dim}={self.inner_size}. Model and optimizer can be "
-                f"resharded, but components {moved} are state of ranks that no longer exist. Resume with the saved "
-                "layout, or set on_layout_change=LayoutChange.RESEED to reseed RNG from the saved streams and restart "
-                "the data at the saved global sample count", path=result.path)
-        keep = [c for c in own if c.key not in moved]
-        if keep:
-            self._load_part(keep, result.path)
+                f"{path} was saved by {manifest.topology.world_size} ranks (mesh groups {_plain(saved_mesh)}); this "
+                f"job is laid out as dp={self.dp_size} x {self.inner_dim}={self.inner_size}. Model and optimizer can "
+                f"be resharded, but components {moved} are state of ranks that no longer exist; nothing was loaded. "
+                "Resume with the saved layout, or set on_layout_change=LayoutChange.RESEED to reseed RNG from the "
+                "saved streams and restart the data at the saved global sample count", path=path)
+        result = self._load_part([c for c in self.all_components() if c.key not in moved], path, reshard=True)
         if RNG in moved:
             reseed_from_checkpoint(manifest, RNG, self.rank)
         if DATA in moved:
@@ -228,8 +220,8 @@ class ParallelTrainer(Trainer):
         return result
 
     def _load_part(self, components: list[StateComponent], checkpoint: str | int, reshard: bool = False) -> LoadResult:
-        """Load some of the checkpoint's components (the rest are loaded by another call); required ones must be
-        there."""
+        """Load some of the checkpoint's components (the others are rebuilt by the layout policy); required ones
+        must be there."""
         result = self.coordinator.load(components, checkpoint=checkpoint, reshard=reshard, strict=False)
         missing = [c.key for c in components if c.required and c.key in result.skipped]
         if missing:

@@ -163,12 +163,11 @@ class OptimizerState:
             raise ValueError(f"optimizer: the checkpoint has no settings for parameters {missing[:5]}; it was saved "
                              "from another model, or from part of one (load with reshard=True)")
         raw = self.optimizer.state_dict()
-        groups, index = [], 0
+        groups = []
         for group in raw["param_groups"]:
             first = names[group["params"][0]] if group["params"] else None
             hyper = dict(saved["groups"][first]) if first is not None else {}
             groups.append({**{k: v for k, v in group.items() if k != "params"}, **hyper, "params": group["params"]})
-            index += len(group["params"])
         state = {}
         for i, (name, p) in enumerate(zip(names, params, strict=True)):
             if name in saved["state"]:
