@@ -10,6 +10,7 @@ from typing import Any
 from ckpt import RetentionPolicy, ValidationLevel
 
 from .keys import EVAL_PREFIX
+from .recovery.policy import RecoveryPolicy, load_recovery_policy
 
 _BACKENDS = ("gloo", "nccl")
 
@@ -90,11 +91,18 @@ class TrainingArguments:
     """How long a rank waits for the others at one step of a save or load before failing with an error."""
     progress_bar: bool | None = None
     """Show a progress bar on rank 0; None shows it when stderr is a terminal."""
+    recovery: str | os.PathLike | RecoveryPolicy | None = None
+    """Recovery from runs that go bad (NaN, spikes, divergence, out of memory, hangs, SIGTERM): the path of a TOML
+    file with a [recovery] table, or a trainers.recovery.RecoveryPolicy; None turns it off. docs/recovery.md."""
 
     def __post_init__(self) -> None:
         self._check_paths_and_counts()
         self._check_schedule()
         self._check_choices()
+        try:
+            self.recovery_policy()
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"TrainingArguments: recovery={self.recovery!r}: {exc}") from None
         if self.preserve_best_model or self.save_total_limit is not None or self.keep_every_n_steps is not None:
             try:
                 self.retention_policy()
@@ -194,13 +202,18 @@ class TrainingArguments:
             keep_every_n_steps=self.keep_every_n_steps,
         )
 
+    def recovery_policy(self) -> RecoveryPolicy | None:
+        """The recovery policy: `recovery` itself, or read from its TOML file."""
+        return load_recovery_policy(self.recovery)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values (for logs and the metrics file)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             out[f.name] = value.value if isinstance(value, ValidationLevel) else (
-                os.fspath(value) if isinstance(value, os.PathLike) else value)
+                os.fspath(value) if isinstance(value, os.PathLike) else
+                value.to_plain() if isinstance(value, RecoveryPolicy) else value)
         return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -27,6 +27,8 @@ from .callbacks import TrainerControl
 from .data import eval_batches
 from .keys import CALLBACK_PREFIX, EVAL_PREFIX, TRAIN_LOSS
 from .metrics_log import MetricsLogger
+from .recovery.guard import guard_save
+from .recovery.policy import DIVERGENCE_ACTIONS
 from .rng import RNGState, set_seed
 from .schedule import StepPlan, plan_step
 from .state import TrainerState
@@ -54,6 +56,7 @@ class StepOutput:
 
     loss: float
     grad_norm: float
+    skipped: bool = False  # the optimizer step was left out (recovery: a NaN or a gradient-norm spike)
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ class Trainer:
         self.coordinator = self._build_coordinator()
         self.metrics_logger = MetricsLogger(self.run_dir, enabled=self.rank == 0, max_steps=args.max_steps,
                                             progress_bar=args.progress_bar)
+        self._diverged = False  # a callback reported divergence (without a recovery policy)
+        self.recovery = self._build_recovery()
 
     # ---- what a concrete trainer provides ---------------------------------------------------------
 
@@ -157,14 +162,23 @@ class Trainer:
                                      timeout=timedelta(seconds=self.args.checkpoint_timeout_s),
                                      retention=self.retention, async_save=self.args.async_save)
 
+    def _build_recovery(self) -> Any:
+        policy = self.args.recovery_policy()
+        if policy is None:
+            return None
+        from .recovery.controller import RecoveryController  # it builds on this module
+
+        return RecoveryController(self, policy)
+
     def all_components(self) -> list[StateComponent]:
-        """The trainer's components plus one per stateful callback: what every checkpoint holds."""
+        """The trainer's components plus one per stateful callback (and recovery's): what every checkpoint holds."""
         own = self.get_state_components()
         clash = [c.key for c in own if c.key.startswith(CALLBACK_PREFIX)]
         if clash:
             raise ValueError(f"get_state_components() returned keys {clash}; the prefix {CALLBACK_PREFIX!r} is "
                              "reserved for callbacks")
-        return [*own, *self.callback_handler.components()]
+        recovery = self.recovery.components() if self.recovery is not None else []
+        return [*own, *self.callback_handler.components(), *recovery]
 
     # ---- the loop ---------------------------------------------------------------------------------
 
@@ -176,15 +190,22 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         resumed_from = self._resume_or_seed(resume)
         self.metrics_logger.start(self.state.global_step if resumed_from else None)
+        if self.recovery is not None:
+            self.recovery.begin(resumed=resumed_from is not None)
         self.model.train()
         self._call("on_train_begin", resumed_from=resumed_from)
         self._clock = (time.perf_counter(), self.state.tokens_seen, self.state.global_step)
         try:
             while self.state.global_step < args.max_steps:
-                if self._after_step(self._run_step()):
+                stop = self._after_step(self._run_step())
+                if self.recovery is not None:  # rollback, a signal's save, liveness checks
+                    stop = self.recovery.at_step_boundary(stop)
+                if stop:
                     break
         finally:
             self.metrics_logger.close()
+            if self.recovery is not None:
+                self.recovery.end()
         self.coordinator.wait()  # the last checkpoint is committed before train() returns
         self._call("on_train_end")
         return self.state
@@ -197,7 +218,7 @@ class Trainer:
         out = self.training_step(to_device(batch, self.device))
         self.state.global_step += 1
         self.state.epoch = float(self.train_loader.progress)
-        if not (math.isfinite(out.loss) and math.isfinite(out.grad_norm)):
+        if self.recovery is None and not (math.isfinite(out.loss) and math.isfinite(out.grad_norm)):
             self._call_guarded("on_instability", errors, reason="non_finite_loss" if not math.isfinite(out.loss)
                                else "non_finite_grad_norm", loss=out.loss, grad_norm=out.grad_norm)
         self._call_guarded("on_step_end", errors, loss=out.loss, grad_norm=out.grad_norm)
@@ -208,25 +229,37 @@ class Trainer:
                                 ranks=agreed.failed_ranks, step=self.state.global_step) from (errors[0] if errors
                                                                                               else None)
         self.state.tokens_seen += agreed.tokens
-        self.state.window_loss_sum += agreed.loss
-        self.state.window_grad_norm_sum += out.grad_norm
-        self.state.window_steps += 1
-        self._last_loss = agreed.loss
+        if not out.skipped:  # a skipped step changed nothing: it stays out of the logged means
+            self.state.window_loss_sum += agreed.loss
+            self.state.window_grad_norm_sum += out.grad_norm
+            self.state.window_steps += 1
+            self._last_loss = agreed.loss
         return plan_step(self.args, self.state.global_step, has_eval=self.eval_dataset is not None,
                          want_eval=agreed.evaluate, want_save=agreed.save, want_stop=agreed.stop,
                          want_abort=agreed.abort)
 
     def training_step(self, batch: Any) -> StepOutput:
-        """Forward, backward, clip, optimizer and scheduler step for one batch already on the device."""
+        """Forward, backward, clip, optimizer and scheduler step for one batch already on the device.
+
+        With a recovery policy the step runs in micro-batches and the ranks agree before the optimizer step
+        (trainers/recovery/step.py).
+        """
+        if self.recovery is not None:
+            return self.recovery.training_step(batch)
         loss = self.compute_loss(self.model, batch)
         loss.backward()
-        max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.unwrapped_model.parameters(), max_norm)
+        grad_norm = self.clip_gradients()
         self.optimizer.step()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutput(loss=float(loss.detach()), grad_norm=float(grad_norm))
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip the gradients to args.max_grad_norm (None: no clipping); returns the norm before clipping, which
+        must be the whole model's norm, the same on every rank."""
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else math.inf
+        return torch.nn.utils.clip_grad_norm_(self.unwrapped_model.parameters(), max_norm)
 
     def compute_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """The scalar loss of `model` on `batch` (loss_fn when given, else what the model returns)."""
@@ -243,10 +276,20 @@ class Trainer:
         """Combine the step's loss, token count and control flags across ranks, so all ranks act alike."""
         failed_mask = [0.0] * self.world_size
         failed_mask[self.rank] = float(failed)
-        summed = self._sum_with_flags([out.loss, float(tokens), *failed_mask])
+        requests = self._recovery_requests()
+        summed = self._sum_with_flags([out.loss, float(tokens), *requests, *failed_mask])
         flags = self._agreed_flags(summed[:4])
+        self._absorb_requests(summed[6:6 + len(requests)])
         return StepConsensus(loss=summed[4] / self.world_size, tokens=int(summed[5]), **flags,
-                             failed_ranks=tuple(r for r, v in enumerate(summed[6:]) if v > 0))
+                             failed_ranks=tuple(r for r, v in enumerate(summed[6 + len(requests):]) if v > 0))
+
+    def _recovery_requests(self) -> list[float]:
+        """Recovery's requests that may start on some ranks only (a report, a signal), agreed with the flags."""
+        return self.recovery.local_requests() if self.recovery is not None else []
+
+    def _absorb_requests(self, summed: list[float]) -> None:
+        if self.recovery is not None:
+            self.recovery.absorb(summed)
 
     def _sum_with_flags(self, extra: list[float]) -> list[float]:
         c = self.control
@@ -264,12 +307,16 @@ class Trainer:
     def _after_step(self, plan: StepPlan) -> bool:
         """Log, evaluate and save as planned, then honour what callbacks asked for meanwhile; True to stop."""
         self._carry_out(plan, done=None)
-        if plan.stop or not (plan.log or plan.evaluate or plan.save):
+        # With recovery the ranks agree even on the last step: a divergence reported there means a rollback.
+        if (plan.stop and self.recovery is None) or not (plan.log or plan.evaluate or plan.save):
             return plan.stop
         # Hooks ran (on_log, on_evaluate, on_save): an early-stopping callback, say, may have set a flag.
-        late = self._agreed_flags(self._sum_with_flags([])[:4])
-        if not any(late.values()):
-            return False
+        requests = self._recovery_requests()
+        summed = self._sum_with_flags(requests)
+        late = self._agreed_flags(summed[:4])
+        self._absorb_requests(summed[4:])
+        if plan.stop or not any(late.values()):
+            return plan.stop
         again = plan_step(self.args, self.state.global_step, has_eval=self.eval_dataset is not None,
                           want_eval=late["evaluate"], want_save=late["save"], want_stop=late["stop"],
                           want_abort=late["abort"])
@@ -292,7 +339,9 @@ class Trainer:
     # ---- logging and evaluation -------------------------------------------------------------------
 
     def current_lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+        """The learning rate the next step uses (with recovery's cut and ramp, when one is in force)."""
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        return lr * self.recovery.lr_scale(self.state.global_step + 1) if self.recovery is not None else lr
 
     def _log_window(self) -> None:
         s = self.state
@@ -301,6 +350,8 @@ class Trainer:
         entry = {"step": s.global_step, "epoch": s.epoch, "loss": s.window_loss_sum / s.window_steps,
                  "lr": self.current_lr(), "grad_norm": s.window_grad_norm_sum / s.window_steps,
                  "tokens_seen": s.tokens_seen}
+        if self.recovery is not None:
+            entry.update(self.recovery.log_fields())
         s.log_history.append(entry)
         s.reset_window()
         now = time.perf_counter()
@@ -350,10 +401,22 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------
 
-    def save_checkpoint(self, metrics: dict[str, float] | None = None) -> str:
-        """Save every component as checkpoint `global_step` (collective); returns its path."""
+    def save_checkpoint(self, metrics: dict[str, float] | None = None) -> str | None:
+        """Save every component as checkpoint `global_step` (collective); returns its path.
+
+        Diverged weights are saved with their evaluation metrics replaced by NaN (never ranked best), and never
+        over an existing checkpoint; returns None when the save is left out for that (or for a rollback).
+        """
         s = self.state
-        recorded = {TRAIN_LOSS: self._last_loss, "epoch": s.epoch, "tokens_seen": s.tokens_seen, **(metrics or {})}
+        recorded: dict[str, Any] | None = {TRAIN_LOSS: self._last_loss, "epoch": s.epoch, "tokens_seen": s.tokens_seen,
+                                           **(metrics or {})}
+        if self.recovery is not None:
+            recorded = self.recovery.before_save(recorded)
+        else:
+            recorded = guard_save(self._all_reduce_sum, self.rank, s.global_step, recorded, diverged=self._diverged,
+                                  exists=lambda: any(r.step == s.global_step for r in self.coordinator.checkpoints()))
+        if recorded is None:
+            return None
         path = self.coordinator.save(s.global_step, self.all_components(), metrics=recorded, overwrite=True)
         self._call("on_save", checkpoint=path, metrics=recorded)
         return path
@@ -375,9 +438,7 @@ class Trainer:
             set_seed(self.args.seed)
             self._last_loss = math.nan
             return None
-        result = self._load_checkpoint(resume)
-        self._last_loss = float(result.metrics.get(TRAIN_LOSS, math.nan)) if isinstance(
-            result.metrics.get(TRAIN_LOSS), int | float) else math.nan
+        result = self._reload(resume)
         if self.rank == 0:
             log.info("resumed from %s at step %d", result.path, self.state.global_step)
             if newest > result.step:
@@ -389,14 +450,45 @@ class Trainer:
         """Load every component from `checkpoint` (collective). Trainers that resume across layouts override it."""
         return self.coordinator.load(self.all_components(), checkpoint=checkpoint)
 
+    def _reload(self, checkpoint: str | int) -> LoadResult:
+        """Load `checkpoint` (a resume, or recovery's rollback) and pick the loop's bookkeeping up from it."""
+        result = self._load_checkpoint(checkpoint)
+        loss = result.metrics.get(TRAIN_LOSS)
+        self._last_loss = float(loss) if isinstance(loss, int | float) else math.nan
+        self._clock = (time.perf_counter(), self.state.tokens_seen, self.state.global_step)
+        return result
+
+    def report_instability(self, event: Any) -> None:
+        """A callback saw the run going bad (DivergenceDetector calls this with a dict: reason, metric, value,
+        first_bad_step, action). With a recovery policy, recovery acts at the step boundary on every rank;
+        without one, "stop" saves (marked diverged) and stops, "abort" stops without saving, "rollback" stops."""
+        if self.recovery is not None:
+            self.recovery.report(event)
+            return
+        from .recovery.events import DIVERGENCE, RecoveryEvent
+
+        self._diverged = True
+        info = dict(event) if isinstance(event, Mapping) else {"reason": str(event)}
+        shown = RecoveryEvent(DIVERGENCE, self.state.global_step, str(info.pop("action", "stop")),
+                              str(info.pop("reason", "divergence")), values=info, allowed=DIVERGENCE_ACTIONS)
+        self._call("on_instability", event=shown, reason=shown.reason)
+        if shown.action == "abort":
+            self.control.should_abort_without_save = True
+        else:
+            if shown.action == "rollback" and self.rank == 0:
+                log.warning("divergence at step %d: rollback needs a recovery policy (TrainingArguments.recovery); "
+                            "stopping instead", self.state.global_step)
+            self.control.should_save = True
+        self.control.should_training_stop = True
+
     # ---- callbacks ----------------------------------------------------------------------------------
 
-    def _call(self, event: str, **kwargs: Any) -> None:
+    def _call(self, event: str, /, **kwargs: Any) -> None:  # positional: on_instability gets event=...
         self.control = self.callback_handler.call(
             event, self.args, self.state, self.control, trainer=self, model=self.unwrapped_model,
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, **kwargs)
 
-    def _call_guarded(self, event: str, errors: list[BaseException], **kwargs: Any) -> None:
+    def _call_guarded(self, event: str, errors: list[BaseException], /, **kwargs: Any) -> None:
         """Run a per-step event; an error is held until the ranks agree on it (so no rank is left waiting)."""
         try:
             self._call(event, **kwargs)

@@ -62,7 +62,7 @@ class CallbackHandler:
             ))
         return out
 
-    def call(self, event: str, args: Any, state: Any, control: TrainerControl, **kwargs: Any) -> TrainerControl:
+    def call(self, event: str, args: Any, state: Any, control: TrainerControl, /, **kwargs: Any) -> TrainerControl:
         """Run `event` on every callback in order; a hook may return a TrainerControl to replace `control`."""
         for cb in self.callbacks:
             hook = getattr(cb, event, None)

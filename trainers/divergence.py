@@ -55,6 +55,10 @@ class DivergenceDetector(TrainerCallback):
     consecutive: int = field(default=0, init=False)
     triggered_at: int | None = field(default=None, init=False)
     first_bad_step: int | None = field(default=None, init=False)
+    """Step of the first observation of the bad run that triggers: the earliest of the unbroken run of raw
+    values already bad against the best when the smoothed value turned bad (the EMA lags a sudden rise), so a
+    rollback goes to a checkpoint from before it."""
+    raw_bad_since: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.smoothing <= 1:
@@ -102,9 +106,13 @@ class DivergenceDetector(TrainerCallback):
             return False
         if self.best is None or self._better(self.smoothed, self.best):
             self.best = self.smoothed
+        if self._bad(value, self.best):
+            self.raw_bad_since = step if self.raw_bad_since is None else self.raw_bad_since
+        else:
+            self.raw_bad_since = None
         if self._bad(self.smoothed, self.best):
             if self.consecutive == 0:
-                self.first_bad_step = step
+                self.first_bad_step = step if self.raw_bad_since is None else min(step, self.raw_bad_since)
             self.consecutive += 1
         else:
             self.consecutive = 0
@@ -129,7 +137,7 @@ class DivergenceDetector(TrainerCallback):
 
     def reset(self) -> None:
         """Forget the run's history (e.g. after a rollback to an older checkpoint)."""
-        self.smoothed = self.best = self.triggered_at = self.first_bad_step = None
+        self.smoothed = self.best = self.triggered_at = self.first_bad_step = self.raw_bad_since = None
         self.observations = self.consecutive = 0
 
     # ---- state ----------------------------------------------------------------------------------
@@ -137,12 +145,13 @@ class DivergenceDetector(TrainerCallback):
     def state_dict(self) -> dict[str, Any]:
         return {"smoothed": self.smoothed, "best": self.best, "observations": self.observations,
                 "consecutive": self.consecutive, "triggered_at": self.triggered_at,
-                "first_bad_step": self.first_bad_step}
+                "first_bad_step": self.first_bad_step, "raw_bad_since": self.raw_bad_since}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.smoothed, self.best = state["smoothed"], state["best"]
         self.observations, self.consecutive = int(state["observations"]), int(state["consecutive"])
         self.triggered_at, self.first_bad_step = state.get("triggered_at"), state.get("first_bad_step")
+        self.raw_bad_since = state.get("raw_bad_since")
 
     # ---- trainer hooks --------------------------------------------------------------------------
 

@@ -18,8 +18,10 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from trainers import DDPTrainer, SimpleTrainer, Trainer, TrainerCallback, TrainingArguments
+from trainers import DDPTrainer, SimpleTrainer, Trainer, TrainerCallback, TrainingArguments, TrainingError
+from trainers.recovery.restart import init_process_group_for_restarts
 
+from .faults import add_recovery_flags, recovery_callbacks, recovery_option, recovery_report
 from .model import GPTConfig, TinyGPT
 from .text import CORPUS, ByteWindows, read_corpus, split
 
@@ -61,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument("--eval-windows", type=int, default=96, help="held-out windows per evaluation")
     model.add_argument("--corpus", default=CORPUS, help="a text file to train on (bytes)")
     model.add_argument("--sample-bytes", type=int, default=160, help="bytes of text to sample at the end (0: none)")
+    add_recovery_flags(p)
     return p.parse_args(argv)
 
 
@@ -110,10 +113,12 @@ def build_trainer(opts: argparse.Namespace, distributed: bool) -> Trainer:
         save_steps=opts.save_steps, eval_on_save=True, save_total_limit=opts.save_total_limit,
         preserve_best_model=opts.preserve_n_best > 0, preserve_n_best=max(1, opts.preserve_n_best),
         best_model_metric="loss", resume_from_checkpoint="latest" if opts.resume else None, seed=opts.seed,
-        dispatch_batches=opts.dispatch_batches, full_determinism=True, max_grad_norm=1.0)
+        dispatch_batches=opts.dispatch_batches, full_determinism=True, max_grad_norm=1.0,
+        recovery=recovery_option(opts))
     torch.manual_seed(opts.seed)  # the initial weights (the same on every rank; DDP checks it)
     model = TinyGPT(cfg)
     callbacks = [StopAtStep(opts.stop_at_step)] if opts.stop_at_step else []
+    callbacks += recovery_callbacks(opts)
     cls = DDPTrainer if distributed else SimpleTrainer
     return cls(model, args, train_dataset=ByteWindows(train_data, cfg.block_size),
                eval_dataset=ByteWindows(eval_data, cfg.block_size, limit=opts.eval_windows),
@@ -134,6 +139,7 @@ def report(trainer: Trainer, opts: argparse.Namespace) -> None:
     from ckpt.cli import main as ckpt_main
 
     ckpt_main(["ls", opts.run_dir])
+    out.write(recovery_report(opts.run_dir))
     model = trainer.unwrapped_model
     out.write(f"\nfinal parameters at step {trainer.state.global_step}: xxh3-128 {parameter_digest(model)}\n")
     if opts.sample_bytes > 0:
@@ -153,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        if distributed:  # before the trainer does it: a torchrun restart must not see the last attempt's keys
+            init_process_group_for_restarts()
         trainer = build_trainer(opts, distributed)
         trainer.train()
         if trainer.rank == 0:
@@ -161,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             sys.stderr.write(f"trainers.demo: error: {exc}\n")
         return 2
+    except TrainingError as exc:  # recovery gave up, or a step failed on some rank; the message says which
+        if rank == 0:
+            sys.stderr.write(f"trainers.demo: training failed: {exc}\n")
+            sys.stderr.write(recovery_report(opts.run_dir))
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,308 @@
+"""RecoveryController: a trainer's recovery state and decisions, behind a few small hooks in the loop.
+
+The loop calls it for the training step (`training_step`, see step.py), before each save (`before_save`),
+at each step boundary (`at_step_boundary`), and when a callback reports instability (`report`). Requests
+that can start on some ranks only (a report, a signal) ride on the trainer's own per-step agreements
+(`local_requests` / `absorb`), so every rank acts on them at the same boundary. Its state (rollbacks, the
+LR ramp, the micro-batch size, the NaN streak, recent gradient norms) is saved with every checkpoint as
+the component "recovery".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ckpt import SharingPattern, StateComponent
+
+from ..base import StepOutput, Trainer, TrainingError
+from ..divergence import DivergenceDetector
+from . import events as ev
+from .events import EventLog, RecoveryEvent, read_events
+from .guard import agree_on_save, mark_diverged
+from .lr import LRRamp
+from .policy import DIVERGENCE_ACTIONS, RecoveryPolicy
+from .rollback import LastGoodGuard
+from .signals import StopSignals
+from .spikes import GradNormHistory
+from .watchdog import HEALTH_EXIT_CODE, HealthCheckFailure, HealthWatchdog
+
+log = logging.getLogger("trainers")
+
+COMPONENT = "recovery"
+_FORMAT = 1
+
+
+class RecoveryError(TrainingError):
+    """Recovery gave up (max_rollbacks reached, nothing to roll back to, NaNs that do not stop); on every rank."""
+
+
+class RecoveryController:
+    """Construct on every rank at the same point (it may create process groups)."""
+
+    def __init__(self, trainer: Trainer, policy: RecoveryPolicy):
+        self.trainer, self.policy = trainer, policy
+        self.rank, self.world_size = trainer.rank, trainer.world_size
+        if policy.rollback_to == "best" and not trainer.args.preserve_best_model:
+            raise ValueError("recovery policy: rollback_to='best' ranks checkpoints by the retention metric; set "
+                             "TrainingArguments.preserve_best_model=True, or use rollback_to='last_good'")
+        flag = getattr(trainer, "backward_communicates", None)
+        self.communicates = bool(flag) if flag is not None else (
+            trainer.world_size > 1 and isinstance(trainer.model, DistributedDataParallel))
+        self.events = EventLog(trainer.run_dir, enabled=self.rank == 0)
+        self.watchdog = HealthWatchdog(self.rank, self.world_size, policy.health_check_interval,
+                                       policy.health_check_timeout_s) if (
+            policy.health_check_interval > 0 and self.world_size > 1) else None
+        self.signals = StopSignals() if policy.handle_signals else None
+        self.guard = LastGoodGuard(trainer.coordinator, self.rank)
+        if policy.detector is not None and not any(isinstance(cb, DivergenceDetector)
+                                                   for cb in trainer.callback_handler.callbacks):
+            trainer.callback_handler.add(policy.make_detector())
+        self.exit = os._exit  # replaced in tests
+        if type(trainer).training_step is not Trainer.training_step and not getattr(
+                trainer, "recovery_aware_step", False) and self.rank == 0:
+            log.warning("%s overrides training_step: recovery's per-step checks (NaN/Inf consensus, gradient spikes, "
+                        "out-of-memory retry) and the LR cut after a rollback apply only where it calls "
+                        "trainer.recovery.gate_step() and scales its optimizer step (docs/recovery.md)",
+                        type(trainer).__name__)
+        # Saved state.
+        self.rollbacks = 0
+        self.ramp = LRRamp()
+        self.micro_batch_size: int | None = None  # None: the whole per-rank batch at once
+        self.nan_streak, self.nan_streak_start = 0, None
+        self.spike_streak, self.spike_streak_start = 0, None
+        self.grad_norms = GradNormHistory(policy.grad_norm_window)
+        # Per-run bookkeeping.
+        self.global_batch: int | None = None
+        self._reported: RecoveryEvent | None = None  # a divergence a callback reported here, not yet agreed on
+        self._agreed: tuple[str, RecoveryEvent] | None = None  # agreed: act at this step's boundary
+        self._diverged: str | None = None  # the agreed divergence action while the weights are diverged
+        self._signal = False
+        self._last_saved_step: int | None = None
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def components(self) -> list[StateComponent]:
+        return [StateComponent(COMPONENT, self, SharingPattern.GLOBAL, required=False)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": _FORMAT, "rollbacks": self.rollbacks, "ramp": self.ramp.state_dict(),
+                "micro_batch_size": self.micro_batch_size, "nan_streak": self.nan_streak,
+                "nan_streak_start": self.nan_streak_start, "spike_streak": self.spike_streak,
+                "spike_streak_start": self.spike_streak_start, "grad_norms": self.grad_norms.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != _FORMAT:
+            raise ValueError(f"recovery state has format {state.get('format')!r}; this version reads {_FORMAT}")
+        self.rollbacks = int(state["rollbacks"])
+        self.ramp.load_state_dict(state["ramp"])
+        self.micro_batch_size = state["micro_batch_size"]
+        self.nan_streak, self.nan_streak_start = int(state["nan_streak"]), state["nan_streak_start"]
+        self.spike_streak, self.spike_streak_start = int(state["spike_streak"]), state["spike_streak_start"]
+        self.grad_norms.load_state_dict(state["grad_norms"])
+
+    # ---- collectives -----------------------------------------------------------------------------
+
+    def reduce(self, values: list[float], what: str = "per-step agreement") -> list[float]:
+        """Sum over the ranks (on the watchdog's group when health checks are on)."""
+        if self.world_size == 1:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64)
+        if self.watchdog is None:
+            return self.trainer._all_reduce_sum(tensor).tolist()
+        try:
+            return self.watchdog.all_reduce(tensor, what).tolist()
+        except HealthCheckFailure as exc:
+            self._health_failed(exc)
+            raise  # unreachable unless `exit` was replaced
+
+    def _reduce_tensor(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.reduce(values.tolist(), "save agreement"), dtype=torch.float64)
+
+    def ranks_where(self, flag: bool) -> tuple[int, ...]:
+        mask = [0.0] * self.world_size
+        mask[self.rank] = float(flag)
+        return tuple(r for r, v in enumerate(self.reduce(mask, "event agreement")) if v > 0)
+
+    def dispatch(self, event: RecoveryEvent, *, agree: bool = True) -> str:
+        """Show `event` to every callback (they may change its action), agree on rank 0's choice, record it."""
+        original = event.action
+        self.trainer._call("on_instability", event=event, reason=event.reason)
+        if event.allowed and event.action not in event.allowed:
+            log.error("on_instability set action=%r for a %s event; allowed: %s. Keeping %r", event.action,
+                      event.kind, list(event.allowed), original)
+            event.action = original
+        if agree and event.allowed and self.world_size > 1:
+            code = event.allowed.index(event.action) + 1 if self.rank == 0 else 0
+            event.action = event.allowed[int(self.reduce([float(code)], "event agreement")[0]) - 1]
+        self.events.record(event)
+        if self.rank == 0:
+            log.warning("recovery: %s", event.describe())
+        return event.action
+
+    # ---- requests that ride on the trainer's agreements --------------------------------------------
+
+    def local_requests(self) -> list[float]:
+        rep = self._reported if self.rank == 0 else None
+        first_bad = rep.values.get("first_bad_step") if rep is not None else None
+        return [float(self._reported is not None),
+                float(DIVERGENCE_ACTIONS.index(rep.action) + 1) if rep is not None else 0.0,
+                float(first_bad) + 1.0 if isinstance(first_bad, int) else 0.0,
+                float(self.signals is not None and self.signals.received is not None)]
+
+    def absorb(self, summed: list[float]) -> None:
+        reported, code, first_bad, signal = summed
+        if reported > 0 and self._agreed is None:
+            event = self._reported or RecoveryEvent(ev.DIVERGENCE, self.trainer.state.global_step,
+                                                    self.policy.divergence_action, "reported on another rank",
+                                                    allowed=DIVERGENCE_ACTIONS)
+            event.action = DIVERGENCE_ACTIONS[int(code) - 1] if code > 0 else self.policy.divergence_action
+            event.values["first_bad_step"] = int(first_bad) - 1 if first_bad > 0 else event.step
+            event.values["reported_on_ranks"] = int(reported)
+            self.events.record(event)
+            if self.rank == 0:
+                log.warning("recovery: %s", event.describe())
+            self.escalate(event.action, event, event.values["first_bad_step"])
+        self._reported = None
+        self._signal = self._signal or signal > 0
+
+    def escalate(self, action: str, event: RecoveryEvent, first_bad: int) -> None:
+        """Act on an agreed divergence ("rollback", "stop" or "abort") at this step's boundary."""
+        event.values["first_bad_step"] = first_bad
+        if self._agreed is None:
+            self._agreed = (action, event)
+        self._diverged = self._diverged or action
+
+    def report(self, info: Mapping[str, Any]) -> None:
+        """A callback (DivergenceDetector) saw the run diverge on this rank; acted on at the step boundary."""
+        values = {k: info[k] for k in ("metric", "value", "best", "smoothed", "first_bad_step") if k in info}
+        event = RecoveryEvent(ev.DIVERGENCE, self.trainer.state.global_step, self.policy.divergence_action,
+                              str(info.get("reason", "divergence")), values=values, allowed=DIVERGENCE_ACTIONS)
+        self.trainer._call("on_instability", event=event, reason=event.reason)
+        if event.action not in DIVERGENCE_ACTIONS:
+            log.error("on_instability set action=%r; allowed: %s. Using %r", event.action, DIVERGENCE_ACTIONS,
+                      self.policy.divergence_action)
+            event.action = self.policy.divergence_action
+        if self._reported is None:
+            self._reported = event
+
+    # ---- the training step ---------------------------------------------------------------------------
+
+    def training_step(self, batch: Any) -> StepOutput:
+        from .step import recovered_step
+
+        return recovered_step(self, batch)
+
+    def lr_scale(self, step: int) -> float:
+        """The factor on the scheduled learning rate for optimizer step `step` (1-based)."""
+        return self.ramp.scale(step)
+
+    def gate_step(self, loss: float, grad_norm: float) -> bool:
+        """For trainers with their own training_step; see step.gate_step."""
+        from .step import gate_step
+
+        return gate_step(self, loss, grad_norm)
+
+    def log_fields(self) -> dict[str, Any]:
+        t = self.trainer
+        return {"lr_scale": self.lr_scale(t.state.global_step + 1),
+                "micro_batch_size": self.micro_batch_size or t.args.per_device_train_batch_size,
+                "global_batch_size": self.global_batch}
+
+    # ---- saves -----------------------------------------------------------------------------------------
+
+    def before_save(self, metrics: dict[str, Any]) -> dict[str, Any] | None:
+        """The metrics to save with, or None to leave this save out (the same on every rank)."""
+        t, step = self.trainer, self.trainer.state.global_step
+        rep = self._reported if self.rank == 0 else None
+        code = float(DIVERGENCE_ACTIONS.index(rep.action) + 1) if rep is not None else 0.0
+        reported, exists, (code,) = agree_on_save(
+            self._reduce_tensor, self.rank, diverged=self._reported is not None,
+            exists=lambda: any(r.step == step for r in t.coordinator.checkpoints()), extra=[code])
+        if reported and self._diverged is None:
+            self._diverged = DIVERGENCE_ACTIONS[int(code) - 1] if code > 0 else self.policy.divergence_action
+        if self._diverged in ("rollback", "abort"):
+            if self.rank == 0:
+                log.info("not saving step %d: the run is about to %s", step,
+                         "abort" if self._diverged == "abort" else "roll back")
+            return None
+        if self._diverged is not None:
+            if exists:
+                if self.rank == 0:
+                    log.warning("not saving step %d: the weights are diverged and checkpoint %d exists", step, step)
+                return None
+            metrics = mark_diverged(metrics)
+        else:
+            self.guard.update(self._suspicion_start())
+        self._last_saved_step = step
+        return metrics
+
+    def _suspicion_start(self) -> int | None:
+        """The first bad observation of a streak in progress (a detector's, or a NaN streak), if any."""
+        starts = [cb.first_bad_step for cb in self.trainer.callback_handler.callbacks
+                  if isinstance(cb, DivergenceDetector) and cb.consecutive > 0 and cb.first_bad_step is not None]
+        starts += [start for start in (self.nan_streak_start, self.spike_streak_start) if start is not None]
+        return min(starts) if starts else None
+
+    # ---- the step boundary -------------------------------------------------------------------------
+
+    def begin(self, resumed: bool) -> None:
+        """At the start of train(): the event file, the signal handlers, and rollbacks made before a restart."""
+        self.events.start(fresh=not resumed)
+        if resumed:  # a restart resumes from a checkpoint older than its last rollbacks: count them from the log
+            logged = sum(e.get("kind") == ev.ROLLBACK for e in read_events(self.trainer.run_dir)) if self.rank == 0 else 0
+            self.rollbacks = max(self.rollbacks, int(self.reduce([float(logged)], "start-up agreement")[0]))
+        if self.signals is not None:
+            self.signals.install()
+
+    def end(self) -> None:
+        if self.signals is not None:
+            self.signals.uninstall()
+        self.guard.release()
+
+    def at_step_boundary(self, stop: bool) -> bool:
+        """Act on what the ranks agreed during the step; returns whether training stops."""
+        from .actions import divergence_action, emergency_save, rollback
+
+        rolled = False
+        if self._agreed is not None:
+            action, event = self._agreed
+            self._agreed = None
+            if action != "rollback":
+                return divergence_action(self, action)
+            rollback(self, f"{event.kind}: {event.reason}", int(event.values["first_bad_step"]))
+            rolled = True
+        if self._signal:
+            emergency_save(self, self.signals.received if self.signals and self.signals.received else "signal")
+            return True
+        if self.watchdog is not None and self.watchdog.due(self.trainer.state.global_step):
+            try:
+                self.watchdog.check()
+            except HealthCheckFailure as exc:
+                self._health_failed(exc)
+        return False if rolled else stop  # a rollback undoes the steps a stop at max_steps counted
+
+    def _health_failed(self, exc: HealthCheckFailure) -> None:
+        """Record who did not answer, tell the callbacks, and exit non-zero (torchrun restarts the job)."""
+        event = RecoveryEvent(ev.HEALTH_CHECK_FAILED, self.trainer.state.global_step, "exit", str(exc),
+                              ranks=exc.missing, values={"during": exc.during,
+                                                         "timeout_s": self.policy.health_check_timeout_s,
+                                                         "seen_by_rank": self.rank})
+        self.events.record(event, write=True)  # every rank that saw it writes its own view
+        log.error("rank %d: recovery: %s; exiting with code %d so that torchrun can restart the job", self.rank,
+                  event.describe(), HEALTH_EXIT_CODE)
+        try:
+            self.trainer._call("on_instability", event=event, reason=event.reason)
+        except Exception as cb_exc:
+            log.error("rank %d: on_instability failed: %r", self.rank, cb_exc)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.exit(HEALTH_EXIT_CODE)

@@ -1,0 +1,238 @@
+"""The training step under a recovery policy.
+
+The batch runs in micro-batches (gradient accumulation, so a smaller micro-batch keeps the global batch).
+The ranks then agree, in one small all-reduce, on [out of memory, error, non-finite loss, non-finite
+gradient norm, gradient-norm spike, samples]. Where the backward pass itself communicates (DDP's gradient
+all-reduce), the agreement comes before the last micro-batch's backward, so a rank that ran out of memory
+never leaves the others waiting in the gradient exchange; the gradient flags are then decided after it
+from the all-reduced gradients' norm, which is the same on every rank. Every rank then takes the same
+action: retry with half the micro-batch, skip the optimizer step, apply it, or raise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..base import StepOutput, TrainingError
+from . import events as ev
+from .events import RecoveryEvent
+from .lr import scaled_lr
+from .microbatch import batch_length, is_out_of_memory, release_memory, split_batch
+from .policy import DIVERGENCE_ACTIONS
+
+if TYPE_CHECKING:
+    from .controller import RecoveryController
+
+OOM, ERROR, NAN_LOSS, NAN_GRAD, SPIKE, SAMPLES = range(6)
+
+
+@dataclass
+class Attempt:
+    """One pass over the batch's micro-batches on this rank."""
+
+    loss: torch.Tensor | None = None  # the sum of the weighted micro-batch losses so far
+    pending: torch.Tensor | None = None  # the last micro-batch's loss when its backward waits for the agreement
+    samples: int = 0
+    failure: Exception | None = None
+    oom: bool = False
+
+
+def forward_backward(ctl: RecoveryController, batch: Any, micro: int) -> Attempt:
+    t = ctl.trainer
+    pieces = split_batch(batch, micro)
+    total = sum(n for _, n in pieces)
+    no_sync = getattr(t.model, "no_sync", None) if len(pieces) > 1 else None
+    att = Attempt()
+    try:
+        for i, (piece, n) in enumerate(pieces):
+            last = i == len(pieces) - 1
+            with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+                loss = t.compute_loss(t.model, piece)
+                if len(pieces) > 1:
+                    loss = loss * (n / total)
+                att.loss = loss.detach() if att.loss is None else att.loss + loss.detach()
+                att.samples += n
+                if last and ctl.communicates:
+                    att.pending = loss
+                    break
+                loss.backward()
+    except Exception as exc:
+        att.failure, att.oom, att.pending = exc, ctl.policy.oom_retry and is_out_of_memory(exc), None
+    return att
+
+
+def recovered_step(ctl: RecoveryController, batch: Any) -> StepOutput:
+    t = ctl.trainer
+    step, n = t.state.global_step + 1, batch_length(batch)
+    while True:
+        micro = min(ctl.micro_batch_size or n, n)
+        att = forward_backward(ctl, batch, micro)
+        failed = att.failure is not None
+        loss = float(att.loss) if not failed and att.loss is not None else math.nan
+        grad_norm = math.nan
+        if not failed and not ctl.communicates:
+            grad_norm = float(t.clip_gradients())
+        flags = [0.0] * 6
+        flags[OOM], flags[ERROR] = float(att.oom), float(failed and not att.oom)
+        flags[NAN_LOSS] = float(not failed and not math.isfinite(loss))
+        flags[NAN_GRAD] = float(not failed and not ctl.communicates and not math.isfinite(grad_norm))
+        flags[SPIKE] = float(not failed and not ctl.communicates and ctl.grad_norms.is_spike(
+            grad_norm, ctl.policy.grad_norm_spike_factor))
+        flags[SAMPLES] = float(att.samples if not failed else 0)
+        agreed = ctl.reduce(flags)
+        if agreed[ERROR] > 0:
+            ranks = ctl.ranks_where(bool(flags[ERROR]))
+            raise TrainingError(f"the training step failed at step {step} on ranks {list(ranks)}"
+                                + (f": {att.failure!r}" if att.failure is not None else ""),
+                                ranks=ranks, step=step) from att.failure
+        if agreed[OOM] == 0:
+            break
+        att = None  # let the failed attempt's tensors go before the retry
+        t.optimizer.zero_grad(set_to_none=True)
+        _abandon_backward(ctl)
+        release_memory()
+        _out_of_memory(ctl, step, micro, n, bool(flags[OOM]))
+    ctl.global_batch = int(agreed[SAMPLES])
+    if ctl.communicates:
+        grad_norm = _synced_backward(ctl, att, step, skip=agreed[NAN_LOSS] > 0 and ctl.policy.nan_action != "warn")
+    apply = _judge(ctl, step, loss, grad_norm, agreed, local_bad=not math.isfinite(loss) or (
+        not ctl.communicates and not math.isfinite(grad_norm)))
+    if apply:
+        with scaled_lr(t.optimizer, ctl.lr_scale(step)):
+            t.optimizer.step()
+    if t.lr_scheduler is not None:
+        with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            t.lr_scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return StepOutput(loss=loss, grad_norm=grad_norm, skipped=not apply)
+
+
+def _abandon_backward(ctl: RecoveryController) -> bool:
+    """Every rank leaves this step's DDP forward without its backward: make DDP stop expecting that backward
+    (else the next backward, even under no_sync(), would start the gradient all-reduce on some ranks only).
+    A private torch API (the one DDP's own _update_process_group uses), guarded; False when it is missing."""
+    if not ctl.communicates:
+        return True
+    reset = getattr(getattr(ctl.trainer.model, "reducer", None), "_reset_state", None)
+    if reset is None:
+        return False
+    reset()
+    return True
+
+
+def _synced_backward(ctl: RecoveryController, att: Attempt, step: int, *, skip: bool) -> float:
+    """The last micro-batch's backward (which all-reduces the gradients), unless the step is skipped anyway."""
+    if skip and _abandon_backward(ctl):
+        return math.nan
+    try:
+        att.pending.backward()
+    except Exception as exc:
+        raise TrainingError(
+            f"rank {ctl.rank}: the backward pass failed at step {step} during the gradient exchange ({exc!r}); the "
+            "other ranks wait in that exchange until the process group's timeout. Lower the micro-batch "
+            "(per_device_train_batch_size) or restart from the latest checkpoint", ranks=(ctl.rank,),
+            step=step) from exc
+    return float(ctl.trainer.clip_gradients())
+
+
+def _judge(ctl: RecoveryController, step: int, loss: float, grad_norm: float, agreed: list[float], *,
+           local_bad: bool) -> bool:
+    """Apply the optimizer step? Identical on every rank: it depends on agreed flags and global values only."""
+    policy = ctl.policy
+    non_finite = agreed[NAN_LOSS] > 0 or agreed[NAN_GRAD] > 0 or (ctl.communicates and not math.isfinite(grad_norm))
+    spike = agreed[SPIKE] > 0 or (ctl.communicates and ctl.grad_norms.is_spike(grad_norm, policy.grad_norm_spike_factor))
+    if non_finite:
+        return _non_finite(ctl, step, loss, grad_norm, local_bad, in_loss=agreed[NAN_LOSS] > 0)
+    if spike:
+        return _spike(ctl, step, grad_norm)
+    ctl.nan_streak, ctl.nan_streak_start = 0, None
+    ctl.spike_streak, ctl.spike_streak_start = 0, None
+    ctl.grad_norms.add(grad_norm)
+    return True
+
+
+def _spike(ctl: RecoveryController, step: int, grad_norm: float) -> bool:
+    """Skip the step; a long run of spikes means the run has diverged (divergence_action, from the first)."""
+    policy = ctl.policy
+    ctl.spike_streak += 1
+    ctl.spike_streak_start = ctl.spike_streak_start if ctl.spike_streak_start is not None else step
+    at_limit = ctl.spike_streak >= policy.max_consecutive_spikes
+    event = RecoveryEvent(
+        ev.GRAD_NORM_SPIKE, step, policy.divergence_action if at_limit else "skip",
+        f"gradient norm over {policy.grad_norm_spike_factor:g}x its running median ({ctl.spike_streak} in a row, "
+        f"max_consecutive_spikes={policy.max_consecutive_spikes})",
+        values={"grad_norm": grad_norm, "median": ctl.grad_norms.median(), "streak_start": ctl.spike_streak_start},
+        allowed=("skip", "warn", *DIVERGENCE_ACTIONS))
+    action = ctl.dispatch(event)
+    if action in DIVERGENCE_ACTIONS:
+        ctl.escalate(action, event, ctl.spike_streak_start)
+    return action == "warn"
+
+
+def _non_finite(ctl: RecoveryController, step: int, loss: float, grad_norm: float, local_bad: bool, *,
+                in_loss: bool) -> bool:
+    policy = ctl.policy
+    ctl.nan_streak += 1
+    ctl.nan_streak_start = ctl.nan_streak_start if ctl.nan_streak_start is not None else step
+    at_limit = ctl.nan_streak >= policy.max_consecutive_nan
+    action = policy.nan_action
+    if action in ("skip", "rollback") and not at_limit:
+        action = "skip"
+    elif action == "skip":
+        action = "raise"
+    what = "loss" if in_loss else "gradient norm"
+    event = RecoveryEvent(
+        ev.NON_FINITE, step, action, f"non-finite {what} ({ctl.nan_streak} in a row, "
+        f"max_consecutive_nan={policy.max_consecutive_nan})", ranks=ctl.ranks_where(local_bad),
+        values={"loss": loss, "grad_norm": grad_norm, "streak": ctl.nan_streak,
+                "streak_start": ctl.nan_streak_start}, allowed=("warn", "skip", "raise", "rollback"))
+    action = ctl.dispatch(event)
+    if action == "raise":
+        from .controller import RecoveryError
+
+        raise RecoveryError(f"non-finite {what} at step {step} on ranks {list(event.ranks) or 'all'} "
+                            f"({ctl.nan_streak} in a row; nan_action={policy.nan_action!r}). Lower the learning rate, "
+                            "check the data of that step, or set nan_action='rollback'", ranks=event.ranks, step=step)
+    if action == "rollback":
+        ctl.escalate("rollback", event, ctl.nan_streak_start)
+    return action == "warn"
+
+
+def _out_of_memory(ctl: RecoveryController, step: int, micro: int, n: int, here: bool) -> None:
+    """Halve the micro-batch on every rank (or raise at 1 sample)."""
+    new = max(1, micro // 2)
+    event = RecoveryEvent(
+        ev.OOM_RETRY, step, "retry" if micro > 1 else "raise",
+        f"out of memory with a micro-batch of {micro}", ranks=ctl.ranks_where(here),
+        values={"micro_batch_size": micro, "new_micro_batch_size": new, "accumulation_steps": -(-n // new),
+                "per_device_batch_size": n}, allowed=("retry", "raise") if micro > 1 else ())
+    if ctl.dispatch(event) == "raise":
+        from .controller import RecoveryError
+
+        raise RecoveryError(f"out of memory at step {step} on ranks {list(event.ranks)} with a micro-batch of {micro} "
+                            "sample(s); nothing smaller is left to try. Use a smaller model, shorter sequences or "
+                            "more memory per rank", ranks=event.ranks, step=step)
+    ctl.micro_batch_size = new
+
+
+def gate_step(ctl: RecoveryController, loss: float, grad_norm: float) -> bool:
+    """For a trainer with its own training_step: after backward and clipping, before the optimizer step, agree
+    on NaN/Inf and spikes across the ranks; True when the optimizer step should be applied (inside
+    `scaled_lr(optimizer, ctl.lr_scale(step))`). `grad_norm` must be the whole model's norm."""
+    step = ctl.trainer.state.global_step + 1
+    flags = [0.0] * 6
+    flags[NAN_LOSS], flags[NAN_GRAD] = float(not math.isfinite(loss)), float(not math.isfinite(grad_norm))
+    flags[SPIKE] = float(ctl.grad_norms.is_spike(grad_norm, ctl.policy.grad_norm_spike_factor))
+    agreed = ctl.reduce(flags)
+    saved, ctl.communicates = ctl.communicates, False  # the flags above are agreed: judge by them only
+    try:
+        return _judge(ctl, step, loss, grad_norm, agreed, local_bad=bool(flags[NAN_LOSS] or flags[NAN_GRAD]))
+    finally:
+        ctl.communicates = saved
