@@ -141,7 +141,10 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     t = t.resolve_conj().resolve_neg().contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    flat = t.reshape(-1)
+    if flat.stride(0) != 1:  # one element behind a stride counts as contiguous, yet cannot be viewed as bytes
+        flat = flat.as_strided((1,), (1,))
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
 def write_safetensors(

@@ -100,6 +100,7 @@ def _start_on_locked_dir(rank: int, world: int, run_dir: str) -> None:
     CheckpointCoordinator(run_dir, timeout=30)
 
 
+@pytest.mark.slow
 def test_every_rank_of_a_second_job_gets_the_error(tmp_path):
     with CheckpointCoordinator(tmp_path):
         results = run_ranks(2, _start_on_locked_dir, str(tmp_path))
