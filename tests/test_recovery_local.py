@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 
 import pytest
 import torch
 
 from ckpt import read_manifest
 from ckpt.storage import LocalStorage
-from tests.recovery_support import DETECTOR, BadLoss, Instability, logged, train
+from tests.recovery_support import DETECTOR, BadLoss, Instability, SendSignal, logged, train
 from tests.test_trainer_support import plain, warmup_then_decay
 from trainers import TrainerCallback
 from trainers.recovery import FaultInjection, RecoveryError, RecoveryPolicy, read_events
@@ -142,6 +143,15 @@ def test_on_instability_sees_every_event_and_may_change_the_action(tmp_path):
     assert kinds(tmp_path) == [(5, "non_finite", "skip"), (28, "divergence", "abort")]
     assert t.state.global_step == 28 and t.recovery.rollbacks == 0
     assert max(r.step for r in t.coordinator.checkpoints()) == 20  # aborted: nothing diverged was saved
+
+
+def test_rollbacks_lr_changes_and_signal_saves_reach_the_callbacks_too(tmp_path):
+    watcher = Instability()
+    policy = RecoveryPolicy(grad_norm_spike_factor=0, detector=DETECTOR)
+    t, _ = train(str(tmp_path), recovery=policy, max_steps=36,
+                 callbacks=[FaultInjection(**DIVERGE), SendSignal(33, sig=signal.SIGUSR1), watcher])
+    assert [k for k, _, _ in watcher.seen] == ["divergence", "rollback", "lr_change", "emergency_save"]
+    assert t.state.global_step == 33 and t.coordinator.latest().step == 33  # SIGUSR1: saved, stopped
 
 
 def test_diverged_weights_are_never_best_and_never_overwrite(tmp_path):

@@ -67,9 +67,10 @@ class TrainerCallback:
 
     def on_instability(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> TrainerControl | None:
-        """Something looks wrong on this rank. kwargs: `reason` (e.g. "non_finite_loss"), `loss`, `grad_norm`.
-
-        Recovery (rollback, learning-rate cuts) plugs in here by setting control flags.
+        """Something looks wrong. With a recovery policy: every recovery decision, as kwargs `event` (a
+        trainers.recovery.RecoveryEvent; set `event.action` to one of `event.allowed` to change the decision)
+        and `reason`. Without one: a non-finite loss or gradient norm on this rank (`reason`, `loss`,
+        `grad_norm`), or a reported divergence (`event`, `reason`). See docs/recovery.md.
         """
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

@@ -54,15 +54,15 @@ def recovery_report(run_dir: str) -> str:
     for e in events:
         who = f" ranks {e['ranks']}" if e.get("ranks") else ""
         values = e.get("values") or {}
-        shown = ", ".join(f"{k}={_short(v)}" for k, v in values.items() if k not in ("set_aside",))
+        shown = ", ".join(f"{k}={_short(k, v)}" for k, v in values.items() if k not in ("set_aside",))
         lines.append(f"  step {e['step']:>5}  {e['kind']:<19} -> {e['action']:<13}{who}  {e['reason']}"
                      + (f" [{shown}]" if shown else ""))
     return "\n".join(lines) + "\n"
 
 
-def _short(value: Any) -> str:
+def _short(key: str, value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, str) and "/" in value:
-        return value.rsplit("/", 1)[-1]
+    if "checkpoint" in key and isinstance(value, str):
+        return os.path.basename(value)
     return str(value)

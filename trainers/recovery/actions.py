@@ -21,7 +21,7 @@ def give_up(ctl: RecoveryController, message: str) -> None:
     from .controller import RecoveryError
 
     step = ctl.trainer.state.global_step
-    ctl.events.record(RecoveryEvent(ev.GAVE_UP, step, "stop", message, values={"rollbacks": ctl.rollbacks}))
+    ctl.dispatch(RecoveryEvent(ev.GAVE_UP, step, "stop", message, values={"rollbacks": ctl.rollbacks}), quiet=True)
     if ctl.rank == 0:
         log.error("recovery: %s", message)
     ctl.trainer.coordinator.wait()
@@ -58,14 +58,15 @@ def rollback(ctl: RecoveryController, reason: str, first_bad: int) -> None:
     ctl.guard.release()
     for _ in range(policy.skip_batches):
         next(t.train_loader)
-    ctl.events.record(RecoveryEvent(
+    ctl.dispatch(RecoveryEvent(
         ev.ROLLBACK, step, "rollback", reason,
         values={"from_step": step, "to_step": result.step, "to_checkpoint": result.path, "first_bad_step": first_bad,
                 "rollback": ctl.rollbacks, "max_rollbacks": policy.max_rollbacks, "set_aside": moved,
-                "skipped_batches": policy.skip_batches}))
-    ctl.events.record(RecoveryEvent(
+                "skipped_batches": policy.skip_batches}), quiet=True)
+    ctl.dispatch(RecoveryEvent(
         ev.LR_CHANGE, result.step, "scale", f"learning rate cut after rollback {ctl.rollbacks}",
-        values={"lr_scale": ctl.ramp.start_scale, "ramp_steps": policy.lr_ramp_steps, "lr": t.current_lr()}))
+        values={"lr_scale": ctl.ramp.start_scale, "ramp_steps": policy.lr_ramp_steps, "lr": t.current_lr()}),
+        quiet=True)
     if ctl.rank == 0:
         log.warning("recovery: rolled back from step %d to %s (rollback %d of %d); learning rate x%.3g, back to the "
                     "schedule over %d steps", step, result.path, ctl.rollbacks, policy.max_rollbacks,
@@ -89,7 +90,8 @@ def emergency_save(ctl: RecoveryController, signal_name: str) -> None:
     if ctl._last_saved_step != step:
         path = t.save_checkpoint()
     t.coordinator.wait()
-    ctl.events.record(RecoveryEvent(ev.EMERGENCY_SAVE, step, "save_and_stop", f"{signal_name} received",
-                                    values={"checkpoint": path or "already saved at this step"}))
+    ctl.dispatch(RecoveryEvent(ev.EMERGENCY_SAVE, step, "save_and_stop", f"{signal_name} received",
+                               values={"checkpoint": path or "none: saved at this step already, or diverged"}),
+                 quiet=True)
     if ctl.rank == 0:
         log.warning("recovery: %s received: saved step %d, stopping", signal_name, step)

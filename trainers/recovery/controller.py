@@ -130,8 +130,9 @@ class RecoveryController:
         mask[self.rank] = float(flag)
         return tuple(r for r, v in enumerate(self.reduce(mask, "event agreement")) if v > 0)
 
-    def dispatch(self, event: RecoveryEvent, *, agree: bool = True) -> str:
-        """Show `event` to every callback (they may change its action), agree on rank 0's choice, record it."""
+    def dispatch(self, event: RecoveryEvent, *, agree: bool = True, quiet: bool = False) -> str:
+        """Show `event` to every callback (they may change its action when `allowed` lists choices), agree on
+        rank 0's choice, and record it."""
         original = event.action
         self.trainer._call("on_instability", event=event, reason=event.reason)
         if event.allowed and event.action not in event.allowed:
@@ -142,7 +143,7 @@ class RecoveryController:
             code = event.allowed.index(event.action) + 1 if self.rank == 0 else 0
             event.action = event.allowed[int(self.reduce([float(code)], "event agreement")[0]) - 1]
         self.events.record(event)
-        if self.rank == 0:
+        if self.rank == 0 and not quiet:
             log.warning("recovery: %s", event.describe())
         return event.action
 
@@ -276,7 +277,8 @@ class RecoveryController:
             self._agreed = None
             if action != "rollback":
                 return divergence_action(self, action)
-            rollback(self, f"{event.kind}: {event.reason}", int(event.values["first_bad_step"]))
+            why = event.kind if event.reason == event.kind else f"{event.kind}: {event.reason}"
+            rollback(self, why, int(event.values["first_bad_step"]))
             rolled = True
         if self._signal:
             emergency_save(self, self.signals.received if self.signals and self.signals.received else "signal")
@@ -291,7 +293,7 @@ class RecoveryController:
     def _health_failed(self, exc: HealthCheckFailure) -> None:
         """Record who did not answer, tell the callbacks, and exit non-zero (torchrun restarts the job)."""
         event = RecoveryEvent(ev.HEALTH_CHECK_FAILED, self.trainer.state.global_step, "exit", str(exc),
-                              ranks=exc.missing, values={"during": exc.during,
+                              ranks=exc.missing, values={"during": exc.during, "cause": exc.cause,
                                                          "timeout_s": self.policy.health_check_timeout_s,
                                                          "seen_by_rank": self.rank})
         self.events.record(event, write=True)  # every rank that saw it writes its own view

@@ -191,7 +191,7 @@ def _non_finite(ctl: RecoveryController, step: int, loss: float, grad_norm: floa
     event = RecoveryEvent(
         ev.NON_FINITE, step, action, f"non-finite {what} ({ctl.nan_streak} in a row, "
         f"max_consecutive_nan={policy.max_consecutive_nan})", ranks=ctl.ranks_where(local_bad),
-        values={"loss": loss, "grad_norm": grad_norm, "streak": ctl.nan_streak,
+        values={**({"loss": loss} if local_bad else {}), "grad_norm": grad_norm, "streak": ctl.nan_streak,
                 "streak_start": ctl.nan_streak_start}, allowed=("warn", "skip", "raise", "rollback"))
     action = ctl.dispatch(event)
     if action == "raise":

@@ -26,9 +26,15 @@ class HealthCheckFailure(RuntimeError):
     """Some rank did not answer in time. `missing`: the ranks known not to have answered (rank 0 knows them
     all; another rank only knows that rank 0 did not release it)."""
 
-    def __init__(self, message: str, *, missing: tuple[int, ...], during: str):
+    def __init__(self, message: str, *, missing: tuple[int, ...], during: str, cause: str = ""):
         super().__init__(message)
-        self.missing, self.during = missing, during
+        self.missing, self.during, self.cause = missing, during, cause
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error's first line without gloo's source-location prefix, cut to a readable length."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), repr(exc))
+    return re.sub(r"^\[[^\]]*\]\s*", "", text)[:160]
 
 
 class HealthWatchdog:
@@ -49,13 +55,13 @@ class HealthWatchdog:
             dist.all_reduce(values, group=self.group, async_op=True).wait(timeout=self.timeout)
             return values
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            self.check(during=f"{what} (which failed first: {first})")
+            first = _first_line(exc)
+            self.check(during=what, cause=first)
             # Everyone answered the check: the agreement failed for another reason; the group is unusable anyway.
             raise HealthCheckFailure(f"rank {self.rank}: the {what} failed ({first}), yet every rank answered the "
-                                     "check after it", missing=(), during=what) from exc
+                                     "check after it", missing=(), during=what, cause=first) from exc
 
-    def check(self, during: str = "health check") -> None:
+    def check(self, during: str = "health check", cause: str = "") -> None:
         """Every rank must reach this within the timeout; raises HealthCheckFailure naming the missing ranks."""
         try:
             dist.monitored_barrier(group=self.probe_group, timeout=self.timeout, wait_all_ranks=True)
@@ -67,9 +73,9 @@ class HealthWatchdog:
                 message = (f"ranks {list(missing)} did not answer the {during} within {self.timeout_s:g}s "
                            "(hung or dead)")
             elif self.rank == 0:
-                missing, message = (), f"the {during} failed on rank 0: {text.splitlines()[0] if text else exc!r}"
+                missing, message = (), f"the {during} failed on rank 0: {_first_line(exc)}"
             else:
                 missing = ()
                 message = (f"rank 0 did not release the {during} within {self.timeout_s:g}s: rank 0 is hung or dead, "
                            "or it found other ranks missing (its event names them)")
-            raise HealthCheckFailure(message, missing=missing, during=during) from exc
+            raise HealthCheckFailure(message, missing=missing, during=during, cause=cause or _first_line(exc)) from exc
