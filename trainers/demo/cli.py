@@ -19,7 +19,7 @@ import torch.distributed as dist
 import xxhash
 
 from trainers import DDPTrainer, SimpleTrainer, Trainer, TrainerCallback, TrainingArguments, TrainingError
-from trainers.recovery.restart import init_process_group_for_restarts
+from trainers.recovery import init_process_group_for_restarts
 
 from .faults import add_recovery_flags, recovery_callbacks, recovery_option, recovery_report
 from .model import GPTConfig, TinyGPT

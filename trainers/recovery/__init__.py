@@ -9,6 +9,7 @@ from __future__ import annotations
 from .events import EVENTS_FILE, RecoveryEvent, read_events
 from .inject import FaultInjection
 from .policy import RecoveryPolicy, load_recovery_policy
+from .restart import init_process_group_for_restarts
 from .watchdog import HEALTH_EXIT_CODE
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "FaultInjection",
     "RecoveryEvent",
     "RecoveryPolicy",
+    "init_process_group_for_restarts",
     "load_recovery_policy",
     "read_events",
 ]
