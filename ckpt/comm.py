@@ -26,6 +26,7 @@ from .errors import REMOTE_ERROR_TYPES, CheckpointError, CollectiveTimeoutError
 
 log = logging.getLogger("ckpt")
 T = TypeVar("T")
+_CONNECT_TIMEOUT = timedelta(minutes=10)
 
 
 def _pack(obj: Any) -> bytes:
@@ -50,7 +51,9 @@ class Communicator:
             if self.world_size > 1:
                 # Our own gloo group: coordination never queues behind (or deadlocks with) the training
                 # group's nccl work, and it can run from a background thread.
-                self.group = dist.new_group(backend="gloo", timeout=timeout)
+                # A gloo group's timeout also bounds connecting it, when ranks may arrive far apart; so the
+                # group gets a generous one and each exchange waits at most `timeout` on its own.
+                self.group = dist.new_group(backend="gloo", timeout=max(timeout, _CONNECT_TIMEOUT))
                 self._arrivals = _Arrivals.open(self.group, self.rank)
         else:
             self.rank, self.world_size = 0, 1
@@ -69,13 +72,13 @@ class Communicator:
         try:
             size = torch.tensor([len(data)], dtype=torch.int64)
             sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-            dist.all_gather(sizes, size, group=self.group)
+            dist.all_gather(sizes, size, group=self.group, async_op=True).wait(timeout=self.timeout)
             longest = max(int(s.item()) for s in sizes)
             mine = torch.zeros(max(longest, 1), dtype=torch.uint8)
             if data:
                 mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             bufs = [torch.empty_like(mine) for _ in range(self.world_size)]
-            dist.all_gather(bufs, mine, group=self.group)
+            dist.all_gather(bufs, mine, group=self.group, async_op=True).wait(timeout=self.timeout)
         except Exception as exc:
             error = self._collective_error(phase, exc)
             self._broken = f"'{phase}': {error}"
