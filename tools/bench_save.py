@@ -108,7 +108,7 @@ def timed_fresh(coord: CheckpointCoordinator, fn: Callable[[], object], repeats:
     for _ in range(repeats):
         if dist.get_rank() == 0:
             shutil.rmtree(coord.run_dir, ignore_errors=True)
-            os.makedirs(coord.run_dir)
+            os.makedirs(coord.run_dir, exist_ok=True)
         os.sync()
         dist.barrier()
         start = time.perf_counter()
