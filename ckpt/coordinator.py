@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from .applying import apply_failure, apply_staged
 from .background import BackgroundSave
 from .catalog import RetentionOutcome, hold, retain, scan, summary_text
 from .catalog import best as best_checkpoints
 from .comm import Communicator
 from .component import SharingPattern, StateComponent
-from .errors import CheckpointError, CorruptCheckpointError, PartialLoadError, RunDirInUseError
+from .errors import CheckpointError, CorruptCheckpointError
 from .layout import (
     CheckpointRef,
     checkpoint_name,
@@ -41,7 +42,7 @@ from .layout import (
     resolve_checkpoint,
 )
 from .loading import read_component
-from .lock import RunDirLock
+from .lock import RunDirLock, take_run_dir
 from .manifest import Manifest, plain_metrics, read_manifest
 from .planning import ComponentDecl, build_plan, owner_for_load
 from .reshard import needs_reshard, read_merged
@@ -136,24 +137,12 @@ class CheckpointCoordinator:
         self.topology: RankTopology = discover(self.comm, process_groups, local_world_size)
         self.rank = self.comm.rank
         self.storage.makedirs(self.run_dir)
-        lock_box: list[RunDirLock] = []
-        # The tag of this coordinator's unfinished-save folders: None while it holds the lock.
+        held: list[RunDirLock] = []
+        # Rank 0 locks the run dir; every rank learns the tag of its unfinished-save folders (None: locked).
         self._tag: str | None = self.comm.run_phase(
-            "lock", lambda: self._take_lock(force, lock_box), what="coordinator start-up")[0]
-        self._release = weakref.finalize(self, lock_box[0].release) if lock_box else None
-
-    def _take_lock(self, force: bool, out: list[RunDirLock]) -> str | None:
-        """Rank 0 locks the run dir (into `out`); returns the save-folder tag every rank will use."""
-        if self.rank != 0 or not os.path.isdir(self.run_dir):  # a storage with no local folder: no lock
-            return None
-        try:
-            out.append(RunDirLock.acquire(self.run_dir))
-            return None
-        except RunDirInUseError as exc:
-            if not force:
-                raise
-            log.warning("force=True: %s; going on without the lock", exc)
-            return f"p{os.getpid()}-{secrets.token_hex(4)}"
+            "lock", lambda: take_run_dir(self.run_dir, force, held) if self.rank == 0 else None,
+            what="coordinator start-up")[0]
+        self._release = weakref.finalize(self, held[0].release) if held else None
 
     def close(self) -> None:
         """Wait for a save in flight (collective), then release the run dir's lock. Safe to call twice."""
@@ -380,9 +369,10 @@ class CheckpointCoordinator:
             raise CheckpointError(
                 f"checkpoint {path} holds components {unused} that no rank passed to load(); pass them, or "
                 "load with strict=False to ignore them", path=path)
-        reports = self.comm.run_phase("apply", lambda: self._apply(components, staged), what=f"load of {path}")
+        reports = self.comm.run_phase("apply", lambda: apply_staged(components, staged, self.rank),
+                                      what=f"load of {path}")
         if any(r["failed"] is not None for r in reports):
-            raise _apply_failure(path, reports)
+            raise apply_failure(path, reports)
         self.resumed_from = path
         if self.rank == 0:
             log.info("loaded %s (%d components)", path, len(staged))
@@ -462,40 +452,11 @@ class CheckpointCoordinator:
                 raise _in_place_failure(exc, touched, path) from exc
         return [keys, damaged]
 
-    def _apply(self, components: Sequence[StateComponent], staged: Mapping[str, Any]) -> dict[str, Any]:
-        """Hand each staged state to its component. Never raises: reports what it applied, and what failed."""
-        applied: list[str] = []
-        for c in components:
-            if c.key in staged:
-                try:
-                    c.stateful.load_state_dict(staged[c.key])
-                except Exception as exc:
-                    log.debug("rank %d: load_state_dict() of %r failed", self.rank, c.key, exc_info=True)
-                    return {"applied": applied, "failed": c.key, "error": f"{type(exc).__name__}: {exc}"}
-                applied.append(c.key)
-        return {"applied": applied, "failed": None, "error": None}
-
 
 def _check_unique(keys: Sequence[str]) -> None:
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
         raise CheckpointError(f"component keys {dupes} are passed more than once; keys must be unique")
-
-
-def _apply_failure(path: str, reports: Sequence[Mapping[str, Any]]) -> PartialLoadError:
-    """One error for every rank: which component failed where, and what each rank had applied by then."""
-    failed = {r: rep for r, rep in enumerate(reports) if rep["failed"] is not None}
-    where = ", ".join(f"rank {r}: component {rep['failed']!r}: load_state_dict() raised {rep['error']}"
-                      for r, rep in list(failed.items())[:8])
-    applied = {r: tuple(rep["applied"]) for r, rep in enumerate(reports)}
-    state = "; ".join(f"rank {r}: {list(keys)}" + (f", then {reports[r]['failed']!r} failed and may be partly "
-                                                   "changed" if r in failed else " (all)")
-                      for r, keys in list(applied.items())[:8])
-    return PartialLoadError(
-        f"load of {path} failed while applying state ({where}). Components applied before the failure: {state}; "
-        "nothing else was changed. The live state now mixes loaded and earlier values: load again before "
-        "training on", applied=applied, failures={r: f"{rep['failed']}: {rep['error']}" for r, rep in failed.items()},
-        path=path)
 
 
 def _in_place_failure(exc: CheckpointError, touched: Sequence[str], path: str) -> CheckpointError:

@@ -13,7 +13,9 @@ import contextlib
 import datetime as _dt
 import errno
 import json
+import logging
 import os
+import secrets
 import socket
 import threading
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from .errors import RunDirInUseError
 from .layout import LOCK_NAME
 
+log = logging.getLogger("ckpt")
 _taken: dict[str, _Held] = {}  # lock file (real path) -> this process's hold on it
 _taken_lock = threading.Lock()
 
@@ -113,4 +116,20 @@ class RunDirLock:
                 os.close(held.fd)  # closing the only descriptor drops the flock
 
 
-__all__ = ["RunDirLock"]
+def take_run_dir(run_dir: str, force: bool, out: list[RunDirLock]) -> str | None:
+    """Lock `run_dir` for its coordinator (into `out`). Returns the tag its unfinished-save folders carry:
+    None with the lock; with `force=True` and the lock held elsewhere, a tag of its own (so two jobs'
+    saves never share a folder). A storage with no local folder here gets no lock."""
+    if not os.path.isdir(run_dir):
+        return None
+    try:
+        out.append(RunDirLock.acquire(run_dir))
+        return None
+    except RunDirInUseError as exc:
+        if not force:
+            raise
+        log.warning("force=True: %s; going on without the lock", exc)
+        return f"p{os.getpid()}-{secrets.token_hex(4)}"
+
+
+__all__ = ["RunDirLock", "take_run_dir"]
