@@ -23,9 +23,9 @@ STEPS, SAVE_EVERY = 30, 5
 
 
 def _torchrun(run_dir: str, out: str, restarts: int, *extra: str) -> subprocess.CompletedProcess:
-    # Restarted gloo jobs can read the previous attempt's addresses from the store torchrun shares with
-    # them (pytorch/pytorch#135712); a store of their own per attempt avoids it.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    # No TORCH_DISABLE_SHARE_RDZV_TCP_STORE: the job itself keeps each attempt's store keys apart.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "--max-restarts", str(restarts), os.path.join(REPO, "tools", "fault_train.py"), "--run-dir", run_dir,

@@ -10,6 +10,11 @@ TORCHELASTIC_RESTART_COUNT is 0), rank `--kill-rank` SIGKILLs itself at step `--
 steps (`--kill-phase step`) or inside the save at or after that step, in the phase named (through
 ckpt.testing.FaultyStorage). torchrun then restarts every rank, they resume, and the final parameters
 (written by rank 0 to `--out`) must equal those of an uninterrupted run bit for bit.
+
+Each attempt joins torch.distributed with its keys under a prefix of its own in torchrun's store: torchrun
+keeps that store across restarts, and a restarted gloo rank could otherwise read a dead rank's address
+from the previous attempt (pytorch/pytorch#135712). Setting TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for the
+launcher is the other way out.
 """
 
 from __future__ import annotations
@@ -74,9 +79,21 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def init_distributed(timeout: timedelta) -> None:
+    """Join the job (gloo); under torchrun's agent store, this attempt's keys apart from earlier attempts'."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group("gloo", timeout=timeout)
+        return
+    world, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+    attempt = dist.PrefixStore(f"attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("gloo", store=attempt, rank=rank, world_size=world, timeout=timeout)
+
+
 def main() -> None:
     args = parse_args()
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    init_distributed(timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     doomed = attempt == 0 and rank == args.kill_rank and args.kill_step is not None
