@@ -134,17 +134,18 @@ def supports_async(coord: CheckpointCoordinator) -> bool:
 def interleaved(cases: dict[str, tuple[Callable[[], object], Callable[[], object] | None]], repeats: int
                 ) -> dict[str, float]:
     """Median seconds per case, running the cases round-robin so drifting conditions (other load, the
-    disk's write-back) hit every case alike. Before each timed run: its setup, then os.sync() so no
-    case pays for another's dirty pages."""
+    disk's write-back) hit every case alike, after one untimed warm-up round. Before each run: its
+    setup, then os.sync() so no case pays for another's dirty pages."""
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
+    for round_ in range(repeats + 1):
         for name, (fn, setup) in cases.items():
             if setup:
                 setup()
             os.sync()
             start = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
+            if round_:  # round 0 warms up: a VM disk's first large writes run several times slower
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -171,7 +172,7 @@ def bench_single(args: argparse.Namespace, root: str) -> dict:
     rows = interleaved(save_cases, args.repeats)
     if supports_async(coord):
         blocked, totals = [], []
-        for _ in range(args.repeats):
+        for _ in range(args.repeats):  # the staging buffers are already warm from the sync rounds above
             clear_ours()
             os.sync()
             start = time.perf_counter()
