@@ -13,6 +13,7 @@ communicator refuses to run any more (on the ranks that saw the failure); build 
 from __future__ import annotations
 
 import logging
+import threading
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -88,6 +89,11 @@ class Communicator:
     def all_gather(self, obj: Any, phase: str) -> list[Any]:
         """Every rank's `obj` (msgpack-able plain data), in rank order."""
         return [_unpack(b) for b in self.all_gather_bytes(_pack(obj), phase)]
+
+    def note(self, activity: str) -> None:
+        """Record what this rank is doing between exchanges, so a timeout on the others can name it."""
+        if self._arrivals is not None:
+            self._arrivals.note(self._seq, activity)
 
     def close(self) -> None:
         """Forget this rank's arrival record in the store (the group itself is left to torch)."""
@@ -178,6 +184,7 @@ class _Arrivals:
 
     def __init__(self, store: Any, rank: int):
         self.store, self.rank = store, rank
+        self._lock = threading.Lock()  # notes come from the parallel writer threads
 
     @classmethod
     def open(cls, group: Any, rank: int) -> _Arrivals | None:
@@ -196,6 +203,24 @@ class _Arrivals:
             log.debug("rank %d: arrival record failed (%s); switching it off", self.rank, exc)
             self.store = None
 
+    def note(self, seq: int, activity: str) -> None:
+        """What this rank is doing since exchange `seq` (e.g. the file it is writing)."""
+        with self._lock:
+            if self.store is None:
+                return
+            try:
+                self.store.set(f"{self.rank}.doing", f"{seq}:{activity}")
+            except Exception as exc:
+                log.debug("rank %d: activity record failed (%s); switching it off", self.rank, exc)
+                self.store = None
+
+    def _doing(self, rank: int, since: int) -> str:
+        key = f"{rank}.doing"
+        if not self.store.check([key]):
+            return ""
+        noted, _, activity = self.store.get(key).decode().partition(":")
+        return f", then was {activity}" if int(noted) == since else ""  # older notes belong to earlier steps
+
     def missing(self, seq: int, world_size: int) -> dict[int, str]:
         """Ranks whose latest arrival is older than exchange `seq`, with the step they were last seen at."""
         if self.store is None:
@@ -209,7 +234,7 @@ class _Arrivals:
                     continue
                 last, _, phase = self.store.get(key).decode().partition(":")
                 if int(last) < seq:
-                    late[r] = f"'{phase}'"
+                    late[r] = f"'{phase}'{self._doing(r, int(last))}"
         except Exception as exc:
             log.debug("rank %d: could not read arrival records (%s)", self.rank, exc)
             return {}
@@ -219,6 +244,7 @@ class _Arrivals:
         if self.store is not None:
             try:
                 self.store.delete_key(str(self.rank))
+                self.store.delete_key(f"{self.rank}.doing")
             except Exception as exc:
                 log.debug("rank %d: could not remove its arrival record (%s)", self.rank, exc)
             self.store = None

@@ -247,7 +247,8 @@ class CheckpointCoordinator:
                            {k: p.table for k, p in prepared.items()}, {k: p.flat for k, p in prepared.items()})
             mine = [a for p in plans.values() for a in p.files if a.writer == self.rank]
             records = self.comm.run_phase(
-                "write", lambda: write_files(self.storage, partial, mine, prepared, self.rank, self.io_threads),
+                "write", lambda: write_files(self.storage, partial, mine, prepared, self.rank, self.io_threads,
+                                            on_file=lambda rel: self.comm.note(f"writing {rel}")),
                 what=what)
             manifest = build_manifest(step, plans, records, self.topology.describe(), metrics)
             outcome = self.comm.run_phase("commit", lambda: self._commit(partial, final, manifest, overwrite),

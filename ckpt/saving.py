@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,13 +70,16 @@ def declare(snap: Snapshot, is_planner: bool) -> PreparedComponent:
 
 
 def write_files(storage: Storage, root: str, assignments: Sequence[FileAssignment],
-                prepared: Mapping[str, PreparedComponent], rank: int, threads: int = 1) -> list[dict]:
+                prepared: Mapping[str, PreparedComponent], rank: int, threads: int = 1,
+                on_file: Callable[[str], None] | None = None) -> list[dict]:
     """Write this rank's files under `root` (`threads` at a time), fsync them and their folders.
-    Returns one record per file written."""
+    `on_file(relpath)` is called as each file starts. Returns one record per file written."""
     for folder in sorted({os.path.dirname(os.path.join(root, a.relpath)) for a in assignments}):
         storage.makedirs(folder)
 
     def write_one(a: FileAssignment) -> dict | None:
+        if on_file is not None:
+            on_file(a.relpath)
         key = a.relpath.split("/", 1)[0]
         flat = prepared[key].flat
         path = os.path.join(root, a.relpath)

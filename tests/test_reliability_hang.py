@@ -93,7 +93,11 @@ def test_a_rank_hung_in_a_load_is_named_by_the_others(tmp_path):
 
 @pytest.mark.slow
 def test_a_slow_write_times_out_naming_the_slow_rank(tmp_path):
-    _check(run_ranks(2, _slow_write, str(tmp_path), [1], timeout=90), [1], "write")
+    results = run_ranks(2, _slow_write, str(tmp_path), [1], timeout=90)
+    _check(results, [1], "write")
+    # ... and the file it was stuck writing (the rank notes each file it starts in the store).
+    assert "rank 1: 'prepare', then was writing " in results[0]["message"], results[0]
+    assert ".safetensors" in results[0]["message"].split("then was writing ", 1)[1], results[0]
 
 
 @pytest.mark.slow

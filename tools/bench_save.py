@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -133,12 +134,16 @@ def supports_async(coord: CheckpointCoordinator) -> bool:
 
 def interleaved(cases: dict[str, tuple[Callable[[], object], Callable[[], object] | None]], repeats: int
                 ) -> dict[str, float]:
-    """Median seconds per case, running the cases round-robin so drifting conditions (other load, the
-    disk's write-back) hit every case alike, after one untimed warm-up round. Before each run: its
-    setup, then os.sync() so no case pays for another's dirty pages."""
+    """Median seconds per case. The cases run in rounds, in a new (seeded) order each round, so drifting
+    conditions and the disk's history hit every case alike, after one untimed warm-up round. Before each
+    run: its setup, then os.sync() so no case pays for another's dirty pages."""
     times: dict[str, list[float]] = {name: [] for name in cases}
+    order = list(cases)
+    shuffle = random.Random(0).shuffle
     for round_ in range(repeats + 1):
-        for name, (fn, setup) in cases.items():
+        shuffle(order)  # a fixed order lets the disk's history land on the same case every round
+        for name in order:
+            fn, setup = cases[name]
             if setup:
                 setup()
             os.sync()
