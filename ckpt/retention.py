@@ -93,7 +93,7 @@ class KeepLatest:
         if self.n is None:
             return {c.path: "latest" if i == len(checkpoints) - 1 else "no save_total_limit"
                     for i, c in enumerate(checkpoints)}
-        return {c.path: "latest" for c in checkpoints[len(checkpoints) - self.n:]}
+        return {c.path: "latest" for c in checkpoints[max(0, len(checkpoints) - self.n):]}  # n may exceed the count
 
 
 @dataclass(frozen=True)

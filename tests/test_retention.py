@@ -113,6 +113,23 @@ def test_newest_k_plus_best_n_as_metrics_rise_and_fall(tmp_path, caplog):
     assert json.loads((tmp_path / POLICY_NAME).read_text())["preserve_n_best"] == 2
 
 
+@pytest.mark.parametrize("limit,n", [(3, None), (4, 2), (5, 1), (3, 3)])
+def test_every_save_leaves_what_the_policy_says_for_larger_limits(tmp_path, limit, n):
+    losses = [0.9, 0.5, 0.7, 0.3, 0.8, 0.6, 0.95, 0.85, 0.4]
+    coord = CheckpointCoordinator(tmp_path, retention=RetentionPolicy(
+        save_total_limit=limit, preserve_n_best=n, best_model_metric="eval_loss" if n else None))
+    for step, loss in enumerate(losses, start=1):  # checked after every save, while fewer than `limit` exist too
+        coord.save(step, _components(step), {"eval_loss": loss})
+        history = dict(enumerate(losses[:step], start=1))
+        assert _steps_on_disk(tmp_path) == _oracle(history, limit, n or 0, False), step
+
+
+def test_a_limit_above_the_count_keeps_everything():
+    infos = [CheckpointInfo(s, f"/r/checkpoint-{s}", {}) for s in (1, 2, 3)]
+    decision = RetentionPolicy(save_total_limit=5).decide(infos)
+    assert [c.step for c in decision.kept] == [1, 2, 3] and not decision.dropped
+
+
 def test_ties_go_to_the_older_checkpoint(tmp_path):
     coord = CheckpointCoordinator(tmp_path, retention=RetentionPolicy(
         save_total_limit=1, preserve_n_best=1, best_model_metric="eval_loss"))
