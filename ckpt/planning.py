@@ -100,9 +100,14 @@ def balance(pieces: Sequence[tuple[Piece, int]], bins: int) -> list[list[Piece]]
     least loaded writer; ties go to the lower index). Deterministic for the same input."""
     loads = [0] * bins
     out: list[list[Piece]] = [[] for _ in range(bins)]
+    holds: list[set[str]] = [set() for _ in range(bins)]
     for piece, nbytes in sorted(pieces, key=lambda item: (-item[1], item[0].name, item[0].start or 0)):
-        target = min(range(bins), key=lambda i: (loads[i], i))
+        # Two pieces of one tensor in one file would share a name there; `split` cuts a tensor into at most
+        # `bins` pieces, so a writer without one is always left.
+        free = [i for i in range(bins) if piece.name not in holds[i]] or range(bins)
+        target = min(free, key=lambda i: (loads[i], i))
         out[target].append(piece)
+        holds[target].add(piece.name)
         loads[target] += nbytes
     return out
 
