@@ -15,7 +15,7 @@ from .component import SharingPattern, StateComponent, ValidationLevel
 from .errors import CheckpointError
 from .layout import MANIFEST_NAME
 from .manifest import ComponentEntry, FileEntry, Manifest, plain_metrics
-from .planning import ComponentDecl, ComponentPlan, FileAssignment, Piece
+from .planning import MIN_CHUNK_BYTES, ComponentDecl, ComponentPlan, FileAssignment, Piece, balance
 from .serialization import FlatState, flatten_state
 from .staging import StagingPool
 from .storage import Storage
@@ -69,6 +69,21 @@ def declare(snap: Snapshot, is_planner: bool) -> PreparedComponent:
     return PreparedComponent(decl, snap.flat, table)
 
 
+# A writer's tensors for one component are spread over several files once they pass this size, up to one
+# file per I/O thread, so the writer's threads write them (and a load reads them) in parallel.
+MIN_SPLIT_FILE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class _FileJob:
+    """One file to write: a planned assignment, or one of the files a large tensors assignment became."""
+
+    assignment: FileAssignment
+    relpath: str
+    entries: tuple[tuple[str, torch.Tensor], ...] = ()
+    chunks: Mapping[str, ChunkInfo] | None = None
+
+
 def write_files(storage: Storage, root: str, assignments: Sequence[FileAssignment],
                 prepared: Mapping[str, PreparedComponent], rank: int, threads: int = 1,
                 on_file: Callable[[str], None] | None = None) -> list[dict]:
@@ -76,36 +91,76 @@ def write_files(storage: Storage, root: str, assignments: Sequence[FileAssignmen
     `on_file(relpath)` is called as each file starts. Returns one record per file written."""
     for folder in sorted({os.path.dirname(os.path.join(root, a.relpath)) for a in assignments}):
         storage.makedirs(folder)
+    jobs = [job for a in assignments for job in _jobs(a, prepared, rank, threads)]
 
-    def write_one(a: FileAssignment) -> dict | None:
+    def write_one(job: _FileJob) -> dict:
         if on_file is not None:
-            on_file(a.relpath)
-        key = a.relpath.split("/", 1)[0]
-        flat = prepared[key].flat
-        path = os.path.join(root, a.relpath)
-        if a.kind == "state":
-            return _record(a, write_blob(storage, path, flat.skeleton))
-        pieces = [Piece(n) for n in flat.tensors] if a.pieces is None else list(a.pieces)
-        if not pieces:
-            return None
-        missing = sorted({p.name for p in pieces if p.name not in flat.tensors})
-        if missing:
-            raise CheckpointError(f"component {key!r}: rank {rank} was assigned tensors {missing[:5]} that its "
-                                  "state does not have; the replicas do not hold the same tensors")
-        entries, chunks = _cut(pieces, flat.tensors)
+            on_file(job.relpath)
+        path = os.path.join(root, job.relpath)
+        if job.assignment.kind == "state":
+            key = job.relpath.split("/", 1)[0]
+            return _record(job, write_blob(storage, path, prepared[key].flat.skeleton))
         try:
-            return _record(a, write_safetensors(storage, path, entries, chunks=chunks))
+            return _record(job, write_safetensors(storage, path, job.entries, chunks=job.chunks))
         except TypeError as exc:
-            raise CheckpointError(f"component {key!r}: {exc}") from exc
+            raise CheckpointError(f"component {job.relpath.split('/', 1)[0]!r}: {exc}") from exc
 
-    records = parallel_map(write_one, list(assignments), threads, "ckpt-write")
+    records = parallel_map(write_one, jobs, threads, "ckpt-write")
     for folder in sorted({os.path.dirname(os.path.join(root, a.relpath)) for a in assignments}):
         storage.fsync_dir(folder)
-    return [r for r in records if r is not None]
+    return records
+
+
+def _jobs(a: FileAssignment, prepared: Mapping[str, PreparedComponent], rank: int, threads: int) -> list[_FileJob]:
+    """The files one assignment becomes: itself, nothing (no tensors), or several for a large one."""
+    if a.kind == "state":
+        return [_FileJob(a, a.relpath)]
+    key = a.relpath.split("/", 1)[0]
+    tensors = prepared[key].flat.tensors
+    pieces = [Piece(n) for n in tensors] if a.pieces is None else list(a.pieces)
+    if not pieces:
+        return []
+    missing = sorted({p.name for p in pieces if p.name not in tensors})
+    if missing:
+        raise CheckpointError(f"component {key!r}: rank {rank} was assigned tensors {missing[:5]} that its "
+                              "state does not have; the replicas do not hold the same tensors")
+    sized = [(p, _piece_bytes(p, tensors[p.name])) for p in pieces]
+    count = min(threads, -(-sum(n for _, n in sized) // MIN_SPLIT_FILE_BYTES))
+    if count <= 1:
+        return [_FileJob(a, a.relpath, *_cut(pieces, tensors))]
+    stem, ext = a.relpath.rsplit(".", 1)
+    groups = balance(_recut(sized, tensors, count), count)
+    return [_FileJob(a, f"{stem}.file-{i}-of-{count}.{ext}", *_cut(group, tensors))
+            for i, group in enumerate(groups, start=1) if group]
+
+
+def _piece_bytes(p: Piece, tensor: torch.Tensor) -> int:
+    stop = tensor.numel() if p.stop is None else p.stop
+    return (stop - (p.start or 0)) * tensor.element_size()
+
+
+def _recut(sized: Sequence[tuple[Piece, int]], tensors: Mapping[str, torch.Tensor], count: int
+           ) -> list[tuple[Piece, int]]:
+    """Pieces cut further so `count` files can hold about the same bytes (at most `count` cuts of one)."""
+    share = max(-(-sum(n for _, n in sized) // count), MIN_CHUNK_BYTES)
+    out: list[tuple[Piece, int]] = []
+    for p, nbytes in sized:
+        tensor = tensors[p.name]
+        itemsize = tensor.element_size()
+        # A strided tensor would be copied once per cut (reshape); it stays whole.
+        if nbytes <= share or nbytes < 2 * MIN_CHUNK_BYTES or itemsize == 0 or not tensor.is_contiguous():
+            out.append((p, nbytes))
+            continue
+        start = p.start or 0
+        stop = tensor.numel() if p.stop is None else p.stop
+        per = -(-(stop - start) // min(count, -(-nbytes // share)))
+        out += [(Piece(p.name, s, min(s + per, stop)), (min(s + per, stop) - s) * itemsize)
+                for s in range(start, stop, per)]
+    return out
 
 
 def _cut(pieces: Sequence[Piece], tensors: Mapping[str, torch.Tensor]
-         ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, ChunkInfo]]:
+         ) -> tuple[tuple[tuple[str, torch.Tensor], ...], dict[str, ChunkInfo]]:
     """The (name, tensor) entries of a file: whole tensors, or 1-D views of a range of a flattened one."""
     entries, chunks = [], {}
     for p in pieces:
@@ -116,15 +171,16 @@ def _cut(pieces: Sequence[Piece], tensors: Mapping[str, torch.Tensor]
         stop = p.stop if p.stop is not None else tensor.numel()
         entries.append((p.name, tensor.detach().reshape(-1)[p.start: stop]))
         chunks[p.name] = ChunkInfo(tuple(tensor.shape), p.start, stop)
-    return entries, chunks
+    return tuple(entries), chunks
 
 
-def _record(a: FileAssignment, w: WrittenFile) -> dict:
+def _record(job: _FileJob, w: WrittenFile) -> dict:
     def plain(t: TensorInfo) -> list:
         chunk = None if t.chunk is None else [list(t.chunk.shape), t.chunk.start, t.chunk.stop]
         return [t.name, t.dtype, list(t.shape), chunk]
 
-    return {"path": a.relpath, "kind": a.kind, "writer_rank": a.writer, "owner": a.owner, "nbytes": w.nbytes,
+    a = job.assignment
+    return {"path": job.relpath, "kind": a.kind, "writer_rank": a.writer, "owner": a.owner, "nbytes": w.nbytes,
             "xxh3_128": w.digest, "tensors": [plain(t) for t in w.tensors]}
 
 
