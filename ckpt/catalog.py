@@ -13,11 +13,18 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import CheckpointError
 from .layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkpoints, resolve_checkpoint
 from .manifest import read_manifest
-from .retention import BestCheckpoint, CheckpointInfo, RetentionDecision, RetentionPolicy
+from .retention import (
+    BestCheckpoint,
+    CheckpointInfo,
+    RetentionDecision,
+    RetentionPolicy,
+    infer_greater_is_better,
+)
 from .storage import Storage
 
 log = logging.getLogger("ckpt")
@@ -125,6 +132,72 @@ def write_policy(storage: Storage, run_dir: str, policy: RetentionPolicy) -> Non
     tmp = path + ".tmp"
     storage.write_file(tmp, [(json.dumps(policy.to_plain(), indent=1) + "\n").encode()])
     storage.rename(tmp, path)
+
+
+# ---- a policy given in part (the `ckpt` command's flags) ----------------------------------------
+
+CLI, RECORDED = "command line", "recorded by the run"
+
+
+@dataclass(frozen=True)
+class AppliedPolicy:
+    """The policy `ckpt ls`/`prune` apply, where each of its options came from, and a summary of that."""
+
+    policy: RetentionPolicy | None
+    sources: dict[str, str]  # option -> CLI or RECORDED, for the options that are set or were given
+    source: str
+
+    def text(self) -> str:
+        return f"{self.policy.describe()} ({self.source})" if self.policy else self.source
+
+
+def layer_policy(storage: Storage, run_dir: str, given: Mapping[str, Any], flags: Mapping[str, str]
+                 ) -> AppliedPolicy:
+    """The run's recorded policy with the `given` options laid over it. `flags` names each option as the
+    caller's user typed it (for messages). A 0 for keep_every_n_steps turns that rule off; a new metric
+    drops the recorded direction (it belonged to the recorded metric)."""
+    recorded = read_policy(storage, run_dir)
+    fields = (recorded or RetentionPolicy()).to_plain()
+    sources = {k: RECORDED for k, v in fields.items() if v is not None}
+    if not given:
+        return AppliedPolicy(recorded, sources, RECORDED if recorded else "the run recorded none: nothing is deleted")
+    if given.get("best_model_metric", fields["best_model_metric"]) != fields["best_model_metric"]:
+        fields["best_model_greater_is_better"] = None
+        sources.pop("best_model_greater_is_better", None)
+    for key, value in given.items():
+        fields[key] = None if key == "keep_every_n_steps" and value == 0 else value
+        sources[key] = CLI
+    _check_layered(fields, sources, flags, os.path.join(run_dir, POLICY_NAME))
+    named = [flags[k] if k != "best_model_greater_is_better" or given[k] else "--lower-is-better"
+             for k in flags if k in given]
+    source = CLI if RECORDED not in sources.values() else (
+        f"{', '.join(named)} from the command line, the rest {RECORDED} in {POLICY_NAME}")
+    return AppliedPolicy(RetentionPolicy(**fields), sources, source)
+
+
+def _check_layered(fields: dict[str, Any], sources: dict[str, str], flags: Mapping[str, str], recorded_at: str
+                   ) -> None:
+    """RetentionPolicy's checks, worded with the caller's flags (or the file an option was recorded in)."""
+    def name(key: str) -> str:
+        value = fields[key]
+        return f"{flags[key]} {value}" if sources.get(key) == CLI else f"{key}={value!r} (recorded in {recorded_at})"
+
+    k, n, metric = fields["save_total_limit"], fields["preserve_n_best"], fields["best_model_metric"]
+    metric_flag = flags["best_model_metric"]
+    if k is not None and k < 1:
+        raise ValueError(f"{name('save_total_limit')} must be at least 1 (the newest checkpoint is always kept)")
+    if n is not None and n < 0:
+        raise ValueError(f"{name('preserve_n_best')} must be 0 or more (0 turns the best-N rule off)")
+    if (fields["keep_every_n_steps"] or 0) < 0:
+        raise ValueError(f"{name('keep_every_n_steps')} must be 1 or more (0 turns the rule off)")
+    if metric is not None and not metric.strip():
+        raise ValueError(f"{metric_flag} needs a metric name, such as {metric_flag} eval_loss")
+    if n and metric is None:
+        raise ValueError(f"{name('preserve_n_best')} needs {metric_flag} M, the metric to rank checkpoints by "
+                         f"(e.g. {metric_flag} eval_loss)")
+    if metric is not None and fields["best_model_greater_is_better"] is None and infer_greater_is_better(metric) is None:
+        raise ValueError(f"cannot tell from {name('best_model_metric')} whether higher or lower is better; pass "
+                         "--greater-is-better or --lower-is-better")
 
 
 # ---- deleting ------------------------------------------------------------------------------------

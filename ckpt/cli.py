@@ -1,7 +1,8 @@
 """The `ckpt` command: list, inspect, verify, diff, export, prune and pin checkpoints (see docs/cli.md).
 
 Every subcommand takes `--json`. Errors are one line on stderr with exit status 2 (`verify` exits 1 when
-files are bad, `diff` exits 1 when the checkpoints differ); set CKPT_DEBUG=1 to see a traceback instead.
+files are bad, `diff` exits 1 when the checkpoints differ); with `--json` the error is `{"error": ...}` on
+stdout instead, with the same status. Set CKPT_DEBUG=1 to see a traceback instead.
 """
 
 from __future__ import annotations
@@ -14,11 +15,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .catalog import apply_decision, human_size, pin_checkpoint, read_policy, scan, unpin_checkpoint
-from .errors import CheckpointError, CheckpointNotFoundError
+from .catalog import (
+    AppliedPolicy,
+    apply_decision,
+    human_size,
+    layer_policy,
+    pin_checkpoint,
+    scan,
+    unpin_checkpoint,
+)
+from .errors import CheckpointError, CheckpointNotFoundError, RunDirInUseError
 from .export import export_component
 from .inspection import Progress, describe, diff, open_checkpoint, verify
 from .layout import MANIFEST_NAME, list_partials, parse_step
+from .lock import RunDirLock
 from .reshape import load_plan, mesh_picture, parse_shape, saved_mesh
 from .retention import CheckpointInfo, RetentionDecision, RetentionPolicy
 from .storage import LocalStorage
@@ -81,24 +91,30 @@ def _progress(args: argparse.Namespace, label: str) -> Progress | None:
 # ---- policy for ls / prune -----------------------------------------------------------------------
 
 def _add_policy_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("retention policy (default: the one the run recorded in retention_policy.json)")
+    g = p.add_argument_group("retention policy (default: the one the run recorded in retention_policy.json; "
+                             "flags given replace only those parts of it)")
     g.add_argument("--save-total-limit", type=int, metavar="K", help="keep the newest K checkpoints")
-    g.add_argument("--preserve-n-best", type=int, metavar="N", help="also keep the N best by --metric")
+    g.add_argument("--preserve-n-best", type=int, metavar="N", help="also keep the N best by --metric (0: off)")
     g.add_argument("--metric", metavar="M", help="metric to rank by (looked up as given, then as eval_M)")
     way = g.add_mutually_exclusive_group()
     way.add_argument("--greater-is-better", dest="greater", action="store_true", default=None,
                      help="higher values of --metric are better")
     way.add_argument("--lower-is-better", dest="greater", action="store_false", help="lower values are better")
-    g.add_argument("--keep-every-n-steps", type=int, metavar="S", help="also keep steps that are multiples of S")
+    g.add_argument("--keep-every-n-steps", type=int, metavar="S",
+                   help="also keep steps that are multiples of S (0: off)")
 
 
-def _policy(args: argparse.Namespace, run_dir: str) -> tuple[RetentionPolicy | None, str]:
-    flags = (args.save_total_limit, args.preserve_n_best, args.metric, args.greater, args.keep_every_n_steps)
-    if any(f is not None for f in flags):
-        return RetentionPolicy(args.save_total_limit, args.preserve_n_best, args.metric, args.greater,
-                               args.keep_every_n_steps), "command line"
-    recorded = read_policy(LocalStorage(), run_dir)
-    return recorded, "recorded by the run" if recorded else "the run recorded none: nothing is deleted"
+_FLAGS = {"save_total_limit": "--save-total-limit", "preserve_n_best": "--preserve-n-best",
+          "best_model_metric": "--metric", "best_model_greater_is_better": "--greater-is-better",
+          "keep_every_n_steps": "--keep-every-n-steps"}
+
+
+def _policy(args: argparse.Namespace, run_dir: str) -> AppliedPolicy:
+    """The run's recorded policy with the options given on the command line laid over it."""
+    given = {"save_total_limit": args.save_total_limit, "preserve_n_best": args.preserve_n_best,
+             "best_model_metric": args.metric, "best_model_greater_is_better": args.greater,
+             "keep_every_n_steps": args.keep_every_n_steps}
+    return layer_policy(LocalStorage(), run_dir, {k: v for k, v in given.items() if v is not None}, _FLAGS)
 
 
 def _run_dir(path: str) -> str:
@@ -128,7 +144,8 @@ def _decide(run_dir: str, policy: RetentionPolicy | None) -> tuple[list[Checkpoi
 
 def cmd_ls(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args.run_dir)
-    policy, source = _policy(args, run_dir)
+    applied = _policy(args, run_dir)
+    policy = applied.policy
     infos, decision, next_to_go = _decide(run_dir, policy)
     by_path = {c.path: c for c in decision.checkpoints}
     rows = []
@@ -145,17 +162,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
                      "reasons": [], "drop_reason": "unfinished save: never loaded, removed by the next save",
                      "next_to_go": False, "error": None})
     if args.json:
-        _json({"run_dir": run_dir, "policy": policy.to_plain() if policy else None, "policy_source": source,
-               "checkpoints": rows, "best": decision.to_plain()["best"]})
+        _json({"run_dir": run_dir, **_policy_plain(applied), "checkpoints": rows,
+               "best": decision.to_plain()["best"]})
         return EXIT_OK
-    _out(f"{run_dir}: {len(infos)} committed checkpoints; policy: "
-         + (f"{policy.describe()} ({source})" if policy else source))
+    _out(f"{run_dir}: {len(infos)} committed checkpoints; policy: {applied.text()}")
     if rows:
         _out(table(["CHECKPOINT", "STEP", "CREATED (UTC)", "SIZE", "METRICS", "STATUS"],
                    [[r["name"], r["step"], _time(r["created_utc"]), human_size(r["nbytes"]),
                      "manifest unreadable" if r["error"] else _metrics(r["metrics"]), _status(r)] for r in rows],
                    right=(1, 3)))
     return EXIT_OK
+
+
+def _policy_plain(applied: AppliedPolicy) -> dict[str, Any]:
+    return {"policy": applied.policy.to_plain() if applied.policy else None, "policy_source": applied.source,
+            "policy_sources": applied.sources}
 
 
 def _status(r: dict) -> str:
@@ -170,23 +191,59 @@ def _du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
 
 
+def _lock_run_dir(run_dir: str, args: argparse.Namespace) -> tuple[RunDirLock | None, dict | None]:
+    """Take the run dir's lock, as a live job's coordinator holds it: (our hold, None), or (None, the holder)
+    when another process holds it and this is a dry run or --force. Otherwise an error naming the holder."""
+    try:
+        return RunDirLock.acquire(run_dir), None
+    except RunDirInUseError as exc:
+        if args.dry_run or args.force:
+            return None, exc.holder or {"pid": None}
+        raise CheckpointError(
+            f"{run_dir} is in use by a live job: {_holder_text(exc.holder)} holds its lock ({exc.path}); pruning "
+            "now could delete the checkpoint that job resumed from or is loading. Let the job's own saves apply "
+            "its policy, or stop it first; pass --force to prune anyway", path=run_dir) from None
+    except OSError as exc:  # a read-only run dir: nothing can be deleted there either
+        if args.dry_run or args.force:
+            return None, None
+        raise CheckpointError(f"cannot take {run_dir}'s lock to prune it ({exc}); pass --force to prune without "
+                              "it", path=run_dir) from None
+
+
+def _holder_text(holder: dict | None) -> str:
+    if not holder or holder.get("pid") is None:
+        return "another process (it left no details)"
+    return f"pid {holder['pid']} on host {holder.get('host', '?')} (started {holder.get('started_utc', '?')})"
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args.run_dir)
-    policy, source = _policy(args, run_dir)
+    applied = _policy(args, run_dir)
+    policy = applied.policy
     if policy is None:
         raise CheckpointError(f"{run_dir} has no recorded retention policy; pass one, e.g. --save-total-limit 3 "
                               "--preserve-n-best 2 --metric eval_loss")
-    _, decision, _ = _decide(run_dir, policy)
-    outcome = apply_decision(LocalStorage(), decision, dry_run=args.dry_run)
+    lock, holder = _lock_run_dir(run_dir, args)
+    try:
+        _, decision, _ = _decide(run_dir, policy)
+        outcome = apply_decision(LocalStorage(), decision, dry_run=args.dry_run)
+    finally:
+        if lock is not None:
+            lock.release()
     reasons = {c.path: c.drop_reason for c in decision.dropped}
     if args.json:
-        _json({"run_dir": run_dir, "policy": policy.to_plain(), "policy_source": source, "dry_run": args.dry_run,
+        _json({"run_dir": run_dir, **_policy_plain(applied), "dry_run": args.dry_run,
+               "lock_holder": holder, "forced": holder is not None and not args.dry_run,
                "deleted": [{"path": p, "reason": reasons[p]} for p in outcome.deleted],
                "failed": [{"path": p, "error": e} for p, e in outcome.failed],
                "kept": [{"path": c.path, "reasons": list(c.reasons)} for c in decision.kept]})
         return EXIT_ERROR if outcome.failed else EXIT_OK
     verb = "would delete" if args.dry_run else "deleted"
-    _out(f"policy: {policy.describe()} ({source})")
+    if holder is not None:
+        sys.stderr.write(f"warning: {_holder_text(holder)} holds {run_dir}'s lock (a live job); "
+                         + ("a prune without --dry-run is refused unless --force\n" if args.dry_run else
+                            "pruning anyway (--force): that job's resumed-from checkpoint is not protected\n"))
+    _out(f"policy: {applied.text()}")
     rows = [[verb, os.path.basename(p), reasons[p]] for p in outcome.deleted]
     rows += [["FAILED", os.path.basename(p), e] for p, e in outcome.failed]
     rows += [["keep", os.path.basename(c.path), ", ".join(c.reasons)] for c in decision.kept]
@@ -320,8 +377,21 @@ def _pin_command(pin: bool) -> Callable[[argparse.Namespace], int]:
 
 # ---- entry point ---------------------------------------------------------------------------------
 
+class _UsageError(Exception):
+    def __init__(self, parser: argparse.ArgumentParser, message: str):
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises usage errors instead of exiting, so that `main` can report them as JSON under --json."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(self, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ckpt", description="Inspect and manage ckpt checkpoints.")
+    parser = _Parser(prog="ckpt", description="Inspect and manage ckpt checkpoints.")
     parser.add_argument("--version", action="version", version=f"ckpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -355,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("prune", cmd_prune, "apply a retention policy to a run now")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    p.add_argument("--force", action="store_true",
+                   help="prune even while another process (a live job) holds the run dir's lock")
     _add_policy_flags(p)
     p = command("pin", _pin_command(True), "protect a checkpoint from every retention policy")
     p.add_argument("checkpoint", metavar="CKPT")
@@ -363,9 +435,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(command: str, text: str, as_json: bool, status: int = EXIT_ERROR) -> int:
+    if as_json:
+        _json({"error": text, "command": command, "exit_status": status})
+    else:
+        sys.stderr.write(f"ckpt {command}: error: {text}\n")
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `ckpt` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as exc:
+        if "--json" in argv:
+            return _fail(exc.parser.prog.removeprefix("ckpt "), str(exc), True)
+        exc.parser.print_usage(sys.stderr)
+        sys.stderr.write(f"{exc.parser.prog}: error: {exc}\n")
+        return EXIT_ERROR
     try:
         return args.func(args)
     except BrokenPipeError:  # `ckpt ls ... | head`
@@ -379,9 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         known = isinstance(exc, CheckpointError | OSError | ValueError)
         text = " ".join(str(exc).split()) or type(exc).__name__
-        prefix = "" if known else f"unexpected {type(exc).__name__}: "
-        sys.stderr.write(f"ckpt {args.command}: error: {prefix}{text}\n")
-        return EXIT_ERROR
+        return _fail(args.command, text if known else f"unexpected {type(exc).__name__}: {text}", args.json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Tensors keep their key paths as names (a model's `0.weight` stays `0.weight`; ne
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from .component import SharingPattern
 from .errors import CheckpointError
 from .inspection import Opened, Progress, copy_label, owners, read_copy
 from .loading import checked_path
-from .manifest import ComponentEntry
+from .manifest import ComponentEntry, FileEntry
 from .serialization import join_path, unflatten_state
 from .storage import LocalStorage
 from .tensor_io import read_blob, write_safetensors
@@ -107,12 +107,18 @@ def _non_tensor_paths(value: Any, path: str = "") -> list[str]:
     return [path or "(root)"]
 
 
-def _left_out(ck: Opened, key: str, owner: int | None, tensors: dict[str, torch.Tensor]) -> list[str]:
-    skeletons = [f for f in ck.manifest.components[key].files_for(owner) if f.kind == "state"]
-    if not skeletons:
+def _skeleton(entry: ComponentEntry, owner: int | None) -> FileEntry | None:
+    """The copy's msgpack file: the state around its tensors (None when the copy is tensors only)."""
+    return next((f for f in entry.files_for(owner) if f.kind == "state"), None)
+
+
+def _left_out(ck: Opened, key: str, owner: int | None, tensors: dict[str, torch.Tensor],
+              on_file: Callable[[int], None]) -> list[str]:
+    s = _skeleton(ck.manifest.components[key], owner)
+    if s is None:
         return []
-    s = skeletons[0]
     raw = read_blob(ck.storage, checked_path(ck.path, s, key), s.nbytes, s.xxh3_128, key)
+    on_file(s.nbytes)
     return _non_tensor_paths(unflatten_state(raw, tensors, key))
 
 
@@ -125,7 +131,10 @@ def export_component(ck: Opened, key: str, output: str, *, rank: int | None = No
         raise CheckpointError(f"{ck.path} has no component {key!r}; it has {sorted(ck.manifest.components)}")
     chosen = select_copies(entry, key, rank, group, node, concat_dim)
     labels = [copy_label(entry.pattern, o) or "the single copy" for o in chosen]
-    total = sum(f.nbytes for o in chosen for f in entry.files_for(o))
+    # What is read: every chosen copy's tensor files, and the first copy's state file (for what is left out).
+    skeleton = _skeleton(entry, chosen[0])
+    total = sum(f.nbytes for o in chosen for f in entry.files_for(o) if f.kind != "state")
+    total += skeleton.nbytes if skeleton else 0
     done = [0]
 
     def on_file(nbytes: int) -> None:
@@ -135,7 +144,7 @@ def export_component(ck: Opened, key: str, output: str, *, rank: int | None = No
 
     copies = [read_copy(ck, key, owner, on_file=on_file) for owner in chosen]
     tensors = _concat(copies, labels, concat_dim, key) if concat_dim is not None else copies[0]
-    left_out = _left_out(ck, key, chosen[0], copies[0])
+    left_out = _left_out(ck, key, chosen[0], copies[0], on_file)
     how = f"concatenated along dim {concat_dim}: {', '.join(labels)}" if concat_dim is not None else labels[0]
     metadata = {"format": "pt", "ckpt.source": ck.path, "ckpt.component": key, "ckpt.step": str(ck.manifest.step),
                 "ckpt.pattern": entry.pattern.value, "ckpt.copy": how}

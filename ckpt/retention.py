@@ -26,7 +26,9 @@ EVAL_PREFIX = "eval_"
 def infer_greater_is_better(metric: str) -> bool | None:
     """True/False when the name says which way is better (see docs/retention.md), None when it cannot."""
     words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", metric).lower()
-    tokens = {t for t in re.split(r"[^a-z0-9]+", words) if t}
+    # Tokens of the camel-case split ("trainLoss" -> train, loss) and of the name as written, lowercased:
+    # the split alone turns an acronym with a lowercase head ("mAP", "eval_mAP", "mAP50") into "m_ap".
+    tokens = {t for text in (words, metric.lower()) for t in re.split(r"[^a-z0-9]+", text) if t}
     tokens |= {t.rstrip("0123456789") for t in tokens}
     squashed = words.replace("_", "")
 
@@ -300,7 +302,10 @@ class RetentionPolicy:
         parts = [f"save_total_limit={self.save_total_limit}"]
         if self.best_model_metric is not None:
             way = "higher" if self.greater_is_better else "lower"
-            parts.append(f"preserve_n_best={self.preserve_n_best} by {self.best_model_metric} ({way} is better)")
+            if self.preserve_n_best:
+                parts.append(f"preserve_n_best={self.preserve_n_best} by {self.best_model_metric} ({way} is better)")
+            else:  # the metric still ranks coord.best(); no checkpoint is kept for it
+                parts.append(f"no best-N rule (best_model_metric={self.best_model_metric}, {way} is better)")
         if self.keep_every_n_steps is not None:
             parts.append(f"keep_every_n_steps={self.keep_every_n_steps}")
         return ", ".join(parts)

@@ -87,9 +87,10 @@ def test_ls_shows_why_each_checkpoint_is_kept_and_flags_partials(run, capsys):
     status_col = lines[1].index("STATUS")
     assert [ln[status_col:].split(":")[0] for ln in lines[2:]] == ["keep", "keep", "keep", "PARTIAL"]
     assert "best #1 (eval_loss=0.4)" in lines[2]
-    code, data = _json_cli(capsys, "ls", str(run_dir), "--save-total-limit", "1")
-    assert [r["keep"] for r in data["checkpoints"][:3]] == [False, False, True]
-    assert data["policy_source"] == "command line"
+    code, data = _json_cli(capsys, "ls", str(run_dir), "--save-total-limit", "1")  # over the recorded best-1
+    assert [r["keep"] for r in data["checkpoints"][:3]] == [True, False, True]
+    assert data["policy_sources"]["save_total_limit"] == "command line"
+    assert data["policy_sources"]["preserve_n_best"] == "recorded by the run"
 
 
 def test_inspect_shows_components_and_tensors(run, capsys):

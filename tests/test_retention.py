@@ -15,6 +15,7 @@ import torch
 
 from ckpt import (
     CheckpointCoordinator,
+    CheckpointError,
     CheckpointInfo,
     RetentionPolicy,
     SharingPattern,
@@ -23,6 +24,7 @@ from ckpt import (
     unpin_checkpoint,
 )
 from ckpt.catalog import POLICY_NAME, hold, read_policy, scan
+from ckpt.manifest import plain_metrics
 from ckpt.retention import infer_greater_is_better, metric_value
 from ckpt.storage import LocalStorage
 from tests.workers import Box
@@ -61,6 +63,7 @@ def _oracle(history: dict[int, float | None], limit: int, n: int, greater: bool,
     ("ppl", False), ("eval_wer", False), ("cer", False), ("mse", False), ("val_mae", False), ("rmse", False),
     ("eval_accuracy", True), ("top1_acc", True), ("f1", True), ("precision", True), ("recall", True),
     ("auc", True), ("bleu", True), ("rouge1", True), ("map50", True), ("eval_score", True),
+    ("mAP", True), ("eval_mAP", True), ("mAP50", True), ("val/mAP@0.5", True), ("bitmapSize", None),
     ("throughput", None), ("accumulated_steps", None), ("loss_score", None), ("bitmap_size", None),
 ])
 def test_metric_direction_is_inferred_from_the_name(name, expected):
@@ -82,6 +85,26 @@ def test_bad_options_are_refused_with_the_option_and_value(kwargs, words):
     with pytest.raises(ValueError) as info:
         RetentionPolicy(**kwargs)
     assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_describe_names_only_the_rules_in_force():
+    assert RetentionPolicy(save_total_limit=2, preserve_n_best=1, best_model_metric="mAP").describe() == (
+        "save_total_limit=2, preserve_n_best=1 by mAP (higher is better)")
+    for n in (None, 0):
+        text = RetentionPolicy(save_total_limit=2, preserve_n_best=n, best_model_metric="eval_loss").describe()
+        assert text == "save_total_limit=2, no best-N rule (best_model_metric=eval_loss, lower is better)"
+
+
+@pytest.mark.parametrize("value", [torch.tensor([1.0, 2.0]), torch.zeros(0), torch.ones(2, 2)])
+def test_a_metric_that_is_not_one_number_is_refused_naming_it(tmp_path, value):
+    words = rf"metric 'm' is a Tensor of shape \{list(value.shape)}, not a single number"
+    with pytest.raises(TypeError, match=words):
+        plain_metrics({"ok": 1.0, "m": value})
+    coord = CheckpointCoordinator(tmp_path)
+    with pytest.raises(CheckpointError, match=words):
+        coord.save(1, _components(1), {"m": value})
+    coord.save(2, _components(2), {"m": torch.tensor([0.5])})  # one element is one number
+    assert scan(LocalStorage(), str(tmp_path))[-1].metrics == {"m": 0.5}
 
 
 def test_metric_lookup_tries_eval_prefix_and_keeps_zero():
