@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pydoc
+
 import pytest
 
 from ckpt import ValidationLevel
 from trainers import TrainingArguments
+from trainers.arguments import field_help
 from trainers.schedule import plan_step, planned_steps
 
 
@@ -90,3 +94,19 @@ def test_callback_requests_and_the_end_of_training():
     assert abort.stop and not abort.save
     best = _args(max_steps=50, save_steps=20, eval_steps=10, preserve_best_model=True)
     assert plan_step(best, 13, has_eval=True, want_stop=True).evaluate  # every checkpoint gets its metric
+
+
+def test_every_option_is_documented_at_run_time():
+    helps = field_help()
+    assert set(helps) == {f.name for f in dataclasses.fields(TrainingArguments)}
+    assert [name for name, text in helps.items() if len(text.strip()) < 10] == []
+    shown = pydoc.render_doc(TrainingArguments, renderer=pydoc.plaintext)  # what help(TrainingArguments) prints
+    flat = " ".join(shown.split())
+    for name, text in helps.items():
+        assert f"{name}: " in shown and " ".join(text.split()) in flat, name
+
+
+def test_on_save_error_takes_raise_or_warn():
+    assert _args().on_save_error == "raise" and _args(on_save_error="warn").on_save_error == "warn"
+    with pytest.raises(ValueError, match=r"on_save_error='ignore' must be one of \['raise', 'warn'\]"):
+        _args(on_save_error="ignore")

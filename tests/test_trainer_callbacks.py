@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
 import pytest
 import torch
 
-from ckpt import SharingPattern, read_manifest
+from ckpt import CheckpointError, SharingPattern, StateComponent, read_manifest
 from tests.test_trainer_support import Counter, LossRecorder, Regression, TinyMLP
 from trainers import SimpleTrainer, TrainerCallback, TrainingArguments, TrainingError
 
@@ -78,11 +79,41 @@ def test_two_stateful_callbacks_of_one_class_need_state_keys(tmp_path):
         _trainer(tmp_path, [Counter])
 
 
-def test_a_callback_added_after_the_checkpoint_starts_fresh(tmp_path):
+def test_a_callback_added_after_the_checkpoint_starts_fresh_with_a_warning(tmp_path, caplog):
     _trainer(tmp_path, [], max_steps=6).train()
     late = Counter()
-    _trainer(tmp_path, [late], max_steps=8, resume_from_checkpoint="latest").train()
+    with caplog.at_level(logging.WARNING, logger="trainers"):
+        _trainer(tmp_path, [late], max_steps=8, resume_from_checkpoint="latest").train()
     assert late.steps == 2
+    assert any("no state for callbacks ['Counter']" in r.getMessage() and "start fresh" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
+def test_a_removed_stateful_callback_is_ignored_with_a_warning(tmp_path, caplog):
+    _trainer(tmp_path, [Counter(), Noted(), Counter("slow")], max_steps=6).train()
+    kept = Counter("slow")
+    with caplog.at_level(logging.WARNING, logger="trainers"):
+        state = _trainer(tmp_path, [kept], max_steps=12, resume_from_checkpoint="latest").train()
+    assert state.global_step == 12 and kept.steps == 12  # the callback still there got its state back
+    warned = [r.getMessage() for r in caplog.records if "does not have" in r.getMessage()]
+    assert len(warned) == 1 and "callbacks ['Counter', 'Noted']" in warned[0], caplog.text
+    assert "callback.Counter" not in _read(os.path.join(tmp_path, "checkpoint-00000012")).components
+
+
+class WithExtra(SimpleTrainer):
+    """Saves one more component than SimpleTrainer."""
+
+    def get_state_components(self) -> list[StateComponent]:
+        return [*super().get_state_components(), StateComponent("extra", Counter(), SharingPattern.GLOBAL)]
+
+
+def test_other_components_the_run_does_not_have_still_fail_the_resume(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4)
+    WithExtra(TinyMLP(), args, train_dataset=Regression(40)).train()
+    resumed = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
+                                resume_from_checkpoint="latest")
+    with pytest.raises(CheckpointError, match=r"holds components \['extra'\] that no rank passed to load"):
+        SimpleTrainer(TinyMLP(), resumed, train_dataset=Regression(40)).train()
 
 
 class Steer(TrainerCallback):

@@ -13,6 +13,7 @@ import struct
 import pytest
 import torch
 
+from ckpt import LocalStorage, SharingPattern, ValidationLevel, read_manifest
 from tests.distributed import expect_ok, run_ranks
 from tests.test_trainer_support import LossRecorder, Regression, StopAt, TinyMLP, snapshot, warmup_then_decay
 
@@ -88,6 +89,37 @@ def _check(cfg: dict, rank: int, first: dict, resumed: dict) -> None:
         assert straight["checkpoints"] == [10, 20, 30, 40, 50, 60], where
 
 
+def _check_logged_loss(cfg: dict, per_rank: list[dict]) -> None:
+    """Each logged loss is the mean over its window of the mean over the ranks of each rank's loss."""
+    losses = [dict(r["straight"]["losses"]) for r in per_rank]
+    logged = [e for e in per_rank[0]["straight"]["log_history"] if "loss" in e]
+    assert [e["step"] for e in logged] == [7, 14, 21, 28, 35, 42, 49, 56, 60]
+    start = 0
+    for entry in logged:
+        window = range(start + 1, entry["step"] + 1)
+        expected = sum(sum(rank_losses[s] for rank_losses in losses) / len(losses) for s in window) / len(window)
+        assert entry["loss"] == pytest.approx(expected, rel=1e-12), f"{cfg['name']} step {entry['step']}"
+        start = entry["step"]
+    if len(losses) > 1:  # the ranks saw different batches: the mean is not any one rank's loss
+        assert losses[0] != losses[1]
+
+
+def _check_manifest(cfg: dict, root: str) -> None:
+    """How each component was shared, as the manifest of the last checkpoint records it."""
+    manifest = read_manifest(LocalStorage(), os.path.join(root, cfg["name"], "straight", "checkpoint-00000060"))
+    found = {k: c.pattern for k, c in manifest.components.items()}
+    if cfg["trainer"] == "simple":
+        assert found == {**dict.fromkeys(("model", "optimizer", "lr_scheduler", "trainer_state", "data"),
+                                         SharingPattern.GLOBAL), "rng": SharingPattern.PER_RANK}, found
+        return
+    rep = SharingPattern.REPLICATED
+    data = SharingPattern.GLOBAL if cfg.get("dispatch") else SharingPattern.PER_RANK
+    assert found == {"model": rep, "optimizer": rep, "lr_scheduler": rep, "trainer_state": rep, "data": data,
+                     "rng": SharingPattern.PER_RANK}, f"{cfg['name']}: {found}"
+    for key in ("model", "optimizer"):
+        assert manifest.components[key].validation_level is ValidationLevel.TENSOR, key
+
+
 def _assert_matrix(world: int, cfgs: list[dict], root: str) -> None:
     first = expect_ok(run_ranks(world, _first_phase, cfgs, root))
     second = expect_ok(run_ranks(world, _second_phase, cfgs, root))
@@ -96,6 +128,8 @@ def _assert_matrix(world: int, cfgs: list[dict], root: str) -> None:
             _check(cfg, rank, first[rank][i], second[rank][i])
             if rank:  # DDP replicas end identical
                 assert second[0][i]["model"] == second[rank][i]["model"], f"{cfg['name']} rank {rank}"
+        _check_logged_loss(cfg, [first[rank][i] for rank in range(world)])
+        _check_manifest(cfg, root)
 
 
 def test_simple_trainer_resume_is_bit_exact(tmp_path):

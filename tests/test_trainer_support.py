@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import random
 from typing import Any
 
+import numpy as np
 import torch
 
 from trainers import TrainerCallback
@@ -123,5 +125,6 @@ def snapshot(trainer: Any) -> dict[str, Any]:
         "log_history": copy.deepcopy(trainer.state.log_history),
         "step": trainer.state.global_step,
         "tokens_seen": trainer.state.tokens_seen,
-        "rng": torch.rand(4).tolist(),  # the next draw of the torch stream
+        # The next draws of the torch, Python `random` and NumPy streams (the trainer's RNGState holds all three).
+        "rng": [torch.rand(4).tolist(), random.random(), np.random.rand(2).tolist()],
     }

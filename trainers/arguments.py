@@ -1,10 +1,14 @@
-"""TrainingArguments: every option of a training run, validated once when it is built."""
+"""TrainingArguments: every option of a training run, validated once when it is built.
+
+Each field carries its documentation in `field(metadata={"help": ...})`, so it is there at run time:
+`help(TrainingArguments)`, `TrainingArguments.__doc__`, and `field_help()` for tools that build a CLI.
+"""
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from ckpt import RetentionPolicy, ValidationLevel
@@ -13,6 +17,7 @@ from .keys import EVAL_PREFIX
 from .recovery.policy import RecoveryPolicy, load_recovery_policy
 
 _BACKENDS = ("gloo", "nccl")
+SAVE_ERROR_CHOICES = ("raise", "warn")
 
 
 def _is_int(value: Any) -> bool:
@@ -23,77 +28,107 @@ def _is_int(value: Any) -> bool:
 class TrainingArguments:
     """Options of one training run. Invalid values raise ValueError naming the option, the value and the fix."""
 
-    output_dir: str | os.PathLike
-    """The run directory: checkpoints (`checkpoint-<step>/`) and `metrics.jsonl` go here. Shared by all ranks."""
-    max_steps: int
-    """Optimizer steps to train for in total (a resumed run counts the steps it resumed from)."""
-    per_device_train_batch_size: int = 8
-    """Samples per rank per step; the global batch is this times the world size."""
-    per_device_eval_batch_size: int = 8
-    """Samples per rank per evaluation batch."""
-    learning_rate: float = 1e-3
-    """Learning rate of the default optimizer (AdamW), used when no optimizer_factory is given."""
-    weight_decay: float = 0.0
-    """Weight decay of the default optimizer (AdamW)."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm to this; None never clips (the norm is still computed and logged)."""
-    logging_steps: int = 50
-    """Log the loss (mean over the window, reduced across ranks), lr, grad norm and throughput every N steps."""
-    eval_steps: int | None = None
-    """Evaluate every N steps; None evaluates only where eval_on_save forces it."""
-    save_steps: int | None = None
-    """Save a checkpoint every N steps; None saves only at the end (see save_on_train_end)."""
-    eval_on_save: bool = False
-    """Evaluate at every save step too, so every checkpoint carries the metrics retention ranks it by."""
-    save_on_train_end: bool = True
-    """Save when training ends (max_steps reached or a callback stopped it) unless that step was just saved."""
-    save_total_limit: int | None = None
-    """Keep the newest K checkpoints (plus the best ones, see preserve_best_model); None keeps all."""
-    preserve_best_model: bool = False
-    """Also keep the preserve_n_best best checkpoints by best_model_metric; False keeps only the newest."""
-    best_model_metric: str = "loss"
-    """Evaluation metric that ranks checkpoints; looked up as `eval_<name>` ("loss" means eval_loss)."""
-    best_model_greater_is_better: bool | None = None
-    """Direction of best_model_metric; None infers it from the name (loss/error: lower, accuracy/f1: higher)."""
-    preserve_n_best: int = 1
-    """How many of the best checkpoints to keep when preserve_best_model is set."""
-    keep_every_n_steps: int | None = None
-    """Also keep every checkpoint whose step is a multiple of N (never deleted by retention)."""
-    resume_from_checkpoint: str | int | os.PathLike | None = None
-    """"latest" (the newest committed checkpoint in output_dir; a fresh start when there is none), a step,
-    a checkpoint path, or None to start fresh."""
-    seed: int = 0
-    """Seed of torch, Python `random` and NumPy at the start of a fresh run (a resume restores the streams)."""
-    data_seed: int | None = None
-    """Seed of the training data order; None uses seed."""
-    shuffle: bool = True
-    """Shuffle the training data each epoch (a permutation drawn from data_seed and the epoch number)."""
-    dispatch_batches: bool = False
-    """DDP only. True: rank 0 draws each global batch and scatters slices (data state GLOBAL).
-    False: every rank draws its own slice through a distributed sampler (data state PER_RANK)."""
-    full_determinism: bool = False
-    """Call torch.use_deterministic_algorithms(True) at the start of training (bit-exact runs on CUDA too)."""
-    ddp_layout_independent_reduce: bool = True
-    """DDP only: average gradients by gathering every rank's bucket and adding the copies in rank order, so
-    the sums do not depend on DDP's bucket layout, which DDP rebuilds after its first step (also the first
-    step after a resume). Needed for bit-exact resume with more than two ranks; moves about twice the bytes
-    of DDP's ring all-reduce. False uses DDP's own all-reduce."""
-    replica_validation: ValidationLevel = ValidationLevel.TENSOR
-    """DDP only: how hard to check, at every save, that model and optimizer are identical on every rank."""
-    ddp_backend: str | None = None
-    """DDP only: "gloo" or "nccl" when the trainer initialises torch.distributed; None picks nccl with CUDA."""
-    device: str | None = None
-    """Device to train on; None: cuda (one GPU per local rank) when available, else cpu."""
-    async_save: bool = False
-    """Copy the state into CPU buffers and write checkpoints on a background thread while training goes on.
-    on_save then fires when the save is handed over; the next save, and the end of train(), wait for it."""
-    checkpoint_timeout_s: float = 1800.0
-    """How long a rank waits for the others at one step of a save or load before failing with an error."""
-    progress_bar: bool | None = None
-    """Show a progress bar on rank 0; None shows it when stderr is a terminal."""
-    recovery: str | os.PathLike | RecoveryPolicy | None = None
-    """Recovery from runs that go bad (NaN, spikes, divergence, out of memory, hangs, SIGTERM): the path of a TOML
-    file with a [recovery] table, or a trainers.recovery.RecoveryPolicy; None turns it off. docs/recovery.md."""
+    output_dir: str | os.PathLike = field(metadata={
+        "help": "The run directory: checkpoints (`checkpoint-<step>/`) and `metrics.jsonl` go here. "
+                "Shared by all ranks."})
+    max_steps: int = field(metadata={
+        "help": "Optimizer steps to train for in total (a resumed run counts the steps it resumed from)."})
+    per_device_train_batch_size: int = field(default=8, metadata={
+        "help": "Samples per rank per step; the global batch is this times the world size."})
+    per_device_eval_batch_size: int = field(default=8, metadata={
+        "help": "Samples per rank per evaluation batch."})
+    learning_rate: float = field(default=1e-3, metadata={
+        "help": "Learning rate of the default optimizer (AdamW), used when no optimizer_factory is "
+                "given."})
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "Weight decay of the default optimizer (AdamW)."})
+    max_grad_norm: float | None = field(default=1.0, metadata={
+        "help": "Clip the global gradient norm to this; None never clips (the norm is still computed and"
+                " logged)."})
+    logging_steps: int = field(default=50, metadata={
+        "help": "Log the loss (mean over the window, reduced across ranks), lr, grad norm and throughput"
+                " every N steps."})
+    eval_steps: int | None = field(default=None, metadata={
+        "help": "Evaluate every N steps (needs an eval_dataset); None evaluates only where eval_on_save "
+                "forces it."})
+    save_steps: int | None = field(default=None, metadata={
+        "help": "Save a checkpoint every N steps; None saves only at the end (see save_on_train_end)."})
+    eval_on_save: bool = field(default=False, metadata={
+        "help": "Evaluate at every save step too, so every checkpoint carries the metrics retention "
+                "ranks it by (without an eval_dataset: a warning, and no metrics)."})
+    save_on_train_end: bool = field(default=True, metadata={
+        "help": "Save when training ends (max_steps reached or a callback stopped it) unless that step "
+                "was just saved."})
+    save_total_limit: int | None = field(default=None, metadata={
+        "help": "Keep the newest K checkpoints (plus the best ones, see preserve_best_model); None keeps"
+                " all."})
+    preserve_best_model: bool = field(default=False, metadata={
+        "help": "Also keep the preserve_n_best best checkpoints by best_model_metric; False keeps only "
+                "the newest."})
+    best_model_metric: str = field(default="loss", metadata={
+        "help": "Evaluation metric that ranks checkpoints; looked up as `eval_<name>` (\"loss\" means "
+                "eval_loss)."})
+    best_model_greater_is_better: bool | None = field(default=None, metadata={
+        "help": "Direction of best_model_metric; None infers it from the name (loss/error: lower, "
+                "accuracy/f1: higher)."})
+    preserve_n_best: int = field(default=1, metadata={
+        "help": "How many of the best checkpoints to keep when preserve_best_model is set."})
+    keep_every_n_steps: int | None = field(default=None, metadata={
+        "help": "Also keep every checkpoint whose step is a multiple of N (never deleted by retention)."})
+    resume_from_checkpoint: str | int | os.PathLike | None = field(default=None, metadata={
+        "help": "\"latest\" (the newest committed checkpoint in output_dir; a fresh start when there is "
+                "none), a step (a digit string such as \"400\" from a command line too, unless a folder of "
+                "that name exists), a checkpoint path, or None to start fresh."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of torch, Python `random` and NumPy at the start of a fresh run (a resume restores"
+                " the streams)."})
+    data_seed: int | None = field(default=None, metadata={
+        "help": "Seed of the training data order; None uses seed."})
+    shuffle: bool = field(default=True, metadata={
+        "help": "Shuffle the training data each epoch (a permutation drawn from data_seed and the epoch "
+                "number)."})
+    dispatch_batches: bool = field(default=False, metadata={
+        "help": "DDP only. True: rank 0 draws each global batch and scatters slices (data state GLOBAL)."
+                " False: every rank draws its own slice through a distributed sampler (data state "
+                "PER_RANK)."})
+    full_determinism: bool = field(default=False, metadata={
+        "help": "Call torch.use_deterministic_algorithms(True) at the start of training (bit-exact runs "
+                "on CUDA too). Sets CUBLAS_WORKSPACE_CONFIG=:4096:8 when unset, as cuBLAS needs; that must "
+                "happen before CUDA starts, so building the trainer after CUDA is initialised is an error."})
+    ddp_layout_independent_reduce: bool = field(default=True, metadata={
+        "help": "DDP only: average gradients by gathering every rank's bucket and adding the copies in "
+                "rank order, so the sums do not depend on DDP's bucket layout, which DDP rebuilds after "
+                "its first step (also the first step after a resume). Needed for bit-exact resume with "
+                "more than two ranks; moves about twice the bytes of DDP's ring all-reduce. False uses "
+                "DDP's own all-reduce."})
+    replica_validation: ValidationLevel = field(default=ValidationLevel.TENSOR, metadata={
+        "help": "DDP only: how hard to check, at every save, that model and optimizer are identical on "
+                "every rank."})
+    ddp_backend: str | None = field(default=None, metadata={
+        "help": "DDP only: \"gloo\" or \"nccl\" when the trainer initialises torch.distributed; None "
+                "picks nccl with CUDA."})
+    device: str | None = field(default=None, metadata={
+        "help": "Device to train on; None: cuda (one GPU per local rank) when available, else cpu."})
+    async_save: bool = field(default=False, metadata={
+        "help": "Copy the state into CPU buffers and write checkpoints on a background thread while "
+                "training goes on. on_save then fires when the save is handed over; the next save, and "
+                "the end of train(), wait for it."})
+    checkpoint_timeout_s: float = field(default=1800.0, metadata={
+        "help": "How long a rank waits for the others at one step of a save or load before failing with "
+                "an error."})
+    progress_bar: bool | None = field(default=None, metadata={
+        "help": "Show a progress bar on rank 0; None shows it when stderr is a terminal."})
+    recovery: str | os.PathLike | RecoveryPolicy | None = field(default=None, metadata={
+        "help": "Recovery from runs that go bad (NaN, spikes, divergence, out of memory, hangs, "
+                "SIGTERM): the path of a TOML file with a [recovery] table, or a "
+                "trainers.recovery.RecoveryPolicy; None turns it off. docs/recovery.md."})
+    on_save_error: str = field(default="raise", metadata={
+        "help": "What a failed save during training does (a ckpt.CheckpointError on every rank, such as "
+                "a full disk or a storage timeout): \"raise\" ends training with it; \"warn\" logs it, "
+                "records it in the log history and metrics.jsonl (kind \"save_error\") and trains on. A "
+                "failed save leaves nothing behind, and earlier checkpoints stay as they were. Replicas "
+                "that differ (ReplicationError) and state that cannot be serialized (SerializationError)"
+                " always raise."})
 
     def __post_init__(self) -> None:
         self._check_paths_and_counts()
@@ -178,6 +213,8 @@ class TrainingArguments:
             _fail("best_model_greater_is_better", self.best_model_greater_is_better, "must be True, False or None")
         if self.progress_bar is not None and not isinstance(self.progress_bar, bool):
             _fail("progress_bar", self.progress_bar, "must be True, False or None (automatic)")
+        if self.on_save_error not in SAVE_ERROR_CHOICES:
+            _fail("on_save_error", self.on_save_error, f"must be one of {list(SAVE_ERROR_CHOICES)}")
 
     # ---- derived values --------------------------------------------------------------------------
 
@@ -219,3 +256,37 @@ class TrainingArguments:
 
 def _fail(name: str, value: Any, what: str) -> None:
     raise ValueError(f"TrainingArguments: {name}={value!r} {what}")
+
+
+def check_eval_dataset(args: TrainingArguments, *, has_eval: bool) -> str | None:
+    """Options that ask for evaluations the trainer cannot run without an eval_dataset: an error, or (where the
+    evaluation is optional) the warning to show."""
+    if has_eval:
+        return None
+    if args.preserve_best_model:
+        raise ValueError("TrainingArguments: preserve_best_model=True ranks checkpoints by an evaluation metric, "
+                         "but the trainer has no eval_dataset; pass eval_dataset, or set preserve_best_model=False")
+    if args.eval_steps is not None:
+        raise ValueError(f"TrainingArguments: eval_steps={args.eval_steps} asks for an evaluation every "
+                         f"{args.eval_steps} steps, but the trainer has no eval_dataset; pass eval_dataset, or set "
+                         "eval_steps=None")
+    if args.eval_on_save:
+        return ("TrainingArguments: eval_on_save=True, but the trainer has no eval_dataset: checkpoints are saved "
+                "without evaluation metrics. Pass eval_dataset to evaluate at each save, or set eval_on_save=False")
+    return None
+
+
+def field_help() -> dict[str, str]:
+    """Every option's documentation: field name -> help text."""
+    return {f.name: f.metadata.get("help", "") for f in fields(TrainingArguments)}
+
+
+def _generated_doc() -> str:
+    lines = [(TrainingArguments.__doc__ or "").strip(), "", "Options (name: type = default):", ""]
+    for f in fields(TrainingArguments):
+        default = "required" if f.default is MISSING else repr(f.default)
+        lines += [f"{f.name}: {f.type} = {default}", f"    {f.metadata.get('help', '')}", ""]
+    return "\n".join(lines)
+
+
+TrainingArguments.__doc__ = _generated_doc()

@@ -12,24 +12,25 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 
-from ckpt import CheckpointCoordinator, LoadResult, StateComponent
+from ckpt import CheckpointCoordinator, CheckpointError, LoadResult, StateComponent
 
-from .arguments import TrainingArguments
+from .arguments import TrainingArguments, check_eval_dataset
 from .batches import call_model, extract_loss, first_tensor, to_device
 from .callback_handler import CallbackHandler
 from .callbacks import TrainerControl
+from .checkpointing import SAVE_ERROR_KIND, load_components, resume_target, save_failure_entry, tolerates
 from .data import eval_batches
 from .keys import CALLBACK_PREFIX, EVAL_PREFIX, TRAIN_LOSS
 from .metrics_log import MetricsLogger
+from .outcomes import StepConsensus, StepOutput, TrainingError
 from .recovery.guard import guard_save
 from .recovery.policy import DIVERGENCE_ACTIONS
-from .rng import RNGState, set_seed
+from .rng import RNGState, prepare_full_determinism, set_seed
 from .schedule import StepPlan, plan_step
 from .state import TrainerState
 
@@ -39,37 +40,6 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimize
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 _UNSET: Any = object()
-
-
-class TrainingError(RuntimeError):
-    """A training step failed on some rank; raised on every rank. `ranks` are the ranks that failed."""
-
-    def __init__(self, message: str, *, ranks: Sequence[int] = (), step: int | None = None):
-        super().__init__(message)
-        self.ranks = tuple(ranks)
-        self.step = step
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """What one training step reports: this rank's loss and the gradient norm before clipping."""
-
-    loss: float
-    grad_norm: float
-    skipped: bool = False  # the optimizer step was left out (recovery: a NaN or a gradient-norm spike)
-
-
-@dataclass(frozen=True)
-class StepConsensus:
-    """One step as every rank agrees on it (summed across ranks, so identical everywhere)."""
-
-    loss: float  # mean over ranks
-    tokens: int
-    stop: bool
-    save: bool
-    evaluate: bool
-    abort: bool
-    failed_ranks: tuple[int, ...]
 
 
 class Trainer:
@@ -93,13 +63,15 @@ class Trainer:
                 raise TypeError(f"{name} must be map-style (len() and [i]); got {type(ds).__name__}")
         if train_dataset is None:
             raise ValueError("train_dataset is required")
-        if args.preserve_best_model and eval_dataset is None:
-            raise ValueError("TrainingArguments.preserve_best_model=True ranks checkpoints by an evaluation metric; "
-                             "pass eval_dataset, or set preserve_best_model=False")
+        eval_warning = check_eval_dataset(args, has_eval=eval_dataset is not None)
+        if args.full_determinism:
+            prepare_full_determinism()  # before anything here can start CUDA
         self.args = args
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.data_collator, self.loss_fn = data_collator, loss_fn
         self.rank, self.world_size = self._setup_distributed()
+        if eval_warning and self.rank == 0:
+            log.warning(eval_warning)
         self.device = self._select_device()
         self.model = self._wrap_model(model.to(self.device))
         params = self.unwrapped_model.parameters()
@@ -117,6 +89,7 @@ class Trainer:
         self.metrics_logger = MetricsLogger(self.run_dir, enabled=self.rank == 0, max_steps=args.max_steps,
                                             progress_bar=args.progress_bar)
         self._diverged = False  # a callback reported divergence (without a recovery policy)
+        self._saving_step = 0  # the step of the last save handed to the coordinator
         self.recovery = self._build_recovery()
 
     # ---- what a concrete trainer provides ---------------------------------------------------------
@@ -206,7 +179,7 @@ class Trainer:
             self.metrics_logger.close()
             if self.recovery is not None:
                 self.recovery.end()
-        self.coordinator.wait()  # the last checkpoint is committed before train() returns
+        self._wait_for_save()  # the last checkpoint is committed before train() returns
         self._call("on_train_end")
         return self.state
 
@@ -405,7 +378,8 @@ class Trainer:
         """Save every component as checkpoint `global_step` (collective); returns its path.
 
         Diverged weights are saved with their evaluation metrics replaced by NaN (never ranked best), and never
-        over an existing checkpoint; returns None when the save is left out for that (or for a rollback).
+        over an existing checkpoint; returns None when the save is left out for that (or for a rollback), or when
+        it failed and args.on_save_error="warn" (the failure is logged and recorded in the log history).
         """
         s = self.state
         recorded: dict[str, Any] | None = {TRAIN_LOSS: self._last_loss, "epoch": s.epoch, "tokens_seen": s.tokens_seen,
@@ -417,12 +391,35 @@ class Trainer:
                                   exists=lambda: any(r.step == s.global_step for r in self.coordinator.checkpoints()))
         if recorded is None:
             return None
-        path = self.coordinator.save(s.global_step, self.all_components(), metrics=recorded, overwrite=True)
+        self._wait_for_save()  # a failed background save is reported before this one starts
+        self._saving_step = s.global_step
+        try:
+            path = self.coordinator.save(s.global_step, self.all_components(), metrics=recorded, overwrite=True)
+        except CheckpointError as exc:
+            if not tolerates(self.args.on_save_error, exc):
+                raise
+            self._record_save_failure(exc)
+            return None
         self._call("on_save", checkpoint=path, metrics=recorded)
         return path
 
+    def _wait_for_save(self) -> None:
+        """Wait for a background save; its failure is raised, or recorded with on_save_error="warn"."""
+        try:
+            self.coordinator.wait()
+        except CheckpointError as exc:
+            if not tolerates(self.args.on_save_error, exc):
+                raise
+            self._record_save_failure(exc)
+
+    def _record_save_failure(self, exc: CheckpointError) -> None:
+        entry = save_failure_entry(self._saving_step, exc, rank=self.rank, latest=self.coordinator.latest())
+        self.state.log_history.append(entry)
+        self.metrics_logger.append(SAVE_ERROR_KIND, entry)
+
     def _resume_or_seed(self, resume: str | int | None) -> str | None:
         """Load the checkpoint to resume from (returns its path), or seed a fresh run (returns None)."""
+        resume = resume_target(resume, self.run_dir, self.coordinator.storage.exists)
         latest = self.coordinator.latest()
         # Rank 0's view of the run dir decides, so every rank takes the same branch.
         seen = torch.zeros(2, dtype=torch.float64)
@@ -448,7 +445,7 @@ class Trainer:
 
     def _load_checkpoint(self, checkpoint: str | int) -> LoadResult:
         """Load every component from `checkpoint` (collective). Trainers that resume across layouts override it."""
-        return self.coordinator.load(self.all_components(), checkpoint=checkpoint)
+        return load_components(self.coordinator, self.all_components(), checkpoint, rank=self.rank)
 
     def _reload(self, checkpoint: str | int) -> LoadResult:
         """Load `checkpoint` (a resume, or recovery's rollback) and pick the loop's bookkeeping up from it."""

@@ -34,6 +34,18 @@ def init_distributed(backend: str | None = None) -> None:
     dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
 
 
+def cuda_device_for_local_rank(rank: int) -> int:
+    """This rank's GPU: cuda:LOCAL_RANK (without torchrun's LOCAL_RANK: rank modulo the GPU count), checked
+    against the GPUs this process sees."""
+    count = torch.cuda.device_count()
+    local = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else rank % max(count, 1)
+    if local >= count:
+        raise ValueError(f"local rank {local} needs cuda:{local}, but this process sees {count} GPU(s) "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); launch at most "
+                         f"{count} ranks per node (torchrun --nproc-per-node {count}), or train on the CPU with gloo")
+    return local
+
+
 class DDPTrainer(Trainer):
     """Data-parallel training on every rank of the job; construct it on every rank."""
 
@@ -48,12 +60,14 @@ class DDPTrainer(Trainer):
 
     def _select_device(self) -> torch.device:
         if self.args.device is not None:
-            return torch.device(self.args.device)
-        if self.backend == "nccl" and torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count()))
-            torch.cuda.set_device(local)
-            return torch.device("cuda", local)
-        return torch.device("cpu")
+            device = torch.device(self.args.device)
+        elif self.backend == "nccl" and torch.cuda.is_available():
+            device = torch.device("cuda", cuda_device_for_local_rank(self.rank))
+        else:
+            return torch.device("cpu")
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # nccl's collectives and barriers use the current device
+        return device
 
     def _wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         ids = [self.device.index] if self.device.type == "cuda" else None

@@ -1,4 +1,9 @@
-"""What rank 0 shows and records: one log line per logging window, a progress bar, and metrics.jsonl."""
+"""What rank 0 shows and records: one log line per logging window, a progress bar, and metrics.jsonl.
+
+The log lines go through the `trainers` logger. When nothing is configured (no handler on it nor on the root
+logger), rank 0 attaches a stderr handler of its own so that they are seen; it stays quiet as soon as the user
+configures logging, so no line is shown twice.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,29 @@ def _fmt(name: str, value: Any) -> str:
     return f"{name} {value}"
 
 
+class _FallbackHandler(logging.StreamHandler):
+    """Shows the `trainers` log on stderr while logging is not configured; silent once it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers or any(h is not self for h in log.handlers):
+            return  # configured meanwhile: those handlers show it
+        self.stream = sys.stderr  # looked up at each line, so a redirected stderr gets it
+        super().emit(record)
+
+
+def show_logs_by_default() -> None:
+    """Attach the fallback handler when neither the `trainers` logger nor the root logger has a handler."""
+    if log.handlers or logging.getLogger().handlers:
+        return
+    log.addHandler(_FallbackHandler())
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+
+
 class MetricsLogger:
     """Rank 0's view of the run. On other ranks every method does nothing."""
 
@@ -34,6 +62,8 @@ class MetricsLogger:
         self.path = os.path.join(output_dir, METRICS_FILE)
         self.bar = enabled and (sys.stderr.isatty() if progress_bar is None else progress_bar)
         self._bar_shown = False
+        if enabled:
+            show_logs_by_default()
 
     def start(self, resumed_step: int | None) -> None:
         """Open the metrics file; after a resume, drop lines a crashed run wrote past the resumed step."""
@@ -59,6 +89,12 @@ class MetricsLogger:
         step = entry.get("step")
         shown = " | ".join(_fmt(k, v) for k, v in entry.items() if k != "step")
         log.info("%s step %s/%d | %s", kind, step, self.max_steps, shown)
+        self.append(kind, entry)
+
+    def append(self, kind: str, entry: dict[str, Any]) -> None:
+        """Append one line to metrics.jsonl (without a log line)."""
+        if not self.enabled:
+            return
         record = {"kind": kind, "time": round(time.time(), 3), **entry}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")

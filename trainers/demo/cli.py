@@ -1,7 +1,7 @@
 """The demo job's command line: build the model, data and trainer from flags, train, then report.
 
-Under torchrun it trains with DDPTrainer (gloo on CPU); as a plain `python -m trainers.demo` it uses
-SimpleTrainer. The run ends by printing the best checkpoints, the `ckpt ls` view of the run dir, and a
+Under torchrun it trains with DDPTrainer (gloo on CPU by default; `--device cuda`: nccl, one GPU per local rank);
+as a plain `python -m trainers.demo` it uses SimpleTrainer. The run ends by printing the best checkpoints, the `ckpt ls` view of the run dir, and a
 digest of the final parameters (equal digests mean bit-identical parameters, e.g. after a resume).
 """
 
@@ -19,6 +19,7 @@ import torch.distributed as dist
 import xxhash
 
 from trainers import DDPTrainer, SimpleTrainer, Trainer, TrainerCallback, TrainingArguments, TrainingError
+from trainers.ddp import cuda_device_for_local_rank
 from trainers.recovery import init_process_group_for_restarts
 
 from .faults import add_recovery_flags, recovery_callbacks, recovery_option, recovery_report
@@ -49,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--preserve-n-best", type=int, default=2, help="... plus the N best by eval_loss")
     run.add_argument("--dispatch-batches", action="store_true",
                      help="rank 0 draws each global batch and scatters slices (default: a sampler per rank)")
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="cpu: train on the CPU, ranks joined by gloo; cuda: rank r on cuda:LOCAL_RANK, joined by nccl")
     run.add_argument("--threads", type=int, default=None,
                      help="torch threads per rank (default: CPU cores / ranks on this node, at least 1)")
     model = p.add_argument_group("model and data")
@@ -103,7 +106,17 @@ def parameter_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def device_setup(opts: argparse.Namespace) -> tuple[str, str]:
+    """(torch.distributed backend, device) for --device: gloo and the CPU, or nccl and cuda:LOCAL_RANK."""
+    if opts.device == "cpu":
+        return "gloo", "cpu"
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda: this torch sees no CUDA device; use --device cpu")
+    return "nccl", f"cuda:{cuda_device_for_local_rank(int(os.environ.get('RANK', 0)))}"
+
+
 def build_trainer(opts: argparse.Namespace, distributed: bool) -> Trainer:
+    backend, device = device_setup(opts)
     train_data, eval_data = split(read_corpus(opts.corpus))
     cfg = GPTConfig(n_layer=opts.n_layer, n_head=opts.n_head, d_model=opts.d_model, block_size=opts.block_size,
                     dropout=opts.dropout)
@@ -114,7 +127,7 @@ def build_trainer(opts: argparse.Namespace, distributed: bool) -> Trainer:
         preserve_best_model=opts.preserve_n_best > 0, preserve_n_best=max(1, opts.preserve_n_best),
         best_model_metric="loss", resume_from_checkpoint="latest" if opts.resume else None, seed=opts.seed,
         dispatch_batches=opts.dispatch_batches, full_determinism=True, max_grad_norm=1.0,
-        recovery=recovery_option(opts))
+        recovery=recovery_option(opts), device=device, ddp_backend=backend)
     torch.manual_seed(opts.seed)  # the initial weights (the same on every rank; DDP checks it)
     model = TinyGPT(cfg)
     callbacks = [StopAtStep(opts.stop_at_step)] if opts.stop_at_step else []
@@ -144,8 +157,9 @@ def report(trainer: Trainer, opts: argparse.Namespace) -> None:
     out.write(f"\nfinal parameters at step {trainer.state.global_step}: xxh3-128 {parameter_digest(model)}\n")
     if opts.sample_bytes > 0:
         model.eval()
-        prompt = torch.tensor(list(b"Day 7. "), dtype=torch.int64)
-        text = model.generate(prompt, opts.sample_bytes, generator=torch.Generator().manual_seed(0))
+        device = next(model.parameters()).device
+        prompt = torch.tensor(list(b"Day 7. "), dtype=torch.int64, device=device)
+        text = model.generate(prompt, opts.sample_bytes, generator=torch.Generator(device=device).manual_seed(0))
         out.write("sample: " + bytes(text.tolist()).decode("ascii", errors="replace") + "\n")
     out.flush()
 
@@ -160,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         if distributed:  # before the trainer does it: a torchrun restart must not see the last attempt's keys
-            init_process_group_for_restarts()
+            init_process_group_for_restarts(device_setup(opts)[0])
         trainer = build_trainer(opts, distributed)
         trainer.train()
         if trainer.rank == 0:

@@ -1,0 +1,89 @@
+"""What a trainer adds around the coordinator's save and load.
+
+- A resume target typed on a command line ("3") means step 3 unless a folder of that name exists.
+- Callbacks may come and go between runs: state of a callback this run no longer has is read and dropped
+  (with a warning), and a callback the checkpoint does not know starts fresh (with a warning). Every other
+  component is loaded strictly.
+- With `on_save_error="warn"` a save that failed on every rank is logged and recorded, and training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ckpt import (
+    CheckpointCoordinator,
+    CheckpointError,
+    LoadResult,
+    ReplicationError,
+    SerializationError,
+    StateComponent,
+)
+
+from .keys import CALLBACK_PREFIX
+
+log = logging.getLogger("trainers")
+
+SAVE_ERROR_KIND = "save_error"  # the kind of its line in metrics.jsonl, and the key in the log history
+# A save that fails for these would fail the same way every time, or means the replicas already differ:
+# training on would only hide it.
+_ALWAYS_RAISE = (ReplicationError, SerializationError)
+
+
+def resume_target(value: Any, run_dir: str, exists: Callable[[str], bool]) -> Any:
+    """`value` as the coordinator takes it: a digit string such as "3" (from a CLI) is step 3, unless a path of
+    that name exists (as given, or inside the run dir)."""
+    if isinstance(value, str) and value.isdigit() and not exists(value) and not exists(os.path.join(run_dir, value)):
+        return int(value)
+    return value
+
+
+class _Discard:
+    """Stands in for a callback whose state the checkpoint holds but this run does not have: reads it, keeps
+    nothing."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+def load_components(coordinator: CheckpointCoordinator, components: Sequence[StateComponent],
+                    checkpoint: str | int, *, rank: int) -> LoadResult:
+    """Load `components` strictly from `checkpoint` (collective), except for callback state on either side."""
+    # Resolves the checkpoint on rank 0 and reads its manifest on every rank; applies nothing.
+    probe = coordinator.load([], checkpoint=checkpoint, strict=False)
+    manifest = probe.manifest
+    live = {c.key for c in components}
+    gone = sorted(k for k in (manifest.components if manifest else {}) if k.startswith(CALLBACK_PREFIX)
+                  and k not in live)
+    stand_ins = [StateComponent(k, _Discard(), manifest.components[k].pattern,
+                                process_group_name=manifest.components[k].process_group, required=False)
+                 for k in gone]
+    result = coordinator.load([*components, *stand_ins], checkpoint=probe.path)
+    new = [k for k in result.skipped if k.startswith(CALLBACK_PREFIX) and k in live]
+    if rank == 0 and gone:
+        log.warning("%s holds state of callbacks %s that this run does not have; ignoring it (the other "
+                    "components load as usual)", result.path, [k[len(CALLBACK_PREFIX):] for k in gone])
+    if rank == 0 and new:
+        log.warning("%s has no state for callbacks %s (added since it was saved); they start fresh",
+                    result.path, [k[len(CALLBACK_PREFIX):] for k in new])
+    return result
+
+
+def tolerates(on_save_error: str, exc: BaseException) -> bool:
+    """Whether a save's error is logged and training goes on (on_save_error="warn"), rather than raised."""
+    return on_save_error == "warn" and isinstance(exc, CheckpointError) and not isinstance(exc, _ALWAYS_RAISE)
+
+
+def save_failure_entry(step: int, exc: BaseException, *, rank: int, latest: Any) -> dict[str, Any]:
+    """Warn (rank 0) about a save that failed on every rank; the entry to record in the log history."""
+    if rank == 0:
+        kept = f"the newest checkpoint is still {latest.path}" if latest is not None else "no checkpoint exists yet"
+        log.warning("save of step %d failed on every rank; training goes on (on_save_error='warn'), %s: %s: %s",
+                    step, kept, type(exc).__name__, exc)
+    return {"step": step, SAVE_ERROR_KIND: f"{type(exc).__name__}: {exc}"}
