@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .component import SharingPattern
 from .manifest import ComponentEntry, Manifest
+from .reshard import same_groups
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,9 @@ def _action(entry: ComponentEntry, manifest: Manifest, world: int, lws: int,
     if p is SharingPattern.PER_NODE and world % lws == 0 and world // lws == manifest.topology.num_nodes:
         return "each node reads its own copy"
     if p is SharingPattern.PER_GROUP:
-        new = groups.get(entry.process_group or "", [(r,) for r in range(world)] if world == 1 else [])
-        if new and {tuple(g) for g in new} <= {tuple(s) for s in entry.replica_sets}:
+        name = entry.process_group or ""
+        new = {tuple(g) for g in groups[name]} if name in groups else {(0,)} if world == 1 else None
+        if same_groups(manifest.topology.world_size, entry.replica_sets, world, new):
             return "each group reads its saved copy"
     return "reshard=True: " + _merge_outcome(entry)
 

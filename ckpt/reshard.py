@@ -98,6 +98,24 @@ def local_piece(entry: Mapping[str, Any], offsets: Sequence[int], shape: Sequenc
 
 # ---- when a load needs it ------------------------------------------------------------------------
 
+def current_groups(name: str, topo: RankTopology) -> set[tuple[int, ...]] | None:
+    """Every group named `name` in this job (the whole world of one rank when none is named), or None."""
+    if name in topo.groups:
+        return {tuple(g) for g in topo.groups[name]}
+    return {(0,)} if topo.world_size == 1 else None
+
+
+def same_groups(saved_world: int, saved_sets: Sequence[Sequence[int]], world: int,
+                now: set[tuple[int, ...]] | None) -> bool:
+    """Whether the groups a PER_GROUP component was saved under are this job's, one for one.
+
+    Finding this rank's group among the saved ones is not enough: the same ranks can stand for another
+    group under another layout (at (dp=1, tp=2) the dp groups are (0,) and (1,), two tp shards; at world 1
+    the dp group (0,) holds the whole model), so the world size and the full set of groups must both match.
+    """
+    return now is not None and saved_world == world and {tuple(s) for s in saved_sets} == now
+
+
 def needs_reshard(entry: ComponentEntry, saved: Topology, topo: RankTopology) -> bool:
     """Whether this rank has no copy of its own of a component saved under `saved`'s layout."""
     if entry.pattern is SharingPattern.PER_RANK:
@@ -105,9 +123,8 @@ def needs_reshard(entry: ComponentEntry, saved: Topology, topo: RankTopology) ->
     if entry.pattern is SharingPattern.PER_NODE:
         return (saved.num_nodes, saved.local_world_size) != (topo.num_nodes, topo.local_world_size)
     if entry.pattern is SharingPattern.PER_GROUP:
-        name = entry.process_group or ""
-        mine = topo.group_of(name) if name in topo.groups else (topo.rank,) if topo.world_size == 1 else None
-        return mine is None or mine not in {tuple(s) for s in entry.replica_sets}
+        now = current_groups(entry.process_group or "", topo)
+        return not same_groups(saved.world_size, entry.replica_sets, topo.world_size, now)
     return False
 
 

@@ -1,7 +1,8 @@
 """A job for the two-launcher multi-node test (tests/test_multinode_torchrun.py); run it under torchrun.
 
-Trains a DDPTrainer (dispatch_batches: data GLOBAL) and a HybridTrainer (dp=2 across the nodes, tp=2 inside
-each), both with a PER_NODE callback (node-local state) and a GLOBAL one: phase "first" runs straight to
+Trains a DDPTrainer (dispatch_batches: data GLOBAL), a HybridTrainer dp x tp (dp=2 across the nodes, tp=2
+inside each) and a HybridTrainer dp x pp (dp=2 across the nodes, a 2-stage pipeline inside each), each with a
+PER_NODE callback (node-local state) and a GLOBAL one: phase "first" runs straight to
 --total and, in another run dir, stops after --stop; phase "resumed" resumes that run to --total. Each rank
 writes its results to <root>/out/<phase>/rank-<r>.json.
 """
@@ -19,8 +20,18 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ckpt import SharingPattern
+from tests.parallel_support import mse, seq_model
 from tests.test_trainer_support import LossRecorder, Regression, StopAt, TinyMLP, plain
-from trainers import DDPTrainer, HybridTrainer, ParallelConfig, TrainerCallback, TrainingArguments
+from trainers import (
+    DDPTrainer,
+    HybridTrainer,
+    ParallelConfig,
+    PipelineConfig,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+KINDS = ("ddp", "hybrid", "pp")
 
 
 class NodeCache(TrainerCallback):
@@ -74,9 +85,12 @@ def train(kind: str, run_dir: str, total: int, stop: int | None, resume: bool) -
               "optimizer_factory": lambda p: torch.optim.AdamW(p, lr=1e-2)}
     if kind == "ddp":
         trainer = DDPTrainer(TinyMLP(), args, **common)
-    else:
+    elif kind == "hybrid":
         parallel = ParallelConfig(dp=2, tp=2, tp_plan={"net.0": "colwise", "net.3": "rowwise"})
         trainer = HybridTrainer(TinyMLP(), args, parallel=parallel, **common)
+    else:
+        parallel = ParallelConfig(dp=2, pp=2, pipeline=PipelineConfig(schedule="gpipe", n_microbatches=2))
+        trainer = HybridTrainer(seq_model(), args, parallel=parallel, output_loss=mse, **common)
     trainer.train()
     model = {n: plain(p.full_tensor() if hasattr(p, "full_tensor") else p.detach())
              for n, p in trainer.unwrapped_model.named_parameters()}
@@ -96,7 +110,7 @@ def main() -> None:
     torch.set_num_threads(1)
     out: dict[str, Any] = {"env": {k: int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "GROUP_RANK",
                                                                     "LOCAL_WORLD_SIZE")}}
-    for kind in ("ddp", "hybrid"):
+    for kind in KINDS:
         if a.phase == "first":
             out[kind] = {"straight": train(kind, os.path.join(a.root, kind, "straight"), a.total, None, False),
                          "stopped": train(kind, os.path.join(a.root, kind, "resumed"), a.total, a.stop, False)}

@@ -3,6 +3,9 @@ importable by spawned ranks)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 from typing import Any
 
@@ -51,7 +54,8 @@ def build(cfg: dict, run_dir: str, callbacks: list, *, resume: Any = None, total
                                   on_layout_change=policy)
         return PipelineTrainer(seq_model(), args, output_loss=mse, pipeline=pipeline, **common)
     if kind == "tp":
-        parallel = ParallelConfig(dp=cfg["dp"], tp=cfg["size"], tp_plan=TP_PLAN, on_layout_change=policy)
+        plan = None if cfg.get("plain") else TP_PLAN  # "plain": no tensor parallelism at all (tp=1 only)
+        parallel = ParallelConfig(dp=cfg["dp"], tp=cfg["size"], tp_plan=plan, on_layout_change=policy)
         return HybridTrainer(TinyMLP(), args, parallel=parallel, **common)
     if kind == "pp":
         parallel = ParallelConfig(dp=cfg["dp"], pp=cfg["size"], pipeline=PipelineConfig(
@@ -97,8 +101,21 @@ def run(cfg: dict, run_dir: str, *, stop: int | None = None, resume: Any = None,
     return out
 
 
+def inspect_at(path: str, shape: str) -> dict[str, str]:
+    """`ckpt inspect PATH --at SHAPE --json`: component -> what a load at that shape does."""
+    from ckpt.cli import main as ckpt_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = ckpt_main(["inspect", path, "--at", shape, "--json"])
+    if code != 0:
+        raise AssertionError(f"ckpt inspect {path} --at {shape} exited {code}: {out.getvalue()}")
+    return {c["key"]: c["action"] for c in json.loads(out.getvalue())["load_at"]["components"]}
+
+
 def cfg_dir(root: str, cfg: dict, phase: str) -> str:
     return os.path.join(root, cfg["name"], phase)
 
 
-__all__ = ["LossRecorder", "StopAt", "build", "cfg_dir", "full_optimizer", "full_state", "mse", "run", "seq_model"]
+__all__ = ["LossRecorder", "StopAt", "build", "cfg_dir", "full_optimizer", "full_state", "inspect_at", "mse", "run",
+           "seq_model"]

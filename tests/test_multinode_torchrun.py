@@ -1,6 +1,7 @@
 """Two nodes on one machine: two torchrun launchers (--nnodes 2, node rank 0 and 1, c10d rendezvous on
-loopback), 2 processes each. DDP and DPxTP (dp across the nodes, tp inside each) train, stop, and resume bit
-for bit; each node's local rank 0 writes its PER_NODE state and only global rank 0 writes GLOBAL state."""
+loopback), 2 processes each. DDP, DPxTP and DPxPP (dp across the nodes, tp or pp inside each) train, stop,
+and resume bit for bit; each node's local rank 0 writes its PER_NODE state and only global rank 0 writes
+GLOBAL state."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(ROOT, "tests", "multinode_job.py")
+KINDS = ("ddp", "hybrid", "pp")  # as tests/multinode_job.py trains them
 
 
 def _free_port() -> int:
@@ -56,13 +58,13 @@ def test_two_torchrun_launchers_train_save_and_resume(tmp_path):
     local_zero = {r for r, res in enumerate(first) if res["env"]["LOCAL_RANK"] == 0}
     assert {res["env"]["GROUP_RANK"] for res in first} == {0, 1} and len(local_zero) == 2
     for rank in range(4):
-        for kind in ("ddp", "hybrid"):
+        for kind in KINDS:
             straight, stopped, again = first[rank][kind]["straight"], first[rank][kind]["stopped"], resumed[rank][kind]
             assert stopped["step"] == 4 and again["step"] == straight["step"] == 8, (kind, rank)
             assert stopped["losses"] + again["losses"] == straight["losses"], f"{kind} rank {rank}: losses"
             assert again["model"] == straight["model"], f"{kind} rank {rank}: parameters"
             assert again["cache_steps"] == straight["cache_steps"] == 8 and again["job_steps"] == 8
-    for kind in ("ddp", "hybrid"):
+    for kind in KINDS:
         m = _manifest(root, kind)
         assert (m["topology"]["num_nodes"], m["topology"]["local_world_size"]) == (2, 2)
         node = m["components"]["callback.node_cache"]
@@ -74,3 +76,11 @@ def test_two_torchrun_launchers_train_save_and_resume(tmp_path):
             assert {f["writer_rank"] for f in m["components"][key]["files"]} == {0}, key
     hybrid = _manifest(root, "hybrid")
     assert hybrid["topology"]["process_groups"] == {"dp": [[0, 2], [1, 3]], "tp": [[0, 1], [2, 3]]}
+    # dp x pp: each node holds one whole pipeline (a replica); a stage's copy is shared across the nodes.
+    pp = _manifest(root, "pp")
+    assert pp["topology"]["process_groups"] == {"dp": [[0, 2], [1, 3]], "pp": [[0, 1], [2, 3]]}
+    data, model = pp["components"]["data"], pp["components"]["model"]
+    assert (data["pattern"], data["process_group"], model["pattern"]) == ("per_group", "pp", "per_group")
+    assert data["replica_sets"] == [[0, 1], [2, 3]]  # one sampler per replica, i.e. per node
+    assert all(f["writer_rank"] in data["replica_sets"][f["owner"]] for f in data["files"])
+    assert {f["writer_rank"] for f in model["files"] if f["kind"] == "tensors"} == {0, 1, 2, 3}

@@ -15,7 +15,7 @@ import struct
 import torch
 
 from tests.distributed import expect_ok, run_ranks
-from tests.parallel_support import build, cfg_dir, run
+from tests.parallel_support import build, cfg_dir, inspect_at, run
 
 TOTAL, STOP = 16, 8
 WORLD4 = [{"name": "pipeline4", "kind": "pipeline", "schedule": "1f1b", "micro": 4},
@@ -108,6 +108,7 @@ def test_pipeline_tp_and_pp_meshes_resume_bit_exact_at_world_four(tmp_path):
     pp = _manifest(root, "dp2xpp2")
     assert pp["topology"]["process_groups"] == {"dp": [[0, 2], [1, 3]], "pp": [[0, 1], [2, 3]]}
     assert pp["components"]["data"]["process_group"] == "pp"
+    _inspect_dp_pp(os.path.join(root, "dp2xpp2", "straight", "checkpoint-00000016"))
     # A replica that drifted inside one DP group: the same ReplicationError on every rank, no hang.
     for rank in range(4):
         p = second[rank]["perturbed"]
@@ -137,6 +138,19 @@ def _inspect_at_other_shapes(path: str) -> None:
     plan = {c["key"]: c["action"] for c in info["load_at"]["components"]}
     assert plan["model"] == "reshard=True: 4 tensors reassembled from their saved shards"
     assert plan["trainer_state"].startswith("loads as saved") and plan["rng"] == "each rank reads its own file"
+
+
+def _inspect_dp_pp(path: str) -> None:
+    """`ckpt inspect --at` on a dp x pp checkpoint: the same mesh reads each group's copy; at dp=1 the stages are
+    found by name in the copy of the dp group that held them, and the per-replica data must be merged."""
+    same = inspect_at(path, "dp=2,pp=2")
+    assert same["model"] == same["optimizer"] == same["data"] == "each group reads its saved copy", same
+    assert same["rng"] == "each rank reads its own file"
+    one = inspect_at(path, "pp=2,dp=1")
+    assert one["model"] == one["optimizer"] == "reshard=True: each tensor is found by name in the one copy that " \
+                                               "holds it", one
+    # pp group (0, 1) exists at dp=1 too, but there it is the only replica: the saved copies must be merged.
+    assert one["data"].startswith("reshard=True: ") and one["rng"].startswith("reshard=True: "), one
 
 
 def test_two_stage_gpipe_resumes_bit_exact(tmp_path):

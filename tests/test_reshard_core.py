@@ -113,3 +113,66 @@ def test_mesh_shapes_for_inspect():
     assert parse_shape("dp=1, tp=2") == [("dp", 1), ("tp", 2)]
     with pytest.raises(ValueError, match="name=size pairs"):
         parse_shape("dp:2")
+
+
+
+# ---- the same ranks forming another group: at dp=1 the dp groups are single ranks, whatever tp is ------------
+
+GRID = torch.arange(32, dtype=torch.float32).reshape(4, 8)  # rows split evenly over 1, 2 or 4 tp ranks
+
+
+def _grid_rows(index: int, count: int) -> dict:
+    size = GRID.shape[0] // count
+    return shard_entry(GRID[index * size:(index + 1) * size].clone(), [index * size, 0], list(GRID.shape))
+
+
+def _dp1_groups(rank: int, world: int) -> dict:
+    return {"dp": [rank], "tp": list(range(world))}
+
+
+def _save_dp1(rank: int, world: int, run_dir: str) -> None:
+    """(dp=1, tp=world): dp group (rank,) holds tp shard `rank`; "owner" is a plain value that differs per group."""
+    coord = CheckpointCoordinator(run_dir, process_groups=_dp1_groups(rank, world), timeout=60)
+    coord.save(1, [StateComponent("model", Box({"w": _grid_rows(rank, world)}), SharingPattern.PER_GROUP,
+                                  process_group_name="dp"),
+                   StateComponent("owner", Box({"tp_rank": rank}), SharingPattern.PER_GROUP, process_group_name="dp")])
+
+
+def _load_dp1(rank: int, world: int, run_dir: str) -> dict:
+    """(dp=1, tp=world) with fewer ranks than the save: this rank's dp group (rank,) is among the saved ones."""
+    coord = CheckpointCoordinator(run_dir, process_groups=_dp1_groups(rank, world), timeout=60)
+    model, owner = Box({}), Box({})
+    result = coord.load([StateComponent("model", model, SharingPattern.PER_GROUP, process_group_name="dp")],
+                        reshard=True, strict=False)
+    try:
+        coord.load([StateComponent("owner", owner, SharingPattern.PER_GROUP, process_group_name="dp")],
+                   reshard=True, strict=False)
+        owner_out = f"loaded {owner.state}"
+    except CheckpointError as exc:
+        owner_out = str(exc)
+    size = GRID.shape[0] // world
+    piece = local_piece(model.state["w"], [rank * size, 0], [size, GRID.shape[1]])
+    return {"resharded": list(result.resharded), "piece": torch.equal(piece, GRID[rank * size:(rank + 1) * size]),
+            "owner": owner_out}
+
+
+@pytest.mark.parametrize(("saved_tp", "new_tp"), [(2, 1), (4, 2)])
+def test_per_group_reshards_when_a_saved_group_now_means_another(tmp_path, saved_tp, new_tp):
+    """(dp=1, tp=2) -> one rank, (dp=1, tp=4) -> (dp=1, tp=2): this rank's dp group is among the saved groups but
+    held only one tp shard; the load must merge every group's copy instead of reading that one."""
+    from ckpt.inspection import open_checkpoint
+    from ckpt.reshape import load_plan
+
+    expect_ok(run_ranks(saved_tp, _save_dp1, str(tmp_path)))
+    for res in expect_ok(run_ranks(new_tp, _load_dp1, str(tmp_path))):
+        assert res["resharded"] == ["model"] and res["piece"], res
+        # A plain per-group value that differs between the saved groups has no place in the new layout: an
+        # error, not the copy of whichever saved group has this rank's members.
+        assert "component 'owner' cannot be resharded: key 'tp_rank' differs between the saved copies of group 0 " \
+               "and group 1" in res["owner"], res["owner"]
+    manifest = open_checkpoint(str(tmp_path / "checkpoint-00000001")).manifest
+    plan = {c["key"]: c["action"] for c in load_plan(manifest, [("dp", 1), ("tp", new_tp)])}
+    assert plan["model"] == "reshard=True: 1 tensors reassembled from their saved shards", plan
+    assert plan["owner"].startswith("reshard=True: every copy's values are merged by key"), plan
+    same = {c["key"]: c["action"] for c in load_plan(manifest, [("dp", 1), ("tp", saved_tp)])}
+    assert same == {"model": "each group reads its saved copy", "owner": "each group reads its saved copy"}, same

@@ -10,6 +10,10 @@ data-parallel modes (one process, multi-CPU, multi-GPU); sharded modes (DeepSpee
 optimizer across ranks, so they are refused rather than validated at a level they cannot meet. Each rank draws
 its own slice of the data through its own sampler (data PER_RANK; not Accelerate's prepared dataloader, whose
 resume skips batches by replaying them), RNG is PER_RANK, scheduler and trainer state REPLICATED.
+
+With a recovery policy the step is the base trainer's recovered step (micro-batches, NaN/Inf and spike
+consensus, out-of-memory retry): in these modes `accelerator.backward(loss)` is `loss.backward()`. fp16 loss
+scaling and Accelerate's own gradient accumulation change that, so recovery refuses them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class AccelTrainer(Trainer):
     `accelerate launch`). `accelerator_kwargs` go to `Accelerator(...)` (cpu=True is set on a machine without
     CUDA)."""
 
+    recovery_aware_step = True  # with a policy, training_step is the recovered step
+
     def __init__(self, model: torch.nn.Module, args: Any, *, accelerator_kwargs: Mapping[str, Any] | None = None,
                  **kwargs: Any):
         try:
@@ -45,6 +51,19 @@ class AccelTrainer(Trainer):
         self._accelerator_kwargs = dict(accelerator_kwargs or {})
         super().__init__(model, args, **kwargs)
         self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
+        if self.recovery is not None:
+            self._check_recovery()
+
+    def _check_recovery(self) -> None:
+        """Raise ValueError (on every rank) for Accelerate settings the recovered step cannot run."""
+        acc = self.accelerator
+        if acc.scaler is not None or acc.gradient_accumulation_steps != 1:
+            raise ValueError(
+                "AccelTrainer with a recovery policy runs its step as plain loss.backward() in micro-batches; this "
+                f"Accelerator has mixed_precision={acc.mixed_precision!r} (a loss scaler: "
+                f"{acc.scaler is not None}) and gradient_accumulation_steps={acc.gradient_accumulation_steps}. Use "
+                "mixed_precision 'no' or 'bf16' and gradient_accumulation_steps=1 (recovery's micro-batches "
+                "accumulate gradients themselves), or turn recovery off")
 
     def _setup_distributed(self) -> tuple[int, int]:
         kwargs = {"cpu": not torch.cuda.is_available(), **self._accelerator_kwargs}
@@ -77,7 +96,13 @@ class AccelTrainer(Trainer):
             dist.all_reduce(values, group=self.cpu_group)
         return values
 
+    def clip_gradients(self) -> torch.Tensor:
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else math.inf
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+
     def training_step(self, batch: Any) -> StepOutput:
+        if self.recovery is not None:
+            return self.recovery.training_step(batch)
         loss = self.compute_loss(self.model, batch)
         self.accelerator.backward(loss)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else math.inf

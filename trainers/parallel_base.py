@@ -6,12 +6,17 @@ gradients over "dp", clips by the whole model's norm, evaluates with each replic
 resumes under another mesh (model and optimizer resharded by ckpt; RNG and data by the LayoutChange policy).
 A subclass builds its part of the model (`_wrap_model`), runs forward and backward (`_forward_backward`)
 and says how each component is shared (`get_state_components`).
+
+With a recovery policy the step is gated (NaN/Inf consensus, gradient-norm spikes: `recovery.gate_step`)
+before the optimizer step. Out-of-memory retry is refused: the forward pass communicates inside a replica
+(tensor-parallel collectives, pipeline sends), so one rank's retry would leave its peers waiting.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +34,7 @@ from .gradients import average_gradients
 from .keys import DATA, EVAL_PREFIX, LR_SCHEDULER, RNG, TRAINER_STATE
 from .layout_change import DataProgress, reseed_from_checkpoint
 from .parallel_config import LayoutChange, ParallelConfig
+from .recovery.lr import scaled_lr
 
 log = logging.getLogger("trainers")
 
@@ -66,11 +72,13 @@ class ParallelTrainer(Trainer):
     """Base of the mesh trainers; construct a subclass on every rank."""
 
     inner_dim = "tp"  # the model-parallel mesh dimension; PipelineTrainer and pipeline HybridTrainers use "pp"
+    recovery_aware_step = True  # training_step gates the optimizer step through recovery.gate_step
 
     def __init__(self, model: torch.nn.Module, args: Any, *, parallel: ParallelConfig,
                  output_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, **kwargs: Any):
         if not isinstance(parallel, ParallelConfig):
             raise TypeError(f"parallel must be a trainers.ParallelConfig, not {type(parallel).__name__}")
+        _refuse_oom_retry(type(self).__name__, args)
         self.parallel = parallel
         self.output_loss = output_loss
         super().__init__(model, args, **kwargs)
@@ -144,16 +152,26 @@ class ParallelTrainer(Trainer):
     # ---- the step --------------------------------------------------------------------------------------
 
     def training_step(self, batch: Any) -> StepOutput:
+        """Forward and backward of this rank's part, gradients averaged over "dp", clipped by the whole model's
+        norm; with a recovery policy every rank then agrees whether to apply the optimizer step."""
         loss = self._forward_backward(batch)
         params = list(self.unwrapped_model.parameters())
         average_gradients(params, self.dp_group, self.dp_size)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else math.inf
         grad_norm = self._clip(max_norm)
-        self.optimizer.step()
+        # `loss` is this replica's and `grad_norm` the whole model's (the same on every rank), so the agreed
+        # flags, and with them the decision, are the same on every rank.
+        apply = self.recovery is None or self.recovery.gate_step(loss, grad_norm)
+        if apply:
+            scale = self.recovery.lr_scale(self.state.global_step + 1) if self.recovery is not None else 1.0
+            with scaled_lr(self.optimizer, scale):
+                self.optimizer.step()
         if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
+            with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput(loss=loss, grad_norm=grad_norm)
+        return StepOutput(loss=loss, grad_norm=grad_norm, skipped=not apply)
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over eval_dataset; each replica takes its share, one rank of it counts."""
@@ -234,6 +252,18 @@ class ParallelTrainer(Trainer):
         flags = torch.tensor([float(k in keys) for k in _PER_RANK_KEYS], dtype=torch.float64)
         summed = self._all_reduce_sum(flags)
         return [k for k, v in zip(_PER_RANK_KEYS, summed.tolist(), strict=True) if v > 0]
+
+
+def _refuse_oom_retry(trainer: str, args: Any) -> None:
+    """Raise ValueError when the recovery policy asks for out-of-memory retries, which these trainers cannot do."""
+    policy = args.recovery_policy() if hasattr(args, "recovery_policy") else None
+    if policy is not None and policy.oom_retry:
+        raise ValueError(
+            f"{trainer}: the recovery policy has oom_retry = true, but a model-parallel trainer cannot retry a step "
+            "with a smaller micro-batch: its forward pass communicates inside the replica (tensor-parallel "
+            "collectives, pipeline sends), so the peers of a rank that ran out of memory would wait for it. Set "
+            "oom_retry = false in the [recovery] policy (NaN/Inf and gradient-spike checks still apply), and lower "
+            "per_device_train_batch_size (or raise PipelineConfig.n_microbatches) instead")
 
 
 def _plain(groups: dict[str, Any]) -> dict[str, Any]:
