@@ -12,6 +12,7 @@ communicator refuses to run any more (on the ranks that saw the failure); build 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import traceback
@@ -133,7 +134,8 @@ class Communicator:
             outcome = {"ok": True, "result": result}
         except Exception as exc:
             log.debug("rank %d failed in %s:\n%s", self.rank, phase, traceback.format_exc())
-            outcome = {"ok": False, "type": type(exc).__name__, "error": f"{type(exc).__name__}: {exc}"}
+            outcome = {"ok": False, "type": type(exc).__name__, "error": f"{type(exc).__name__}: {exc}",
+                       "fields": error_fields(exc)}
             local_exc: Exception | None = exc
         else:
             local_exc = None
@@ -151,12 +153,47 @@ def _combined_error(what: str, phase: str, failures: dict[int, str], outcomes: l
     if len(ranks) > 8:
         details += f"; ... and {len(ranks) - 8} more"
     types = {outcomes[r].get("type") for r in ranks}
-    cls = REMOTE_ERROR_TYPES.get(types.pop(), CheckpointError) if len(types) == 1 else CheckpointError
     message = f"{what} failed on {where} during '{phase}': {details}"
+    if len(types) > 1:
+        return CheckpointError(message, failures=failures)  # mixed failures: no one rank's fields describe them
+    cls = REMOTE_ERROR_TYPES.get(types.pop(), CheckpointError)
+    # The structured fields (component, path, key_path, ...) are the lowest failed rank's, as its message is first.
+    fields = _init_fields(cls, outcomes[ranks[0]].get("fields") or {})
     try:
-        return cls(message, failures=failures)
+        return cls(message, failures=failures, **fields)
     except TypeError:  # subclasses with other required fields
-        return CheckpointError(message, failures=failures)
+        return CheckpointError(message, failures=failures, path=fields.get("path"))
+
+
+def error_fields(exc: BaseException) -> dict[str, Any]:
+    """An exception's structured fields (component, path, key_path, ...) that can cross ranks as plain data."""
+    return {name: value for name, value in vars(exc).items()
+            if not name.startswith("_") and name != "failures" and _is_plain(value)}
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    if value is None or isinstance(value, bool | str | bytes | float):
+        return True
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**64
+    if depth > 4:
+        return False
+    if isinstance(value, list | tuple):
+        return all(_is_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str | int) and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _init_fields(cls: type, fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields `cls(message, ...)` takes by keyword (an error rebuilt on another rank gets the same ones)."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return {}
+    accepted = {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    accepted -= {"message", "failures"}
+    return {n: v for n, v in fields.items() if n in accepted}
 
 
 def _describe_missing(late: dict[int, str], phase: str) -> str:

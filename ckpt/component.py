@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from .layout import MANIFEST_NAME, PIN_NAME
+
 
 class SharingPattern(str, enum.Enum):
     """How one piece of state is shared across the ranks of a job."""
@@ -32,6 +34,10 @@ class ValidationLevel(str, enum.Enum):
 REPLICA_PATTERNS = frozenset({SharingPattern.REPLICATED, SharingPattern.PER_GROUP, SharingPattern.PER_NODE})
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+# A component's folder sits at the checkpoint's root beside these files; a key equal to one of them would make
+# every checkpoint look pinned, or break the manifest's write. Compared case-insensitively, since on a
+# case-insensitive filesystem (macOS, Windows) `pinned` and `PINNED` are the same file.
+RESERVED_KEYS = (MANIFEST_NAME, MANIFEST_NAME + ".tmp", PIN_NAME)
 
 
 @runtime_checkable
@@ -69,11 +75,7 @@ class StateComponent:
     validation_level: ValidationLevel | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.key, str) or not _KEY_RE.match(self.key) or self.key in {".", ".."}:
-            raise ValueError(
-                f"StateComponent.key={self.key!r} is not usable as a folder name: use 1-128 characters "
-                "from letters, digits, '_', '-' and '.', not starting with '.' or '-'"
-            )
+        self._check_key()
         if not (callable(getattr(self.stateful, "state_dict", None)) and callable(
             getattr(self.stateful, "load_state_dict", None)
         )):
@@ -86,6 +88,11 @@ class StateComponent:
                 f"StateComponent {self.key!r}: sharing_pattern={self.sharing_pattern!r} must be a "
                 "SharingPattern or a zero-argument callable returning one"
             )
+        if self.process_group_name is not None and not isinstance(self.process_group_name, str):
+            raise TypeError(
+                f"StateComponent {self.key!r}: process_group_name={self.process_group_name!r} must be a str "
+                "(a name passed in CheckpointCoordinator(process_groups=...)) or None"
+            )
         if not isinstance(self.required, bool):
             raise TypeError(f"StateComponent {self.key!r}: required={self.required!r} must be a bool")
         if self.validation_level is not None and not isinstance(self.validation_level, ValidationLevel):
@@ -95,6 +102,19 @@ class StateComponent:
             )
         if isinstance(self.sharing_pattern, SharingPattern):
             self._check_pattern(self.sharing_pattern)
+
+    def _check_key(self) -> None:
+        if not isinstance(self.key, str) or not _KEY_RE.match(self.key) or self.key in {".", ".."}:
+            raise ValueError(
+                f"StateComponent.key={self.key!r} is not usable as a folder name: use 1-128 characters "
+                "from letters, digits, '_', '-' and '.', not starting with '.' or '-'"
+            )
+        if self.key.casefold() in {name.casefold() for name in RESERVED_KEYS}:
+            raise ValueError(
+                f"StateComponent.key={self.key!r} is the name of a file ckpt keeps at the checkpoint's root "
+                f"(reserved, in any letter case: {list(RESERVED_KEYS)}); rename the component, e.g. "
+                f"{self.key.replace('.', '_') + '_state'!r}"
+            )
 
     def _check_pattern(self, pattern: SharingPattern) -> None:
         if pattern is SharingPattern.PER_GROUP and not self.process_group_name:

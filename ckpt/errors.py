@@ -44,8 +44,9 @@ class SerializationError(CheckpointError, TypeError):
 class ReplicationError(CheckpointError):
     """State that should be identical across replicas is not.
 
-    `mismatches` maps a tensor (or "(non-tensor state)", or "(whole component)" at QUICK level)
-    to the ranks whose copy differs from the lowest rank of the replica set.
+    `mismatches` maps a tensor (or "(non-tensor state)") to the ranks whose copy differs from the lowest
+    rank of the replica set, at every validation level (QUICK computes per-tensor digests once it finds a
+    difference).
     """
 
     def __init__(

@@ -119,14 +119,26 @@ def build_plan(decls: Sequence[dict[str, ComponentDecl]], topo: RankTopology) ->
         declaring = [r for r, per_rank in enumerate(decls) if key in per_rank]
         ref = decls[declaring[0]][key]
         for r in declaring[1:]:
-            d = decls[r][key]
-            if (d.pattern, d.process_group) != (ref.pattern, ref.process_group):
-                raise CheckpointError(
-                    f"component {key!r}: rank {declaring[0]} declares pattern {ref.pattern} (group "
-                    f"{ref.process_group}) but rank {r} declares {d.pattern} (group {d.process_group}); a "
-                    "component must resolve to the same pattern on every rank")
+            _check_agree(key, declaring[0], ref, r, decls[r][key])
         plan[key] = _plan_component(key, SharingPattern(ref.pattern), ref, declaring, decls, topo)
     return plan
+
+
+def _check_agree(key: str, first: int, ref: ComponentDecl, rank: int, d: ComponentDecl) -> None:
+    """Every declaring rank must describe a component the same way; the plan and manifest record one setting."""
+    if (d.pattern, d.process_group) != (ref.pattern, ref.process_group):
+        raise CheckpointError(
+            f"component {key!r}: rank {first} declares pattern {ref.pattern} (group {ref.process_group}) but "
+            f"rank {rank} declares {d.pattern} (group {d.process_group}); a component must resolve to the same "
+            "pattern on every rank")
+    # Checked before the replica digests are compared: ranks digesting at different levels would otherwise
+    # look like replicas that drifted apart.
+    for field, mine, theirs in (("validation_level", ref.validation, d.validation),
+                                ("required", ref.required, d.required)):
+        if mine != theirs:
+            raise CheckpointError(
+                f"component {key!r}: rank {first} declares {field}={mine} but rank {rank} declares "
+                f"{field}={theirs}; pass the same StateComponent settings on every rank")
 
 
 def _plan_component(key: str, pattern: SharingPattern, ref: ComponentDecl, declaring: list[int],

@@ -4,6 +4,10 @@ The skeleton holds every non-tensor value and the structure around the tensors; 
 replaced by a reference to its name. Only plain data is accepted (no pickle), so unpacking a skeleton
 never runs code: the few non-msgpack types (tuple, OrderedDict, tensor reference, NumPy array/scalar,
 big int, torch dtype) are msgpack extension types decoded by the table below.
+
+A tensor whose dtype safetensors has no code for (complex128, complex32, float8_e8m0fnu, ...) is stored
+as its raw bytes: a uint8 tensor with one more dimension (the element size), referenced from the skeleton
+together with its real dtype, so it loads back bit for bit as what was saved.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import SerializationError
+from .tensor_io import DTYPE_TO_ST
 
 _EXT_TUPLE = 1
 _EXT_TENSOR = 2
@@ -26,6 +31,7 @@ _EXT_NPSCALAR = 4
 _EXT_BIGINT = 5
 _EXT_ORDEREDDICT = 6
 _EXT_DTYPE = 7
+_EXT_RAW_TENSOR = 8  # [name, torch dtype]: tensor `name` holds the value's bytes as uint8[..., element size]
 
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 # NumPy kinds that are plain bytes; object, void and datetime arrays are refused.
@@ -91,8 +97,11 @@ def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor], component: 
         return msgpack.ExtType(_EXT_TUPLE, _pack(items))
     if isinstance(value, np.ndarray):
         _check_numpy_dtype(value.dtype, path, component)
-        arr = np.ascontiguousarray(value)
-        return msgpack.ExtType(_EXT_NDARRAY, _pack([arr.dtype.str, list(arr.shape), arr.tobytes()]))
+        if kind is not np.ndarray:  # a masked array's mask, a matrix's type: lost if stored as a plain array
+            raise _error(component, path, f"is a {kind.__module__}.{kind.__qualname__} (a NumPy array subclass), "
+                         "which would load back as a plain array; convert it with np.asarray() in state_dict()")
+        # tobytes() is C order for any layout; the shape is the array's own (0-d stays 0-d).
+        return msgpack.ExtType(_EXT_NDARRAY, _pack([value.dtype.str, list(value.shape), value.tobytes()]))
     if isinstance(value, np.generic):
         _check_numpy_dtype(value.dtype, path, component)
         return msgpack.ExtType(_EXT_NPSCALAR, _pack([value.dtype.str, value.tobytes()]))
@@ -118,11 +127,36 @@ def _plain_base(value: Any) -> Any:
 def _encode_tensor(value: torch.Tensor, path: str, tensors: dict[str, torch.Tensor], component: str) -> Any:
     if value.layout is not torch.strided or value.is_quantized or value.is_nested:
         raise _error(component, path, f"is a {value.layout} tensor; only dense tensors can be stored")
+    if value.device.type == "meta":
+        raise _error(component, path, "is on the meta device, so it has no values to store; materialize it "
+                     "(module.to_empty(device=...) and initialise it, or load real weights) before saving")
     name = path or "(root)"
     if name in tensors:
         raise _error(component, path, "names a tensor twice (keys that differ only in type, e.g. 0 and '0')")
-    tensors[name] = value.detach()
-    return msgpack.ExtType(_EXT_TENSOR, name.encode())
+    if value.dtype in DTYPE_TO_ST:
+        tensors[name] = value.detach()
+        return msgpack.ExtType(_EXT_TENSOR, name.encode())
+    tensors[name] = _raw_bytes(value, path, component)
+    return msgpack.ExtType(_EXT_RAW_TENSOR, _pack([name, _dtype_name(value.dtype)]))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _raw_bytes(value: torch.Tensor, path: str, component: str) -> torch.Tensor:
+    """A uint8 view of the tensor's bytes, shape (*value.shape, element size), sharing its memory."""
+    t = value.detach().resolve_conj().resolve_neg()
+    name = _dtype_name(t.dtype)
+    why = "" if _TORCH_DTYPES.get(name) is t.dtype else "a load could not look its name up"
+    if not why:
+        try:
+            return t.unsqueeze(-1).view(torch.uint8)
+        except RuntimeError as exc:
+            why = str(exc).splitlines()[0]
+    supported = ", ".join(sorted(_dtype_name(d) for d in DTYPE_TO_ST))
+    raise _error(component, path, f"is a tensor of dtype {name}, which cannot be stored ({why}). Stored natively: "
+                 f"{supported}; other fixed-size dtypes as raw bytes. Convert it with .to(dtype) in state_dict()")
 
 
 def _check_key(key: Any, path: str, component: str) -> int | str:
@@ -152,6 +186,12 @@ def unflatten_state(skeleton: bytes, tensors: Mapping[str, torch.Tensor], compon
                 missing.append(name)
                 return None
             return tensors[name]
+        if code == _EXT_RAW_TENSOR:
+            name, dtype = unpack(data)
+            if name not in tensors:
+                missing.append(name)
+                return None
+            return _from_raw_bytes(tensors[name], dtype, name, component)
         decoder = _DECODERS.get(code)
         if decoder is None:
             raise SerializationError(f"component {component!r}: unknown value type {code} in its skeleton")
@@ -173,6 +213,22 @@ def unflatten_state(skeleton: bytes, tensors: Mapping[str, torch.Tensor], compon
             component=component,
         )
     return state
+
+
+def _from_raw_bytes(raw: torch.Tensor, dtype_name: object, name: str, component: str) -> torch.Tensor:
+    """The tensor of `dtype_name` whose bytes `raw` holds (as `_raw_bytes` made them), sharing its memory."""
+    dtype = _TORCH_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None or dtype in DTYPE_TO_ST:
+        raise SerializationError(f"component {component!r}: tensor {name!r} is recorded as raw bytes of dtype "
+                                 f"{dtype_name!r}, which is not a dtype ckpt stores that way", component=component)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if raw.dtype != torch.uint8 or raw.dim() < 1 or raw.shape[-1] != itemsize:
+        raise SerializationError(f"component {component!r}: tensor {name!r} should hold {dtype_name} values as "
+                                 f"uint8[..., {itemsize}] but is {raw.dtype}{list(raw.shape)}", component=component)
+    try:
+        return raw.view(dtype).squeeze(-1)
+    except RuntimeError:  # a view into memory the reader laid out otherwise: a copy has the right layout
+        return raw.contiguous().view(dtype).squeeze(-1)
 
 
 def _decode_ndarray(data: bytes, unpack: Callable[[bytes], Any]) -> np.ndarray:

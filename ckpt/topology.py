@@ -64,11 +64,19 @@ def _members(name: str, group: Any, rank: int, world_size: int) -> list[int]:
     return sorted(members)
 
 
+def _env_local_world_size(world: int) -> int:
+    """torchrun's LOCAL_WORLD_SIZE; a world of one is one node of one rank whatever the environment says (a
+    single process started from inside a torchrun job, or a notebook that inherited the variable)."""
+    if world == 1:
+        return 1
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+
+
 def discover(comm: Communicator, process_groups: Mapping[str, Any] | None,
              local_world_size: int | None) -> RankTopology:
     """Build the topology; a collective: every rank must call it with the same group names."""
     rank, world = comm.rank, comm.world_size
-    lws = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+    lws = local_world_size or _env_local_world_size(world)
 
     def local() -> dict[str, list[int]]:
         if lws < 1 or world % lws:

@@ -1,8 +1,9 @@
 """Checking that replicas are replicas, before anything is written.
 
 Round one sends a single summary digest per component and rank, so a healthy save exchanges a few
-bytes per component whatever the world size. Only when summaries differ does TENSOR send per-tensor
-digests to name what differs. FULL compares the bytes themselves (for debugging).
+bytes per component whatever the world size. Only when summaries differ are per-tensor digests sent, to
+name what differs (TENSOR has them at hand; QUICK computes them then). FULL compares the bytes themselves
+(for debugging).
 """
 
 from __future__ import annotations
@@ -86,17 +87,13 @@ def check_replicas(
     if not suspects and not full:
         return
     mismatches: dict[str, dict[str, set[int]]] = {}
-    tensor_level = sorted(k for k in suspects if plans[k].validation is ValidationLevel.TENSOR)
-    if tensor_level:
-        mine = {k: tables.get(k) for k in tensor_level if tables.get(k) is not None}
-        gathered = comm.all_gather(mine, "replication check (per tensor)")
-        for key in tensor_level:
-            for members, _ in suspects[key]:
-                _compare_tables(key, members, gathered, mismatches)
-    for key in sorted(suspects):
-        if plans[key].validation is ValidationLevel.QUICK:
-            for _, bad in suspects[key]:
-                mismatches.setdefault(key, {}).setdefault(WHOLE, set()).update(bad)
+    if suspects:
+        gathered = comm.all_gather(_suspect_tables(suspects, plans, tables, flats), "replication check (per tensor)")
+        for key in sorted(suspects):
+            for members, bad in suspects[key]:
+                if not _compare_tables(key, members, gathered, mismatches):
+                    # Summaries differ but no table entry does (not expected): still name the ranks.
+                    mismatches.setdefault(key, {}).setdefault(WHOLE, set()).update(bad)
     for key in full:
         _compare_full(comm, key, plans[key], flats.get(key), mismatches)
     if mismatches:
@@ -104,13 +101,31 @@ def check_replicas(
         raise _replication_error(key, plans[key], mismatches[key], others=sorted(mismatches)[1:])
 
 
-def _compare_tables(key: str, members: Sequence[int], gathered: Sequence[Mapping], out: dict) -> None:
+def _suspect_tables(suspects: Mapping[str, object], plans: Mapping[str, ComponentPlan],
+                    tables: Mapping[str, dict[str, str] | None], flats: Mapping[str, FlatState]) -> dict:
+    """This rank's per-tensor digests of the components whose summaries differ somewhere. TENSOR computed
+    them already; QUICK computes them only now, so a healthy QUICK save never pays for them."""
+    mine: dict[str, dict[str, str]] = {}
+    for key in sorted(suspects):
+        table = tables.get(key)
+        if table is None and plans[key].validation is ValidationLevel.QUICK and key in flats:
+            table = digest_table(flats[key])
+        if table is not None:
+            mine[key] = table
+    return mine
+
+
+def _compare_tables(key: str, members: Sequence[int], gathered: Sequence[Mapping], out: dict) -> bool:
+    """Record each tensor whose digest differs from the lowest member's; whether any did."""
     tables = {r: gathered[r].get(key) or {} for r in members}
     names = sorted({n for t in tables.values() for n in t})
+    found = False
     for name in names:
         bad = differing_ranks(members, {r: tables[r].get(name) for r in members})
         if bad:
             out.setdefault(key, {}).setdefault(name, set()).update(bad)
+            found = True
+    return found
 
 
 def _compare_full(comm: Communicator, key: str, plan: ComponentPlan, flat: FlatState | None, out: dict) -> None:

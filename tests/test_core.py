@@ -117,6 +117,14 @@ def test_state_dict_that_raises_is_named(tmp_path):
     ({"sharing_pattern": SharingPattern.PER_GROUP}, "needs process_group_name"),
     ({"validation_level": ValidationLevel.TENSOR}, "has nothing to compare"),
     ({"required": "yes"}, "required='yes'"),
+    ({"process_group_name": 3}, "process_group_name=3 must be a str"),
+    # Names at the checkpoint's root: a PINNED folder would pin every checkpoint, a manifest-named one
+    # would break every save. Case-insensitive filesystems make `pinned` the same file.
+    ({"key": "PINNED"}, "key='PINNED' is the name of a file ckpt keeps at the checkpoint's root"),
+    ({"key": "pinned"}, "key='pinned' is the name of a file"),
+    ({"key": "checkpoint_manifest.json"}, "key='checkpoint_manifest.json' is the name of a file"),
+    ({"key": "checkpoint_manifest.json.tmp"}, "rename the component"),
+    ({"key": ".ckpt.lock"}, "not starting with '.'"),
 ])
 def test_bad_components_are_rejected_naming_the_field(kwargs, match):
     args = {"key": "k", "stateful": Box({}), "sharing_pattern": SharingPattern.GLOBAL, **kwargs}

@@ -56,12 +56,53 @@ def test_perturbed_replica_raises_on_every_rank(tmp_path, level):
     for f in bad.values():
         assert f.type_name == "ReplicationError", f
         assert "model" in f.message and f.attrs["component"] == "model"
-        if level == "quick":
-            assert _plain(f.attrs["mismatches"]) == {"(whole component)": [2]}
-        else:
-            assert _plain(f.attrs["mismatches"]) == {"layer.weight": [2]}, f.attrs
-            assert "'layer.weight' (ranks [2])" in f.message
+        # QUICK finds the difference with one digest, then digests per tensor to name it, as TENSOR does.
+        assert _plain(f.attrs["mismatches"]) == {"layer.weight": [2]}, f.attrs
+        assert "'layer.weight' (ranks [2])" in f.message and f"validation {level}" in f.message
     assert not any(n.startswith("checkpoint-") for n in os.listdir(tmp_path)), os.listdir(tmp_path)
+
+
+def _disagreeing_settings(rank: int, world: int, run_dir: str, field: str) -> None:
+    coord = CheckpointCoordinator(run_dir, timeout=60)
+    settings = {"validation_level": ValidationLevel.TENSOR if rank == 0 else ValidationLevel.NONE}
+    if field == "required":
+        settings = {"required": rank == 0}
+    comp = StateComponent("model", Box(_replica_state(rank, None)), SharingPattern.REPLICATED, **settings)
+    coord.save(step=1, components=[comp])
+
+
+@pytest.mark.parametrize("field,values", [("validation_level", ("tensor", "none")), ("required", ("True", "False"))])
+def test_ranks_disagreeing_on_a_setting_are_named(tmp_path, field, values):
+    bad = failures(run_ranks(2, _disagreeing_settings, str(tmp_path), field))
+    assert sorted(bad) == [0, 1]
+    for f in bad.values():
+        # Not a ReplicationError: the replicas are identical, only the declarations differ.
+        assert f.type_name == "CheckpointError", f
+        assert (f"component 'model': rank 0 declares {field}={values[0]} but rank 1 declares "
+                f"{field}={values[1]}") in f.message
+    assert not any(n.startswith("checkpoint-") for n in os.listdir(tmp_path))
+
+
+def _unstorable_on_rank_one(rank: int, world: int, run_dir: str) -> dict:
+    coord = CheckpointCoordinator(run_dir, timeout=60)
+    state = {"layer": {"weight": torch.ones(2, device="meta" if rank == 1 else "cpu")}}
+    comps = [StateComponent("model", Box(state), SharingPattern.PER_RANK)]
+    try:
+        coord.save(step=1, components=comps)
+    except Exception as exc:
+        return {"type": type(exc).__name__, "message": str(exc), "failed": sorted(exc.failures),
+                "component": exc.component, "key_path": exc.key_path}
+    return {"type": None}
+
+
+def test_unstorable_tensor_on_one_rank_fails_the_prepare_phase_everywhere(tmp_path):
+    results = expect_ok(run_ranks(2, _unstorable_on_rank_one, str(tmp_path)))
+    for res in results:
+        assert res["type"] == "SerializationError", res
+        assert "during 'prepare'" in res["message"] and "meta device" in res["message"]
+        # The fields travel with the error, so rank 0 (which had nothing wrong) can read them too.
+        assert (res["failed"], res["component"], res["key_path"]) == ([1], "model", "layer/weight"), res
+    assert not any(n.startswith("checkpoint-") for n in os.listdir(tmp_path))
 
 
 def test_validation_none_lets_a_perturbed_replica_through(tmp_path):
@@ -144,7 +185,8 @@ def _corrupt_then_load(rank: int, world: int, run_dir: str, victim: str) -> dict
     try:
         coord.load(comps)
     except Exception as exc:
-        return {"type": type(exc).__name__, "message": str(exc), "failed": sorted(exc.failures)}
+        return {"type": type(exc).__name__, "message": str(exc), "failed": sorted(exc.failures),
+                "component": getattr(exc, "component", None), "path": exc.path}
     return {"type": None}
 
 
@@ -158,6 +200,8 @@ def test_flipped_byte_is_caught_on_load_naming_the_file(tmp_path, victim, reader
         assert res["type"] == "CorruptCheckpointError", res
         assert victim in res["message"] and "digest" in res["message"]
         assert res["failed"] == readers
+        # Every rank's error carries the failing file and component, not just the ranks that read it.
+        assert res["component"] == victim.split("/")[0] and res["path"].endswith(victim), res
 
 
 def _hang_in_save(rank: int, world: int, run_dir: str) -> dict:
