@@ -6,10 +6,10 @@ A save runs in phases, each ending in an exchange of outcomes between all ranks:
   (check)  replicas are compared at each component's validation level
   write    each rank writes and fsyncs its files
   commit   rank 0 writes the manifest, renames the folder into place, applies retention
-A load resolves the checkpoint on rank 0, reads everything into staging on every rank, and only then
-applies it, so a failure anywhere leaves every rank's live state untouched.
+A load resolves the checkpoint on rank 0, reads everything into staging on every rank (ckpt/read_phase.py),
+and only then applies it, so a failure anywhere leaves every rank's live state untouched.
 Rank 0 holds the run dir's lock (ckpt/lock.py) from construction to `close()`, so a second job on the same
-run dir is refused instead of racing this one.
+run dir is refused instead of racing this one; a read-only coordinator takes no lock and never writes.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .catalog import RetentionOutcome, hold, retain, scan, summary_text
 from .catalog import best as best_checkpoints
 from .comm import Communicator
 from .component import SharingPattern, StateComponent
-from .errors import CheckpointError, CorruptCheckpointError
+from .errors import CheckpointError
 from .layout import (
     CheckpointRef,
     checkpoint_name,
@@ -41,14 +41,19 @@ from .layout import (
     removal_name,
     resolve_checkpoint,
 )
-from .loading import read_component
 from .lock import RunDirLock, take_run_dir
 from .manifest import Manifest, plain_metrics, read_manifest
-from .planning import ComponentDecl, build_plan, owner_for_load
-from .reshard import needs_reshard, read_merged
+from .planning import ComponentDecl, build_plan
+from .read_phase import (
+    ReadOptions,
+    Staged,
+    check_unique,
+    every_checkpoint_failed,
+    fallback_warning,
+    read_or_reject,
+)
 from .retention import BestCheckpoint, RetentionPolicy
 from .saving import PreparedComponent, Snapshot, build_manifest, commit, declare, snapshot, write_files
-from .serialization import flatten_state
 from .staging import StagingPool
 from .storage import LocalStorage, Storage
 from .topology import RankTopology, discover
@@ -73,6 +78,8 @@ class LoadResult:
     manifest: Manifest | None = None
     damaged: tuple[str, ...] = ()  # optional components skipped because their files failed checks (strict=False)
     resharded: tuple[str, ...] = ()  # components this rank assembled from every saved copy (reshard=True)
+    # fallback=True: newer committed checkpoints that failed verification and were passed over, newest first
+    fallback_from: tuple[str, ...] = ()
 
 
 class CheckpointCoordinator:
@@ -93,6 +100,8 @@ class CheckpointCoordinator:
         force: start even when another process's coordinator holds the run dir's lock (a second job on the
             same run dir). Each commit stays atomic, but the jobs' retention may delete each other's
             checkpoints and neither cleans up the other's unfinished saves. Leave False unless you are sure.
+        read_only: only load and query (an evaluation job reading a live run): take no lock, create nothing,
+            and refuse `save()`, so unfinished saves and retention are left to the job that owns the run dir.
 
     Use it as a context manager, or call `close()`, to release the lock before the process ends.
     """
@@ -111,6 +120,7 @@ class CheckpointCoordinator:
         async_save: bool = False,
         io_threads: int = 4,
         force: bool = False,
+        read_only: bool = False,
     ):
         self.run_dir = os.fspath(run_dir)
         self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
@@ -128,20 +138,23 @@ class CheckpointCoordinator:
         if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
             raise ValueError(f"CheckpointCoordinator: io_threads={io_threads!r} must be an int >= 1")
         self.io_threads = io_threads
-        if not isinstance(force, bool):
-            raise TypeError(f"CheckpointCoordinator: force={force!r} must be a bool")
+        for name, flag in (("force", force), ("read_only", read_only)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"CheckpointCoordinator: {name}={flag!r} must be a bool")
+        self.read_only = read_only
         self._staging = StagingPool()
         self._pending: BackgroundSave | None = None
         self._closed = False
         self.comm = Communicator(self.timeout)
         self.topology: RankTopology = discover(self.comm, process_groups, local_world_size)
         self.rank = self.comm.rank
-        self.storage.makedirs(self.run_dir)
+        if not read_only:
+            self.storage.makedirs(self.run_dir)
         held: list[RunDirLock] = []
         # Rank 0 locks the run dir; every rank learns the tag of its unfinished-save folders (None: locked).
+        locks = self.rank == 0 and not read_only
         self._tag: str | None = self.comm.run_phase(
-            "lock", lambda: take_run_dir(self.run_dir, force, held) if self.rank == 0 else None,
-            what="coordinator start-up")[0]
+            "lock", lambda: take_run_dir(self.run_dir, force, held) if locks else None, what="coordinator start-up")[0]
         self._release = weakref.finalize(self, held[0].release) if held else None
 
     def close(self) -> None:
@@ -204,13 +217,18 @@ class CheckpointCoordinator:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"save(step={step!r}): step must be a non-negative int")
         self._check_open("save()")
+        if self.read_only:
+            raise CheckpointError(
+                f"save(step={step}): this CheckpointCoordinator of {self.run_dir} is read-only (read_only=True): "
+                "it holds no lock there, so it must not write. Save from the job that owns the run dir, or build "
+                "the coordinator without read_only=True", path=self.run_dir)
         run_async = self.async_save if async_save is None else async_save
         self.wait()  # at most one save in flight; a background failure is raised here, on every rank
         snapshots: dict[str, Snapshot] = {}
         error: Exception | None = None
         try:  # a failure here is raised inside the first phase, so every rank raises it together
             plain = plain_metrics(metrics)
-            _check_unique([c.key for c in components])
+            check_unique([c.key for c in components])
             staging = self._staging if run_async else None
             if staging is not None:
                 staging.begin()
@@ -330,139 +348,92 @@ class CheckpointCoordinator:
     # ---- load ----------------------------------------------------------------------------------
 
     def load(self, components: Sequence[StateComponent], checkpoint: str | int | os.PathLike = "latest",
-             *, strict: bool = True, in_place: bool = False, reshard: bool = False) -> LoadResult:
+             *, strict: bool = True, in_place: bool = False, reshard: bool = False,
+             fallback: bool = False) -> LoadResult:
         """Load `components` from a checkpoint ("latest", a step, or a path). Collective: call on every rank.
 
         Everything is read and checked before any component's `load_state_dict` is called, so a failed load
         changes nothing. `in_place=True` is the fast path: tensors are read straight into the components'
-        existing CPU tensors of the same name, dtype and shape (no new memory, no copy); if it fails, the
-        error names the components whose live tensors may already hold bytes from the checkpoint.
+        existing CPU tensors of the same name, dtype and shape (no new memory, no copy); if it fails (damaged
+        bytes, or a storage error), the error names the components whose live tensors may already hold bytes
+        from the checkpoint.
         A save still in flight is waited for first. With `strict=False`, an optional component (required=False)
         whose files fail their checks is skipped on every rank (listed in `damaged`) instead of failing the load.
         If a component's `load_state_dict()` raises, PartialLoadError says which components each rank applied.
         `reshard=True` loads PER_RANK, PER_GROUP and PER_NODE components saved under another layout (world size,
         groups, nodes) by merging every saved copy (ckpt/reshard.py); components this rank has its own copy of
-        load as usual.
+        load as usual. Without it, such components are refused with an error naming both layouts.
+        `fallback=True` (with checkpoint="latest", not in place): when the newest committed checkpoint fails
+        verification on any rank (a damaged file or manifest), every rank passes it over with a warning naming
+        the file and tries the next newest, and so on; `path`, `step` and `fallback_from` say what happened.
+        Nothing of a checkpoint that failed is applied.
         """
         self._check_open("load()")
+        _check_fallback(checkpoint, fallback, in_place)
         self.wait()
-        what = "load"
-        ref = self.comm.run_phase(
-            "resolve", lambda: self._resolve(checkpoint) if self.rank == 0 else None, what=what)[0]
-        path, step = ref
-        staged: dict[str, Any] = {}
-        skipped: list[str] = []
-        manifest_box: list[Manifest] = []
-        resharded: list[str] = []
-        with hold(path, "being loaded"):
-            declared = self.comm.run_phase(
-                "read", lambda: self._stage(path, components, strict, staged, skipped, manifest_box, in_place,
-                                    resharded if reshard else None),
-                what=f"load of {path}")
-        manifest = manifest_box[0]
+        candidates = self.comm.run_phase(
+            "resolve", lambda: self._resolve(checkpoint, fallback) if self.rank == 0 else None, what="load")[0]
+        opts = ReadOptions(strict, in_place, reshard, self.verify_on_load, self.io_threads)
+        staged, step, declared, rejected = self._read_first_good(candidates, components, opts, fallback)
+        path, manifest = staged.path, staged.manifest
         # A component damaged on any rank is dropped on every rank, so replicas never end up loaded on some.
-        damaged = sorted({k for _, bad in declared for k in bad})
+        damaged = sorted({k for d in declared for k in d["damaged"]})
         for key in damaged:
-            staged.pop(key, None)
-        skipped += [k for k in damaged if k not in skipped and any(c.key == k for c in components)]
-        unused = sorted(set(manifest.components) - {k for keys, _ in declared for k in keys})
+            staged.state.pop(key, None)
+        asked = {c.key for c in components}
+        skipped = staged.skipped + [k for k in damaged if k not in staged.skipped and k in asked]
+        unused = sorted(set(manifest.components) - {k for d in declared for k in d["keys"]})
         if unused and strict:
             raise CheckpointError(
                 f"checkpoint {path} holds components {unused} that no rank passed to load(); pass them, or "
                 "load with strict=False to ignore them", path=path)
-        reports = self.comm.run_phase("apply", lambda: apply_staged(components, staged, self.rank),
+        reports = self.comm.run_phase("apply", lambda: apply_staged(components, staged.state, self.rank),
                                       what=f"load of {path}")
         if any(r["failed"] is not None for r in reports):
             raise apply_failure(path, reports)
         self.resumed_from = path
         if self.rank == 0:
-            log.info("loaded %s (%d components)", path, len(staged))
-        return LoadResult(path=path, step=step, loaded=tuple(k for k in (c.key for c in components) if k in staged),
+            log.info("loaded %s (%d components)", path, len(staged.state))
+        return LoadResult(path=path, step=step, loaded=tuple(c.key for c in components if c.key in staged.state),
                           skipped=tuple(skipped), not_requested=tuple(unused), metrics=dict(manifest.metrics),
                           manifest=manifest, damaged=tuple(damaged),
-                          resharded=tuple(k for k in resharded if k in staged))
+                          resharded=tuple(k for k in staged.resharded if k in staged.state),
+                          fallback_from=tuple(p for p, _ in rejected))
 
-    def _resolve(self, checkpoint: str | int | os.PathLike) -> list:
+    def _resolve(self, checkpoint: str | int | os.PathLike, fallback: bool) -> list[list]:
+        """[path, step] of the checkpoint to load; with `fallback`, of every committed one, newest first."""
         ref = resolve_checkpoint(self.storage, self.run_dir, checkpoint)
-        step = ref.step if ref.step >= 0 else read_manifest(self.storage, ref.path).step
-        return [ref.path, step]
+        if fallback:
+            return [[r.path, r.step] for r in reversed(self.checkpoints())]
+        return [[ref.path, ref.step if ref.step >= 0 else read_manifest(self.storage, ref.path).step]]
 
-    def _stage(self, path: str, components: Sequence[StateComponent], strict: bool, staged: dict[str, Any],
-               skipped: list[str], manifest_box: list[Manifest], in_place: bool,
-               resharded: list[str] | None = None) -> list[list[str]]:
-        """Read this rank's share into `staged`; returns the keys this rank asked for, and the optional ones
-        it found damaged (strict=False only). `resharded`, when given, turns resharding on and collects the
-        components assembled from every saved copy."""
-        manifest = read_manifest(self.storage, path)
-        manifest_box.append(manifest)
-        keys = [c.key for c in components]
-        _check_unique(keys)
-        touched: list[str] = []  # components whose live tensors an in-place read has written to
-        damaged: list[str] = []
-        for c in components:
-            entry = manifest.components.get(c.key)
-            if entry is None:
-                if c.required and strict:
-                    raise CheckpointError(
-                        f"component {c.key!r} is required but {path} does not have it (it has "
-                        f"{sorted(manifest.components)}); pass strict=False, or mark it required=False", path=path)
-                skipped.append(c.key)
-                continue
-            if resharded is not None and needs_reshard(entry, manifest.topology, self.topology):
-                try:
-                    staged[c.key] = read_merged(self.storage, path, c.key, entry, self.verify_on_load,
-                                                self.io_threads)
-                    resharded.append(c.key)
-                except (CheckpointError, OSError) as exc:
-                    if c.required or strict:
-                        raise
-                    log.warning("rank %d: skipping optional component %r of %s (strict=False): %s", self.rank,
-                                c.key, path, exc)
-                    damaged.append(c.key)
-                continue
-            if entry.pattern is SharingPattern.PER_RANK and manifest.topology.world_size != self.topology.world_size:
-                raise CheckpointError(
-                    f"component {c.key!r} is PER_RANK and was saved by {manifest.topology.world_size} ranks; this job "
-                    f"has {self.topology.world_size}. PER_RANK state cannot move to another world size; resume with "
-                    f"the same number of ranks, leave {c.key!r} out of the load, or pass reshard=True (which merges every "
-                    "rank's copy, and fails for state that differs per rank)", path=path)
-            owner = owner_for_load(entry.pattern, self.topology, entry.replica_sets, entry.process_group, c.key)
-            if not entry.files_for(owner):
-                if c.required and strict:
-                    raise CheckpointError(f"component {c.key!r} in {path} has no copy for this rank (owner {owner})",
-                                          path=path)
-                skipped.append(c.key)
-                continue
-            if not in_place:
-                try:
-                    staged[c.key] = read_component(self.storage, path, c.key, entry, owner, self.verify_on_load,
-                                                   threads=self.io_threads)
-                except (CheckpointError, OSError) as exc:
-                    if c.required or strict:
-                        raise
-                    log.warning("rank %d: skipping optional component %r of %s (strict=False): %s", self.rank,
-                                c.key, path, exc)
-                    damaged.append(c.key)
-                continue
-            touched.append(c.key)
-            try:
-                into = flatten_state(c.stateful.state_dict(), c.key).tensors
-                staged[c.key] = read_component(self.storage, path, c.key, entry, owner, self.verify_on_load, into,
-                                               self.io_threads)
-            except CheckpointError as exc:
-                raise _in_place_failure(exc, touched, path) from exc
-        return [keys, damaged]
+    def _read_first_good(self, candidates: Sequence[Sequence], components: Sequence[StateComponent],
+                         opts: ReadOptions, fallback: bool) -> tuple[Staged, int, list[dict], list]:
+        """The read phase, on each candidate in turn until one verifies on every rank. Returns what this rank
+        staged, the step, every rank's declarations, and the (path, failures by rank) of those passed over."""
+        rejected: list[tuple[str, dict[int, str]]] = []
+        for i, (path, step) in enumerate(candidates):
+            box: list[Staged] = []
+            read = functools.partial(read_or_reject, self.storage, path, components, self.topology, opts,
+                                     fallback, box)
+            with hold(path, "being loaded"):
+                declared = self.comm.run_phase("read", read, what=f"load of {path}")
+            bad = {r: d["bad"] for r, d in enumerate(declared) if d["bad"] is not None}
+            if not bad:
+                return box[0], step, declared, rejected
+            rejected.append((path, bad))
+            if self.rank == 0:
+                following = candidates[i + 1][0] if i + 1 < len(candidates) else None
+                log.warning(fallback_warning(path, bad, following))
+        raise every_checkpoint_failed(self.run_dir, rejected)
 
 
-def _check_unique(keys: Sequence[str]) -> None:
-    dupes = sorted({k for k in keys if keys.count(k) > 1})
-    if dupes:
-        raise CheckpointError(f"component keys {dupes} are passed more than once; keys must be unique")
-
-
-def _in_place_failure(exc: CheckpointError, touched: Sequence[str], path: str) -> CheckpointError:
-    message = (f"{exc}. This was an in-place load: the live tensors of components {list(touched)} may already "
-               f"hold bytes from {path}; load another checkpoint before using them")
-    if isinstance(exc, CorruptCheckpointError):
-        return CorruptCheckpointError(message, path=exc.path, component=exc.component)
-    return CheckpointError(message, path=path)
+def _check_fallback(checkpoint: str | int | os.PathLike, fallback: bool, in_place: bool) -> None:
+    if not isinstance(fallback, bool):
+        raise TypeError(f"load(fallback={fallback!r}): fallback must be a bool")
+    if fallback and not (isinstance(checkpoint, str) and checkpoint == "latest"):
+        raise ValueError(f"load(checkpoint={checkpoint!r}, fallback=True): fallback applies to "
+                         "checkpoint='latest' only (a checkpoint asked for by name is loaded as asked, or not at all)")
+    if fallback and in_place:
+        raise ValueError("load(in_place=True, fallback=True): an in-place read changes live tensors before the "
+                         "checkpoint is known to verify; pass one of the two")

@@ -149,7 +149,7 @@ def plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float | str | 
         if not isinstance(name, str):
             raise TypeError(f"metric names must be strings, got {name!r}")
         if hasattr(value, "item"):  # tensors and NumPy scalars
-            value = value.item()
+            value = _single_number(name, value)
         if isinstance(value, bool) or value is None or isinstance(value, str):
             out[name] = value
         elif isinstance(value, int | float):
@@ -159,6 +159,16 @@ def plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float | str | 
     return out
 
 
+def _single_number(name: str, value: Any) -> Any:
+    """A one-element tensor or array as a Python number; anything larger is an error naming the metric."""
+    try:
+        return value.item()
+    except (RuntimeError, ValueError):  # torch says RuntimeError, NumPy ValueError
+        shape = list(getattr(value, "shape", ()))
+        raise TypeError(f"metric {name!r} is a {type(value).__name__} of shape {shape}, not a single number; "
+                        f"pass one value (e.g. metrics[{name!r}] = t.mean().item())") from None
+
+
 def read_manifest(storage: Storage | str | os.PathLike, checkpoint_dir: str | os.PathLike | None = None) -> Manifest:
     """A checkpoint's manifest, checked: `read_manifest(path)` on the local filesystem, or
     `read_manifest(storage, path)` through a given Storage."""
@@ -166,6 +176,7 @@ def read_manifest(storage: Storage | str | os.PathLike, checkpoint_dir: str | os
         storage, checkpoint_dir = LocalStorage(), os.fspath(storage)  # type: ignore[arg-type]
     checkpoint_dir = os.fspath(checkpoint_dir)
     path = os.path.join(checkpoint_dir, MANIFEST_NAME)
+    _refuse_outside(checkpoint_dir, path)
     try:
         with storage.open_read(path) as f:
             raw = f.read()
@@ -177,6 +188,15 @@ def read_manifest(storage: Storage | str | os.PathLike, checkpoint_dir: str | os
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise ManifestError(f"{path} is not valid JSON ({exc})", path=path) from None
     return parse_manifest(data, path)
+
+
+def _refuse_outside(checkpoint_dir: str, path: str) -> None:
+    """Refuse a manifest that resolves outside its checkpoint (a symlink, say), as data files are refused:
+    its bytes would describe, and vouch for, a checkpoint it is not part of."""
+    root = os.path.realpath(checkpoint_dir)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise ManifestError(f"{path} leads outside the checkpoint {checkpoint_dir} (a symlink to "
+                            f"{os.path.realpath(path)}); refusing to read it", path=path)
 
 
 def _no_constant(name: str) -> Any:

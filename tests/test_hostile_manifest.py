@@ -63,6 +63,11 @@ def load(ckpt_dir: str, comps: list[StateComponent], **kwargs):
         return coord.load(comps, checkpoint=ckpt_dir, **kwargs)
 
 
+def load_latest(run_dir, comps: list[StateComponent]):
+    with CheckpointCoordinator(run_dir) as coord:
+        return coord.load(comps)
+
+
 def rewrite_manifest(ckpt_dir: str, mutate: Callable[[dict], None], redigest: bool = True) -> None:
     """Change the manifest as a hostile writer would: consistently, with its own digest recomputed."""
     path = os.path.join(ckpt_dir, MANIFEST_NAME)
@@ -174,17 +179,25 @@ def test_non_json_constants_are_refused(tmp_path):
         load(ckpt_dir, targets())
 
 
-@pytest.mark.parametrize("what", ["file", "folder"])
+@pytest.mark.parametrize("what", ["file", "folder", "manifest"])
 def test_symlinks_out_of_the_checkpoint_are_refused(tmp_path, what):
     ckpt_dir = make_checkpoint(tmp_path / "run")
     outside = tmp_path / "outside"
     outside.mkdir()
-    victim = os.path.join(ckpt_dir, "model") if what == "folder" else os.path.join(
-        ckpt_dir, "model", "replicated.part-0-of-1.safetensors")
+    victim = {"folder": os.path.join(ckpt_dir, "model"), "manifest": os.path.join(ckpt_dir, MANIFEST_NAME),
+              "file": os.path.join(ckpt_dir, "model", "replicated.part-0-of-1.safetensors")}[what]
     moved = outside / os.path.basename(victim)
     os.rename(victim, moved)  # the very same bytes, so every size and digest still matches
     os.symlink(moved, victim)
     comps = targets()
+    if what == "manifest":  # a manifest from elsewhere would vouch for files it does not belong with
+        for read in (lambda: load(ckpt_dir, comps), lambda: open_checkpoint(ckpt_dir),
+                     lambda: load_latest(tmp_path / "run", comps)):  # by path, as `ckpt` opens it, as "latest"
+            with pytest.raises(ManifestError, match="leads outside the checkpoint") as err:
+                read()
+            assert victim in str(err.value)
+        assert untouched(comps)
+        return
     with pytest.raises(CorruptCheckpointError, match="leads outside the checkpoint") as err:
         load(ckpt_dir, comps)
     assert untouched(comps) and "model/" in str(err.value)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
 import torch
 
-from ckpt import CheckpointCoordinator, CorruptCheckpointError, SharingPattern, StateComponent
+from ckpt import (
+    CheckpointCoordinator,
+    CheckpointError,
+    CorruptCheckpointError,
+    SharingPattern,
+    StateComponent,
+)
+from ckpt.testing import Fault, FaultyStorage
 from tests.workers import Box, make_model, same, snapshot
 
 
@@ -52,3 +60,21 @@ def test_failed_in_place_load_names_the_touched_components(tmp_path):
         coord.load([StateComponent("model", untouched, SharingPattern.REPLICATED)])
     assert "in-place" not in str(err.value)
     assert same(make_model(seed=2)[0].state_dict(), untouched.state_dict())
+
+
+def test_a_storage_error_part_way_through_an_in_place_load_names_the_touched_components(tmp_path):
+    """EIO after a component was already read in place: the error says live state changed, and where."""
+    storage = FaultyStorage()
+    coord = CheckpointCoordinator(tmp_path, storage=storage)
+    coord.save(1, [StateComponent("a", Box({"x": torch.arange(4.0)}), SharingPattern.GLOBAL),
+                   StateComponent("b", Box({"y": torch.arange(3.0)}), SharingPattern.GLOBAL)])
+    a, b = Box({"x": torch.zeros(4)}), Box({"y": torch.zeros(3)})
+    storage.inject(Fault(op="open_read", match="b/global.safetensors", error=errno.EIO))
+    with pytest.raises(CheckpointError) as err:
+        coord.load([StateComponent("a", a, SharingPattern.GLOBAL), StateComponent("b", b, SharingPattern.GLOBAL)],
+                   in_place=True)
+    assert storage.fired, "the fault was reached"
+    message = str(err.value)
+    assert "Input/output error (injected)" in message and "b/global.safetensors" in message, message
+    assert "in-place load: the live tensors of components ['a', 'b'] may already hold bytes from" in message
+    assert torch.equal(a.state["x"], torch.arange(4.0)), "a was read in place before the fault"

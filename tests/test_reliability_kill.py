@@ -42,18 +42,24 @@ PHASES = {
                                    [10, 20, 30]),
     "removing for retention": (Fault(op="remove_tree", match=".deleting.partial", rank=0, error=SIGKILL, after=1),
                                0, [20, 30]),
+    # An overwrite=True save of step 20 moves the old copy aside, then renames the new one into place; killed
+    # between the two, step 20 is committed under neither name and `latest` is step 10 (see docs/reliability.md).
+    "between the renames of an overwrite": (Fault(op="rename", match=".replaced.partial", rank=0, error=SIGKILL,
+                                                  when="after"), 0, [10]),
 }
 CI_PHASES = {"writing tensors", "removing for retention"}  # a non-zero rank mid-write; rank 0 after its commit
+OVERWRITE_PHASES = {"between the renames of an overwrite"}  # these save step 20 again, with overwrite=True
 
 
-def _save_until_killed(rank: int, world: int, run_dir: str, fault: Fault) -> dict:
+def _save_until_killed(rank: int, world: int, run_dir: str, fault: Fault, overwrite: bool = False) -> dict:
     storage = FaultyStorage()
     coord = CheckpointCoordinator(run_dir, timeout=30, storage=storage,
                                   retention=RetentionPolicy(save_total_limit=KEEP))
     for step in (10, 20):
         coord.save(step, _components(rank, step))
     storage.inject(fault)
-    coord.save(30, _components(rank, 30))  # one rank dies in here; the other must raise, not hang
+    step = 20 if overwrite else 30
+    coord.save(step, _components(rank, step), overwrite=overwrite)  # one rank dies in here; the other must raise
     return {"fired": storage.fired}
 
 
@@ -74,7 +80,7 @@ def _check_committed(run_dir: str, steps: list[int]) -> None:
 def test_sigkill_at_each_phase_of_a_save(tmp_path, phase):
     fault, victim, committed = PHASES[phase]
     run_dir = str(tmp_path)
-    results = run_ranks(2, _save_until_killed, run_dir, fault, timeout=120)
+    results = run_ranks(2, _save_until_killed, run_dir, fault, phase in OVERWRITE_PHASES, timeout=120)
     bad = failures(results)
     assert sorted(bad) == [0, 1], results
     assert bad[victim].type_name == "RankDied" and "SIGKILL" in bad[victim].message

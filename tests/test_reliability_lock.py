@@ -15,6 +15,9 @@ import torch
 
 from ckpt import (
     CheckpointCoordinator,
+    CheckpointError,
+    CheckpointNotFoundError,
+    RetentionPolicy,
     RunDirInUseError,
     SharingPattern,
     StateComponent,
@@ -150,3 +153,41 @@ def test_forced_concurrent_jobs_still_commit_atomically(tmp_path):
         with CheckpointCoordinator(tmp_path, force=True) as reader:
             reader.load([StateComponent("m", target, SharingPattern.GLOBAL)], checkpoint=ref.step)
         assert all(torch.equal(t, torch.full((250_000,), float(ref.step))) for t in target.state.values())
+
+
+def test_a_read_only_coordinator_loads_from_a_live_run_without_the_lock(tmp_path):
+    """An eval job reads a run whose trainer (another process) holds the lock: no force, no lock, no writes."""
+    holder = _python("""
+        import sys, time, torch
+        from ckpt import CheckpointCoordinator, SharingPattern, StateComponent
+        from tests.workers import Box
+        c = CheckpointCoordinator(sys.argv[1])
+        c.save(3, [StateComponent("m", Box({"w": torch.full((4,), 3.0)}), SharingPattern.GLOBAL)])
+        print("holding", flush=True)
+        time.sleep(600)
+    """, str(tmp_path))
+    try:
+        assert holder.stdout.readline().strip() == "holding", holder.stderr.read() if holder.poll() else ""
+        unfinished = tmp_path / "checkpoint-00000004.partial"  # the trainer's save in flight: not ours to clean
+        unfinished.mkdir()
+        before = sorted(os.listdir(tmp_path))
+        with pytest.raises(RunDirInUseError):
+            CheckpointCoordinator(tmp_path)
+        with CheckpointCoordinator(tmp_path, read_only=True,
+                                   retention=RetentionPolicy(save_total_limit=1)) as reader:
+            target = Box({})
+            result = reader.load([StateComponent("m", target, SharingPattern.GLOBAL)])
+            assert result.step == 3 and torch.equal(target.state["w"], torch.full((4,), 3.0))
+            with pytest.raises(CheckpointError, match=r"read-only \(read_only=True\).*Save from the job that owns"):
+                reader.save(5, [StateComponent("m", Box({"w": torch.ones(4)}), SharingPattern.GLOBAL)])
+        assert sorted(os.listdir(tmp_path)) == before, "the reader created, cleaned or deleted nothing"
+        assert holder.poll() is None and not _lockable(tmp_path), "the trainer still holds its lock"
+        with pytest.raises(TypeError, match="read_only='yes'"):
+            CheckpointCoordinator(tmp_path, read_only="yes")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(CheckpointNotFoundError), CheckpointCoordinator(missing, read_only=True) as reader:
+        reader.load([])
+    assert not missing.exists(), "a read-only coordinator creates no run dir"

@@ -135,3 +135,92 @@ def test_storage_faults_fail_the_save_everywhere_naming_rank_and_file(tmp_path):
     assert results[0]["final"] == results[1]["final"] == [10, 100]
     for step in (10, 100):
         assert verify(open_checkpoint(tmp_path / f"checkpoint-{step:08d}"))["ok"]
+
+
+# ---- a write that stalls past the timeout --------------------------------------------------------
+
+SLOW_TIMEOUT = 2  # the coordinator's timeout; the slow write stalls well past it
+SLOW_FOR = SLOW_TIMEOUT + 3
+
+
+def _slow_write_then_go_on(rank: int, world: int, run_dir: str) -> dict:
+    storage = FaultyStorage()
+    # One file at a time: the note of the file a rank started last then names the stalled one (with more
+    # threads, the files started after it are in flight too, and the last one started is named).
+    coord = CheckpointCoordinator(run_dir, timeout=SLOW_TIMEOUT, storage=storage, io_threads=1)
+    coord.save(10, _components(rank, 10))
+    storage.inject(Fault(op="write_file", match="model/replicated.part-", rank=1, error=f"sleep:{SLOW_FOR}"))
+    try:
+        coord.save(20, _components(rank, 20))
+        outcome = {"type": None}
+    except CheckpointError as exc:
+        outcome = {"type": type(exc).__name__, "message": str(exc), "missing": getattr(exc, "missing_ranks", None)}
+    storage.clear()
+    outcome["latest"] = coord.latest().step
+    coord.close()
+    # The old coordinator refuses to go on (its collectives may be out of step); a new one on every rank saves.
+    with CheckpointCoordinator(run_dir, timeout=60, storage=storage) as fresh:
+        fresh.save(30, _components(rank, 30))
+        outcome["after"] = [r.step for r in fresh.checkpoints()]
+    return outcome
+
+
+def test_a_slow_write_is_a_storage_fault_named_by_rank_and_file(tmp_path):
+    first, second = run_ranks(2, _slow_write_then_go_on, str(tmp_path), timeout=120)
+    assert first["type"] == "CollectiveTimeoutError" and list(first["missing"]) == [1], first
+    assert "'write' step" in first["message"] and "rank 1 never reached it" in first["message"], first
+    stalled_on = first["message"].split("then was writing ", 1)[-1]
+    assert stalled_on.startswith("model/replicated.part-1-of-2.safetensors"), first["message"]
+    assert second["type"] in ("CollectiveTimeoutError", "CheckpointError"), second  # the slow rank, once back
+    for res in (first, second):
+        assert res["latest"] == 10 and res["after"] == [10, 30], res
+    for step in (10, 30):
+        assert verify(open_checkpoint(tmp_path / f"checkpoint-{step:08d}"))["ok"]
+    assert sorted(os.listdir(tmp_path)) == [".ckpt.lock", "checkpoint-00000010", "checkpoint-00000030"]
+
+
+# ---- read-side faults ------------------------------------------------------------------------------
+
+READ_FAULTS = [
+    # (name, fault, rank named, file named)
+    ("EIO opening a tensor file", Fault(op="open_read", match="model/replicated.part-", rank=1), 1,
+     "model/replicated.part-"),
+    ("EIO opening the manifest", Fault(op="open_read", match="checkpoint_manifest.json", rank=0), 0,
+     "checkpoint-00000010/checkpoint_manifest.json"),
+    ("EIO listing the run dir", Fault(op="list_dir", rank=0), 0, "'RUN_DIR'"),
+]
+
+
+def _meet_each_read_fault(rank: int, world: int, run_dir: str) -> list[dict]:
+    storage = FaultyStorage()
+    coord = CheckpointCoordinator(run_dir, timeout=60, storage=storage)
+    coord.save(10, _components(rank, 10))
+    outcomes = []
+    for _, fault, _, _ in READ_FAULTS:
+        live = [StateComponent(c.key, Box({"untouched": torch.zeros(1)}), c.sharing_pattern)
+                for c in _components(rank, 0)]
+        storage.inject(fault)
+        try:
+            coord.load(live)
+            outcome = {"type": None}
+        except CheckpointError as exc:
+            outcome = {"type": type(exc).__name__, "message": str(exc), "failed": sorted(exc.failures)}
+        storage.clear()
+        outcome.update(untouched=all(list(c.stateful.state) == ["untouched"] for c in live))
+        outcomes.append(outcome)
+    live = _components(rank, 0)
+    coord.load(live)  # the faults were passing: the same coordinator loads once they are gone
+    outcomes.append({"model": live[0].stateful.state["w0"].tolist()[:1]})
+    return outcomes
+
+
+def test_read_faults_fail_the_load_everywhere_naming_rank_and_file_and_apply_nothing(tmp_path):
+    results = expect_ok(run_ranks(2, _meet_each_read_fault, str(tmp_path)))
+    for (name, _, bad_rank, file_part), *per_rank in zip(READ_FAULTS, *results, strict=False):
+        file_part = file_part.replace("RUN_DIR", str(tmp_path))
+        for rank, out in enumerate(per_rank):
+            assert out["type"] == "CheckpointError" and out["failed"] == [bad_rank], (name, rank, out)
+            assert f"failed on rank {bad_rank}" in out["message"] and file_part in out["message"], (name, out)
+            assert "Input/output error (injected)" in out["message"], (name, out)
+            assert out["untouched"], (name, rank, "a failed load applied nothing")
+    assert [r[-1] for r in results] == [{"model": [100.0]}] * 2

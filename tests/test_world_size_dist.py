@@ -71,3 +71,36 @@ def test_saved_at_four_loads_in_one_process(tmp_path):
     ref_model, ref_opt = make_model()
     assert same(ref_model.state_dict(), model.state_dict()) and same(ref_opt.state_dict(), opt.state_dict())
     assert torch.equal(ref_model[0].weight, model[0].weight)
+
+
+def _save_per_node_at_four(rank: int, world: int, run_dir: str) -> None:
+    with CheckpointCoordinator(run_dir, timeout=60) as coord:  # LOCAL_WORLD_SIZE=2: 2 nodes of 2 ranks
+        coord.save(1, [StateComponent("cache", Box({"node": torch.tensor([rank // 2])}), SharingPattern.PER_NODE),
+                       StateComponent("model", Box({"w": torch.ones(4)}), SharingPattern.REPLICATED)])
+
+
+def _load_per_node_at_two(rank: int, world: int, run_dir: str) -> dict:
+    out = {}
+    for local_world in (1, 2):  # 2 nodes of 1 rank, then 1 node of 2 ranks
+        cache, model = Box({"node": torch.tensor([-1])}), Box({})
+        with CheckpointCoordinator(run_dir, timeout=60, local_world_size=local_world) as coord:
+            try:
+                coord.load([StateComponent("cache", cache, SharingPattern.PER_NODE),
+                            StateComponent("model", model, SharingPattern.REPLICATED)], strict=False)
+                out[local_world] = {"type": None}
+            except Exception as exc:
+                out[local_world] = {"type": type(exc).__name__, "message": str(exc)}
+        out[local_world].update(cache=cache.state["node"].tolist(), model=model.state)
+    return out
+
+
+def test_per_node_with_a_changed_node_layout_is_refused_clearly(tmp_path):
+    """Without reshard, a rank must never get another node's copy (nor a vague 'no copy for this rank')."""
+    expect_ok(run_ranks(4, _save_per_node_at_four, str(tmp_path), env={"LOCAL_WORLD_SIZE": 2}))
+    for res in expect_ok(run_ranks(2, _load_per_node_at_two, str(tmp_path))):
+        for local_world, now in ((1, "2 nodes of 1 rank"), (2, "1 node of 2 ranks")):
+            out = res[local_world]
+            assert out["type"] == "CheckpointError", (local_world, out)
+            assert "component 'cache' is PER_NODE and was saved by 2 nodes of 2 ranks" in out["message"], out
+            assert f"this job has {now}" in out["message"] and "reshard=True" in out["message"], out
+            assert out["cache"] == [-1] and out["model"] == {}, "nothing was applied"
