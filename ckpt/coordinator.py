@@ -53,7 +53,16 @@ from .read_phase import (
     read_or_reject,
 )
 from .retention import BestCheckpoint, RetentionPolicy
-from .saving import PreparedComponent, Snapshot, build_manifest, commit, declare, snapshot, write_files
+from .saving import (
+    PreparedComponent,
+    Snapshot,
+    build_manifest,
+    commit,
+    declare,
+    restore_replaced,
+    snapshot,
+    write_files,
+)
 from .staging import StagingPool
 from .storage import LocalStorage, Storage
 from .topology import RankTopology, discover
@@ -154,8 +163,16 @@ class CheckpointCoordinator:
         # Rank 0 locks the run dir; every rank learns the tag of its unfinished-save folders (None: locked).
         locks = self.rank == 0 and not read_only
         self._tag: str | None = self.comm.run_phase(
-            "lock", lambda: take_run_dir(self.run_dir, force, held) if locks else None, what="coordinator start-up")[0]
+            "lock", lambda: self._take_run_dir(force, held) if locks else None, what="coordinator start-up")[0]
         self._release = weakref.finalize(self, held[0].release) if held else None
+
+    def _take_run_dir(self, force: bool, held: list[RunDirLock]) -> str | None:
+        """Rank 0: lock the run dir and, owning it, put back a checkpoint an overwrite left aside when it died."""
+        tag = take_run_dir(self.run_dir, force, held)
+        if tag is None and held:
+            for path in restore_replaced(self.storage, self.run_dir):
+                log.warning("restored %s: an overwrite of it was interrupted before the new copy was in place", path)
+        return tag
 
     def close(self) -> None:
         """Wait for a save in flight (collective), then release the run dir's lock. Safe to call twice."""

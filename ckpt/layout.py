@@ -12,6 +12,8 @@ from .storage import Storage
 MANIFEST_NAME = "checkpoint_manifest.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_SUFFIX = ".partial"
+# An overwrite moves the committed copy here until the new one is renamed into place.
+REPLACED_SUFFIX = ".replaced" + PARTIAL_SUFFIX
 PIN_NAME = "PINNED"  # a file inside a checkpoint that protects it from every retention rule
 LOCK_NAME = ".ckpt.lock"  # in the run dir: held by the coordinator that owns the run (see ckpt/lock.py)
 STEP_DIGITS = 8

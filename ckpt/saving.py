@@ -13,7 +13,7 @@ import torch
 from . import __version__
 from .component import SharingPattern, StateComponent, ValidationLevel
 from .errors import CheckpointError
-from .layout import MANIFEST_NAME
+from .layout import MANIFEST_NAME, REPLACED_SUFFIX, parse_step
 from .manifest import ComponentEntry, FileEntry, Manifest, plain_metrics
 from .planning import MIN_CHUNK_BYTES, ComponentDecl, ComponentPlan, FileAssignment, Piece, balance
 from .serialization import FlatState, flatten_state
@@ -223,10 +223,26 @@ def commit(storage: Storage, partial: str, final: str, manifest: Manifest, overw
             raise CheckpointError(f"{final} appeared during the save; not replacing it", path=final)
         # Moved aside under a name that is never loaded, then removed once the new copy is in place. A crash
         # between the two renames leaves the old copy on disk under that name until the next save cleans up.
-        replaced = final + ".replaced.partial"
+        replaced = final + REPLACED_SUFFIX
         storage.remove_tree(replaced)
         storage.rename(final, replaced)
     storage.rename(partial, final)
     storage.fsync_dir(parent)
     if replaced:
         storage.remove_tree(replaced)
+
+
+def restore_replaced(storage: Storage, run_dir: str) -> list[str]:
+    """Put back committed checkpoints an overwrite moved aside and then died before renaming the new copy
+    into place, so a crash there leaves the old copy committed instead of neither. Run by the run dir's owner
+    before it cleans up unfinished saves. Returns the checkpoints restored."""
+    restored = []
+    for name in storage.list_dir(run_dir):
+        final = os.path.join(run_dir, name.removesuffix(REPLACED_SUFFIX))
+        aside = os.path.join(run_dir, name)
+        if (name.endswith(REPLACED_SUFFIX) and parse_step(os.path.basename(final)) is not None
+                and not storage.exists(final) and storage.exists(os.path.join(aside, MANIFEST_NAME))):
+            storage.rename(aside, final)
+            storage.fsync_dir(run_dir)
+            restored.append(final)
+    return restored

@@ -43,11 +43,11 @@ PHASES = {
     "removing for retention": (Fault(op="remove_tree", match=".deleting.partial", rank=0, error=SIGKILL, after=1),
                                0, [20, 30]),
     # An overwrite=True save of step 20 moves the old copy aside, then renames the new one into place; killed
-    # between the two, step 20 is committed under neither name and `latest` is step 10 (see docs/reliability.md).
+    # between the two, the next coordinator of the run dir puts the old copy back (see docs/reliability.md).
     "between the renames of an overwrite": (Fault(op="rename", match=".replaced.partial", rank=0, error=SIGKILL,
-                                                  when="after"), 0, [10]),
+                                                  when="after"), 0, [10, 20]),
 }
-CI_PHASES = {"writing tensors", "removing for retention"}  # a non-zero rank mid-write; rank 0 after its commit
+CI_PHASES = {"writing tensors", "removing for retention", "between the renames of an overwrite"}
 OVERWRITE_PHASES = {"between the renames of an overwrite"}  # these save step 20 again, with overwrite=True
 
 
