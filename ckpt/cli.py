@@ -359,6 +359,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if left:
         _out(f"left out {len(left)} non-tensor values (safetensors holds tensors only): {', '.join(left[:8])}"
              + (", ..." if len(left) > 8 else ""))
+    encoded = result.get("encoded_dtypes") or {}
+    if encoded:
+        shown = ", ".join(f"{name} {e['dtype']} -> {e['encoding']}" for name, e in list(encoded.items())[:8])
+        _out(f"encoded {len(encoded)} tensors whose dtype safetensors lacks (see the file's ckpt.encoded_dtypes "
+             f"metadata): {shown}" + (", ..." if len(encoded) > 8 else ""))
     return EXIT_OK
 
 

@@ -9,24 +9,26 @@ Which copy is exported:
   (rank 0, 1, ...). Without a choice, a component with a single copy exports that copy.
 Tensors keep their key paths as names (a model's `0.weight` stays `0.weight`; nested state is joined with
 `/`). Non-tensor values (ints, strings, ...) cannot go into safetensors and are listed as left out.
+A tensor whose dtype safetensors lacks is written in a lossless form it has, recorded per tensor in the
+file's metadata under `ckpt.encoded_dtypes`: complex128 and complex32 as their real and imaginary parts
+(float64 / float16 with a trailing dimension of 2, as `torch.view_as_real` gives them), every other such
+dtype as its raw bytes (uint8 with a trailing dimension of the element size).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from .component import SharingPattern
 from .errors import CheckpointError
-from .inspection import Opened, Progress, copy_label, owners, read_copy
-from .loading import checked_path
-from .manifest import ComponentEntry, FileEntry
-from .serialization import join_path, unflatten_state
+from .inspection import Opened, Progress, copy_label, leaves, owners, read_real_copy
+from .manifest import ComponentEntry
 from .storage import LocalStorage
-from .tensor_io import read_blob, write_safetensors
+from .tensor_io import DTYPE_TO_ST, write_safetensors
 
 _SINGLE = (SharingPattern.GLOBAL, SharingPattern.REPLICATED)
 
@@ -97,29 +99,24 @@ def _concat(copies: list[dict[str, torch.Tensor]], labels: list[str], dim: int, 
     return out
 
 
-def _non_tensor_paths(value: Any, path: str = "") -> list[str]:
-    if isinstance(value, torch.Tensor):
-        return []
-    if isinstance(value, Mapping):
-        return [p for k, v in value.items() for p in _non_tensor_paths(v, join_path(path, k))]
-    if isinstance(value, list | tuple):
-        return [p for i, v in enumerate(value) for p in _non_tensor_paths(v, join_path(path, i))]
-    return [path or "(root)"]
+def _non_tensor_paths(state: Any) -> list[str]:
+    return [] if state is None else [p for p, v in leaves(state) if not isinstance(v, torch.Tensor)]
 
 
-def _skeleton(entry: ComponentEntry, owner: int | None) -> FileEntry | None:
-    """The copy's msgpack file: the state around its tensors (None when the copy is tensors only)."""
-    return next((f for f in entry.files_for(owner) if f.kind == "state"), None)
-
-
-def _left_out(ck: Opened, key: str, owner: int | None, tensors: dict[str, torch.Tensor],
-              on_file: Callable[[int], None]) -> list[str]:
-    s = _skeleton(ck.manifest.components[key], owner)
-    if s is None:
-        return []
-    raw = read_blob(ck.storage, checked_path(ck.path, s, key), s.nbytes, s.xxh3_128, key)
-    on_file(s.nbytes)
-    return _non_tensor_paths(unflatten_state(raw, tensors, key))
+def _encoded(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, str]]]:
+    """`tensors` with each dtype safetensors lacks in its lossless stand-in, and what was done to each."""
+    out, notes = {}, {}
+    for name, t in tensors.items():
+        if t.dtype in DTYPE_TO_ST:
+            out[name] = t
+            continue
+        real = str(t.dtype).removeprefix("torch.")
+        if t.is_complex():  # complex128 -> float64[..., 2], complex32 -> float16[..., 2]
+            out[name], notes[name] = torch.view_as_real(t.resolve_conj()), {"dtype": real, "encoding": "real_imag"}
+        else:
+            out[name], notes[name] = t.contiguous().unsqueeze(-1).view(torch.uint8), {"dtype": real,
+                                                                                      "encoding": "raw_bytes"}
+    return out, notes
 
 
 def export_component(ck: Opened, key: str, output: str, *, rank: int | None = None, group: int | None = None,
@@ -131,10 +128,8 @@ def export_component(ck: Opened, key: str, output: str, *, rank: int | None = No
         raise CheckpointError(f"{ck.path} has no component {key!r}; it has {sorted(ck.manifest.components)}")
     chosen = select_copies(entry, key, rank, group, node, concat_dim)
     labels = [copy_label(entry.pattern, o) or "the single copy" for o in chosen]
-    # What is read: every chosen copy's tensor files, and the first copy's state file (for what is left out).
-    skeleton = _skeleton(entry, chosen[0])
-    total = sum(f.nbytes for o in chosen for f in entry.files_for(o) if f.kind != "state")
-    total += skeleton.nbytes if skeleton else 0
+    # What is read: every chosen copy's files (its skeleton says which tensors are raw bytes, and what is left out).
+    total = sum(f.nbytes for o in chosen for f in entry.files_for(o))
     done = [0]
 
     def on_file(nbytes: int) -> None:
@@ -142,12 +137,16 @@ def export_component(ck: Opened, key: str, output: str, *, rank: int | None = No
         if progress:
             progress(done[0], total)
 
-    copies = [read_copy(ck, key, owner, on_file=on_file) for owner in chosen]
+    read = [read_real_copy(ck, key, owner, on_file=on_file) for owner in chosen]
+    copies = [tensors for tensors, _ in read]
     tensors = _concat(copies, labels, concat_dim, key) if concat_dim is not None else copies[0]
-    left_out = _left_out(ck, key, chosen[0], copies[0], on_file)
+    tensors, encoded = _encoded(tensors)
+    left_out = _non_tensor_paths(read[0][1])
     how = f"concatenated along dim {concat_dim}: {', '.join(labels)}" if concat_dim is not None else labels[0]
     metadata = {"format": "pt", "ckpt.source": ck.path, "ckpt.component": key, "ckpt.step": str(ck.manifest.step),
                 "ckpt.pattern": entry.pattern.value, "ckpt.copy": how}
+    if encoded:
+        metadata["ckpt.encoded_dtypes"] = json.dumps(encoded, sort_keys=True)
     output = os.fspath(output)
     if os.path.isdir(output):
         raise CheckpointError(f"-o {output} is a folder; give a file name such as {os.path.join(output, key)}.safetensors")
@@ -159,7 +158,8 @@ def export_component(ck: Opened, key: str, output: str, *, rank: int | None = No
     finally:
         storage.remove_file(tmp)
     return {"output": output, "component": key, "pattern": entry.pattern.value, "copy": how, "step": ck.manifest.step,
-            "tensors": len(tensors), "nbytes": written.nbytes, "left_out_non_tensor": left_out}
+            "tensors": len(tensors), "nbytes": written.nbytes, "left_out_non_tensor": left_out,
+            "encoded_dtypes": encoded}
 
 
 __all__ = ["export_component", "select_copies"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,12 +15,13 @@ import torch
 import xxhash
 
 from .component import SharingPattern
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkpoints
 from .loading import checked_path, read_copy_tensors
-from .manifest import ComponentEntry, Manifest, read_manifest
+from .manifest import ComponentEntry, FileEntry, Manifest, TensorInfo, read_manifest
+from .serialization import join_path, unflatten_state
 from .storage import LocalStorage, Storage
-from .tensor_io import ST_TO_DTYPE
+from .tensor_io import DTYPE_TO_ST, ST_TO_DTYPE, read_blob
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 _CHUNK = 8 * 1024 * 1024
@@ -83,11 +84,111 @@ def read_copy(ck: Opened, key: str, owner: int | None, verify: bool = True,
     return read_copy_tensors(ck.storage, ck.path, key, ck.manifest.components[key], owner, verify, on_file=on_file)
 
 
+# ---- tensors stored as raw bytes -----------------------------------------------------------------
+# A dtype safetensors lacks (complex128, float8_e8m0fnu, ...) is stored as uint8[*shape, element size];
+# only the copy's skeleton knows the real dtype. Unflattening the skeleton over the stored tensors (the
+# loader's own code) gives each such tensor back as its real dtype, at the key path it is named by.
+
+def leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every value of a rebuilt state dict that is not a dict, list or tuple, with its key path (the name
+    its tensor has in the files)."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from leaves(v, join_path(path, k))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from leaves(v, join_path(path, i))
+    else:
+        yield path or "(root)", value
+
+
+def read_skeleton(ck: Opened, key: str, owner: int | None,
+                  on_file: Callable[[int], Any] | None = None) -> bytes | None:
+    """The msgpack skeleton of one copy (digest checked), or None when the copy has none."""
+    f = state_file(ck.manifest.components[key], owner)
+    if f is None:
+        return None
+    blob = read_blob(ck.storage, checked_path(ck.path, f, key), f.nbytes, f.xxh3_128, key)
+    if on_file is not None:
+        on_file(f.nbytes)
+    return blob
+
+
+def state_file(entry: ComponentEntry, owner: int | None) -> FileEntry | None:
+    """The copy's msgpack file: the state around its tensors (None when the copy is tensors only)."""
+    return next((f for f in entry.files_for(owner) if f.kind == "state"), None)
+
+
+def with_real_dtypes(state: Any, stored: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`stored` (tensors by name, as in the files) with each one kept as raw bytes replaced by its value in
+    its real dtype, taken from `state`: the copy's skeleton unflattened over `stored`."""
+    out = dict(stored)
+    for path, value in leaves(state):
+        # Only a raw-bytes reference decodes to a dtype safetensors lacks.
+        if isinstance(value, torch.Tensor) and value.dtype not in DTYPE_TO_ST and path in out:
+            out[path] = value
+    return out
+
+
+def read_real_copy(ck: Opened, key: str, owner: int | None,
+                   on_file: Callable[[int], Any] | None = None) -> tuple[dict[str, torch.Tensor], Any]:
+    """One copy's tensors in their real dtypes, and its state dict rebuilt (None when it has no skeleton)."""
+    tensors = read_copy(ck, key, owner, on_file=on_file)
+    blob = read_skeleton(ck, key, owner, on_file)
+    if blob is None:
+        return tensors, None
+    state = unflatten_state(blob, tensors, key)
+    return with_real_dtypes(state, tensors), state
+
+
+def _may_hold_raw(infos: list[TensorInfo]) -> bool:
+    return any(t.dtype == "U8" and (t.chunk.shape if t.chunk else t.shape) for t in infos)
+
+
+def _real_forms(ck: Opened, key: str, owner: int | None) -> dict[str, torch.Tensor]:
+    """Meta tensors with the real dtype and shape of the copy's raw-bytes tensors, from the manifest and
+    the skeleton alone. {} when there are none, or when the skeleton cannot be read (`verify` says why):
+    the stored form is shown then."""
+    infos = [t for f in ck.manifest.components[key].files_for(owner) if f.kind == "tensors" for t in f.tensors]
+    if not _may_hold_raw(infos):
+        return {}
+    try:
+        stored = {t.name: torch.empty(t.chunk.shape if t.chunk else t.shape, device="meta",
+                                      dtype=ST_TO_DTYPE.get(t.dtype, torch.uint8)) for t in infos}
+        blob = read_skeleton(ck, key, owner)
+        state = None if blob is None else unflatten_state(blob, stored, key)
+    except (CheckpointError, OSError, RuntimeError, ValueError):
+        return {}
+    real = with_real_dtypes(state, stored)
+    return {name: t for name, t in real.items() if t is not stored[name]}
+
+
+def _real_shape(t: TensorInfo, real: torch.Tensor) -> list[int] | None:
+    """The shape of the stored tensor or piece `t` in its real dtype (None: a piece cut inside an element)."""
+    if t.chunk is None:
+        return list(real.shape)
+    size = real.element_size()
+    if t.chunk.start % size or t.chunk.stop % size:
+        return None
+    return [(t.chunk.stop - t.chunk.start) // size]
+
+
+def _tensor_row(key: str, c: ComponentEntry, f: FileEntry, t: TensorInfo, real: torch.Tensor | None) -> dict:
+    dtype, shape, stored_as = dtype_name(t.dtype), list(t.shape), None
+    real_shape = None if real is None else _real_shape(t, real)
+    if real is not None and real_shape is not None:
+        stored_as = f"{dtype}{shape}"
+        dtype, shape = str(real.dtype).removeprefix("torch."), real_shape
+    return {"component": key, "copy": copy_label(c.pattern, f.owner), "name": t.name, "dtype": dtype,
+            "shape": shape, "stored_as": stored_as, "file": f.path}
+
+
 # ---- inspect -------------------------------------------------------------------------------------
 
 def describe(ck: Opened, with_tensors: bool = False) -> dict[str, Any]:
     """What a checkpoint holds: step, time, topology, metrics, and per component its pattern, group,
-    validation level, writer ranks, files, bytes and tensor count (and every tensor when asked)."""
+    validation level, writer ranks, files, bytes and tensor count (and every tensor when asked, in its real
+    dtype and shape; `stored_as` gives the stored uint8 form of one kept as raw bytes)."""
     m = ck.manifest
     comps, tensors = [], []
     for key, c in sorted(m.components.items()):
@@ -96,9 +197,11 @@ def describe(ck: Opened, with_tensors: bool = False) -> dict[str, Any]:
             "validation_level": c.validation_level.value, "copies": len(owners(c)),
             "writer_ranks": sorted({f.writer_rank for f in c.files}), "files": len(c.files),
             "nbytes": sum(f.nbytes for f in c.files), "tensors": sum(len(f.tensors) for f in c.files)})
+        if not with_tensors:
+            continue
+        real = {o: _real_forms(ck, key, o) for o in owners(c)}
         rows = [(-1 if f.owner is None else f.owner, t.name, f, t) for f in c.files for t in f.tensors]
-        tensors += [{"component": key, "copy": copy_label(c.pattern, f.owner), "name": t.name,
-                     "dtype": dtype_name(t.dtype), "shape": list(t.shape), "file": f.path}
+        tensors += [_tensor_row(key, c, f, t, real[f.owner].get(t.name))
                     for _, _, f, t in sorted(rows, key=lambda r: r[:2])]
     topo = m.topology
     out = {
@@ -174,7 +277,8 @@ def _walk(root: str) -> list[str]:
 # ---- diff ----------------------------------------------------------------------------------------
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The largest |a - b| over the elements (NaN against NaN counts as equal, NaN against a number as inf)."""
+    """The largest |a - b| over the elements (NaN against NaN counts as equal, NaN against a number as inf;
+    for complex tensors, the largest magnitude of the complex difference)."""
     if a.numel() == 0:
         return 0.0
     if a.dtype == torch.bool:
@@ -211,14 +315,44 @@ def _diff_tensors(ta: dict[str, torch.Tensor], tb: dict[str, torch.Tensor], copy
             row.update(status=f"{what} changed", a=_brief(a), b=_brief(b))
         elif _same_bits(a, b):
             row.update(status="same", max_abs_diff=0.0)
-        else:
+        elif _has_arithmetic(a.dtype):
             row.update(status="changed", max_abs_diff=max_abs_diff(a, b))
+        else:  # bits and packed sub-byte dtypes have no subtraction: say how many elements differ
+            row.update(status="changed", dtype=str(a.dtype).removeprefix("torch."), shape=list(a.shape),
+                       differing_elements=_differing(a, b))
         rows.append(row)
     return rows
 
 
+def _has_arithmetic(dtype: torch.dtype) -> bool:
+    try:
+        torch.zeros(1, dtype=dtype).to(torch.float64 if not dtype.is_complex else torch.complex128)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _differing(a: torch.Tensor, b: torch.Tensor) -> int:
+    size = a.element_size()
+    ab, bb = (t.contiguous().reshape(-1).view(torch.uint8).reshape(-1, size) for t in (a, b))
+    return int((ab != bb).any(dim=1).sum())
+
+
 def _brief(t: torch.Tensor) -> str:
     return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+
+
+def _diff_side(ck: Opened, key: str, owner: int | None) -> dict[str, torch.Tensor]:
+    """One copy's tensors for `diff`, in their real dtypes; as stored when its skeleton cannot be read
+    (the changed digest is reported as a non-tensor change)."""
+    tensors = read_copy(ck, key, owner)
+    if not any(t.dtype == torch.uint8 and t.dim() for t in tensors.values()):
+        return tensors
+    try:
+        blob = read_skeleton(ck, key, owner)
+        return tensors if blob is None else with_real_dtypes(unflatten_state(blob, tensors, key), tensors)
+    except (CheckpointError, OSError):
+        return tensors
 
 
 def _state_digests(ck: Opened, key: str, owner: int | None) -> list[str]:
@@ -227,7 +361,8 @@ def _state_digests(ck: Opened, key: str, owner: int | None) -> list[str]:
 
 def diff(a: Opened, b: Opened) -> dict[str, Any]:
     """Per component and tensor what changed from `a` to `b`: added, removed, dtype or shape changes, and
-    the largest absolute difference of tensors that kept their dtype and shape."""
+    the largest absolute difference of tensors that kept their dtype and shape. Tensors stored as raw
+    bytes are compared in their real dtype and shape."""
     comps = []
     ma, mb = a.manifest.components, b.manifest.components
     for key in sorted(ma.keys() | mb.keys()):
@@ -238,8 +373,8 @@ def diff(a: Opened, b: Opened) -> dict[str, Any]:
         rows, state_changed = [], []
         for owner in sorted(set(owners(ca)) | set(owners(cb)), key=lambda o: -1 if o is None else o):
             copy = copy_label(ca.pattern if owner in owners(ca) else cb.pattern, owner)
-            ta = read_copy(a, key, owner) if owner in owners(ca) else {}
-            tb = read_copy(b, key, owner) if owner in owners(cb) else {}
+            ta = _diff_side(a, key, owner) if owner in owners(ca) else {}
+            tb = _diff_side(b, key, owner) if owner in owners(cb) else {}
             rows += _diff_tensors(ta, tb, copy)
             if _state_digests(a, key, owner) != _state_digests(b, key, owner):
                 state_changed.append(copy)
@@ -251,5 +386,6 @@ def diff(a: Opened, b: Opened) -> dict[str, Any]:
             "identical": all(c["status"] == "same" for c in comps)}
 
 
-__all__ = ["Opened", "copy_label", "describe", "diff", "max_abs_diff", "open_checkpoint", "read_copy", "verify"]
+__all__ = ["Opened", "copy_label", "describe", "diff", "leaves", "max_abs_diff", "open_checkpoint", "read_copy",
+           "read_real_copy", "read_skeleton", "state_file", "verify", "with_real_dtypes"]
 
