@@ -88,8 +88,68 @@ def test_greater_is_better_fires_on_drops_never_on_gains():
 
 def test_unknown_metric_direction_asks_for_the_flag():
     with pytest.raises(ValueError, match="pass greater_is_better"):
-        DivergenceDetector(metric_key="grad_norm")
-    assert DivergenceDetector(metric_key="grad_norm", greater_is_better=False).monitored == "grad_norm"
+        DivergenceDetector(metric_key="tokens_per_s")
+    assert DivergenceDetector(metric_key="tokens_per_s", greater_is_better=False).monitored == "tokens_per_s"
+
+
+@pytest.mark.parametrize("name", ["grad_norm", "param_norm", "weight-norm"])
+def test_norms_are_lower_is_better(name):
+    d = DivergenceDetector(metric_key=name, warmup=0, smoothing=1.0, patience=1)
+    assert d.greater_is_better is False
+    assert feed(d, [1.0, 1.2, 0.9, 2.5]) == [3]
+
+
+def test_metric_key_is_fed_by_on_log():
+    class State:
+        global_step = 0
+
+    d = DivergenceDetector(metric_key="grad_norm", warmup=0, smoothing=1.0, patience=2)
+    control = TrainerControl()
+    for step, norm in enumerate([1.0, 1.1, 0.9, 5.0, 6.0], start=1):
+        State.global_step = step
+        d.on_log(None, State(), control, logs={"loss": 2.0, "grad_norm": norm})
+    assert control.should_training_stop and d.triggered_at == 5 and d.first_bad_step == 4
+    assert d.last_good_step == 3
+
+
+def test_relative_threshold_with_a_negative_best_measures_the_move_against_its_size():
+    d = DivergenceDetector(warmup=0, smoothing=1.0, threshold=None, relative_threshold=1.5, patience=1)
+    assert feed(d, [-2.0, -1.2]) == []  # up by 0.8 < 0.5 x |-2|
+    assert feed(d, [-0.9]) == [0]  # up by 1.1 >= 1.0
+    zero = DivergenceDetector(warmup=0, smoothing=1.0, threshold=None, relative_threshold=1.5, patience=1)
+    assert feed(zero, [0.0, 5.0]) == []  # no scale to take a factor of: the relative rule says nothing
+
+
+def test_a_jump_after_a_fast_fall_is_caught_although_the_ema_lags():
+    # The demo with --inject-divergence 330, logged every 50 steps: the old EMA best (2.13) lagged the true
+    # level (1.62) so far that the jump to ~3.0 never counted.
+    values = [3.591, 2.335, 2.125, 1.967, 1.748, 1.619, 3.027, 3.312, 3.135, 3.172, 3.107, 3.059, 3.034]
+    d = DivergenceDetector(warmup=4)
+    fired = [50 * (i + 1) for i, v in enumerate(values) if d.observe(v, 50 * (i + 1))]
+    assert fired[:1] == [550] and d.first_bad_step == 350 and d.last_good_step == 300
+    assert feed(DivergenceDetector(warmup=4), values[:6]) == []
+
+
+def test_the_quality_tool_meets_the_targets_with_the_defaults():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import divergence_quality
+
+    result = divergence_quality.run(divergence_quality.parse_args(["--healthy", "150", "--divergent", "20"]))
+    assert result["false_positives"] == []
+    cases = {c["shape"]: c for c in result["divergent"]}
+    jump = cases["jump 3.8 -> 9.7"]
+    assert jump["caught"] == jump["runs"] and jump["latency_entries_max"] <= 3
+    assert all(c["triggered_before_onset"] == 0 for c in cases.values())
+    assert cases["early jump to 2x"]["caught"] == cases["early jump to 2x"]["runs"]
+    tuned = divergence_quality.run(divergence_quality.parse_args(
+        ["--healthy", "20", "--divergent", "5", "--patience", "1", "--smoothing", "1", "--threshold", "2",
+         "--warmup", "3"]))
+    assert tuned["settings"] == {"smoothing": 1.0, "threshold": 2.0, "relative_threshold": None, "patience": 1,
+                                 "warmup": 3}
+    assert {c["shape"]: c for c in tuned["divergent"]}["jump 3.8 -> 9.7"]["latency_entries_max"] == 1
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -2,12 +2,15 @@
 
     python tools/divergence_quality.py                 # defaults: logging every 32 steps
     python tools/divergence_quality.py --healthy 500 --json
+    python tools/divergence_quality.py --warmup 4 --patience 3 --threshold 1.0   # the demo's setting
 
 Loss curves are generated (seeded, no data needed) as a run logged every `--log-every` steps would see
 them: the mean train loss over each logging window. Healthy curves decay from ~10 towards 2-4 with
 per-step noise, a learning-rate warm-up, cosine-schedule bumps and an occasional warm restart.
-Divergent curves follow a healthy start and then go bad in one of several shapes at a known entry.
-Latency is counted in log entries from the first bad entry to the trigger (1 = caught on that entry).
+Divergent curves follow a healthy start and then go bad in one of several shapes at a known entry; the
+"early" ones go bad a few entries after the detector's warm-up, while the loss is still falling fast (where
+a best value that lags the curve hides a jump). Latency is counted in log entries from the first bad entry
+to the trigger (1 = caught on that entry). A trigger before the first bad entry is a false positive too.
 """
 
 from __future__ import annotations
@@ -59,6 +62,12 @@ SHAPES: dict[str, Callable[[int, float], float]] = {
     "NaN burst": lambda i, last: float("nan") if i < 3 else last,
     "Inf": lambda i, last: float("inf"),
 }
+# Shapes started a few entries after warm-up, while the healthy loss still falls fast.
+EARLY_SHAPES: dict[str, Callable[[int, float], float]] = {
+    "early jump +1.4": lambda i, last: last + 1.4,
+    "early jump to 2x": lambda i, last: 2 * last,
+    "early ramp +0.25/entry": lambda i, last: last + 0.25 * (i + 1),
+}
 
 
 def first_trigger(curve: list[float], detector: DivergenceDetector, log_every: int) -> int | None:
@@ -68,51 +77,81 @@ def first_trigger(curve: list[float], detector: DivergenceDetector, log_every: i
     return None
 
 
+def make_detector(args: argparse.Namespace) -> DivergenceDetector:
+    """A fresh detector with the settings under test (the detector's defaults where a flag is not given)."""
+    settings = {k: getattr(args, k, None) for k in ("smoothing", "threshold", "relative_threshold", "patience",
+                                                     "warmup")}
+    return DivergenceDetector(**{k: v for k, v in settings.items() if v is not None})
+
+
+def _divergent_curve(name: str, shape: Callable[[int, float], float], seed: int, args: argparse.Namespace,
+                     warmup: int) -> tuple[list[float], int]:
+    if name == "jump 3.8 -> 9.7":  # the issue's example: a run sitting at 3.8 that jumps to 9.7
+        onset = 20 + seed % 30
+        return [3.8 + random.Random(seed * 7 + k).gauss(0, 0.05) for k in range(onset)] + [9.7] * 20, onset
+    onset = warmup + 2 + seed % 8 if name in EARLY_SHAPES else 20 + seed % 30
+    return _with_onset(seed, onset + 40, args.log_every, onset, shape), onset
+
+
 def run(args: argparse.Namespace) -> dict:
-    make = lambda: DivergenceDetector()  # noqa: E731 - the defaults are what is measured
+    """False positives on healthy curves and detection latency per divergence shape, for the given settings."""
+    warmup = make_detector(args).warmup
     false_positives = []
     for seed in range(args.healthy):
-        hit = first_trigger(healthy(seed, args.entries, args.log_every), make(), args.log_every)
+        hit = first_trigger(healthy(seed, args.entries, args.log_every), make_detector(args), args.log_every)
         if hit is not None:
             false_positives.append({"seed": seed, "entry": hit})
     cases = []
-    for name, shape in SHAPES.items():
-        latencies = []
+    for name, shape in {**SHAPES, **EARLY_SHAPES}.items():
+        latencies, early_triggers = [], 0
         for seed in range(args.divergent):
-            onset = 20 + seed % 30
-            if name == "jump 3.8 -> 9.7":  # the issue's example: a run sitting at 3.8 that jumps to 9.7
-                curve = [3.8 + random.Random(seed * 7 + k).gauss(0, 0.05) for k in range(onset)] + [9.7] * 20
-            else:
-                curve = _with_onset(seed, onset + 40, args.log_every, onset, shape)
-            hit = first_trigger(curve, make(), args.log_every)
+            curve, onset = _divergent_curve(name, shape, seed, args, warmup)
+            hit = first_trigger(curve, make_detector(args), args.log_every)
+            early_triggers += hit is not None and hit < onset
             latencies.append(None if hit is None or hit < onset else hit - onset + 1)
         caught = [x for x in latencies if x is not None]
         cases.append({"shape": name, "runs": len(latencies), "caught": len(caught),
+                      "triggered_before_onset": early_triggers,
                       "latency_entries_max": max(caught) if caught else None,
                       "latency_entries_mean": sum(caught) / len(caught) if caught else None})
-    return {"log_every": args.log_every, "healthy_runs": args.healthy, "false_positives": false_positives,
-            "divergent": cases}
+    return {"log_every": args.log_every, "settings": {k: v for k, v in vars(args).items() if k in (
+        "smoothing", "threshold", "relative_threshold", "patience", "warmup")},
+            "healthy_runs": args.healthy, "false_positives": false_positives, "divergent": cases}
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--healthy", type=int, default=300, help="healthy curves to run (default 300)")
     p.add_argument("--divergent", type=int, default=50, help="curves per divergence shape (default 50)")
     p.add_argument("--entries", type=int, default=150, help="log entries per healthy curve (default 150)")
     p.add_argument("--log-every", type=int, default=32, help="steps per log entry (default 32)")
+    d = p.add_argument_group("detector settings (default: DivergenceDetector's own)")
+    d.add_argument("--threshold", type=float, default=None, help="absolute margin over the best level")
+    d.add_argument("--relative-threshold", type=float, default=None, help="factor over the best level")
+    d.add_argument("--patience", type=int, default=None, help="bad log entries in a row that trigger")
+    d.add_argument("--smoothing", type=float, default=None, help="EMA weight of the newest entry, in (0, 1]")
+    d.add_argument("--warmup", type=int, default=None, help="log entries before a best level is kept")
     p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     result = run(args)
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"DivergenceDetector defaults, one log entry per {args.log_every} steps")
+    shown = make_detector(args)
+    print(f"DivergenceDetector(smoothing={shown.smoothing}, threshold={shown.threshold}, relative_threshold="
+          f"{shown.relative_threshold}, patience={shown.patience}, warmup={shown.warmup}), one log entry per "
+          f"{args.log_every} steps")
     print(f"healthy runs: {args.healthy}, false positives: {len(result['false_positives'])}")
-    print(f"\n  {'divergence':24} {'caught':>9} {'latency (entries) mean':>23} {'max':>5}")
+    print(f"\n  {'divergence':24} {'caught':>9} {'latency (entries) mean':>23} {'max':>5} {'before onset':>13}")
     for c in result["divergent"]:
         mean = "-" if c["latency_entries_mean"] is None else f"{c['latency_entries_mean']:.2f}"
         worst = "-" if c["latency_entries_max"] is None else str(c["latency_entries_max"])
-        print(f"  {c['shape']:24} {c['caught']:>4}/{c['runs']:<4} {mean:>23} {worst:>5}")
+        print(f"  {c['shape']:24} {c['caught']:>4}/{c['runs']:<4} {mean:>23} {worst:>5} "
+              f"{c['triggered_before_onset']:>13}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
 """DivergenceDetector: notice a run going bad within a few log entries, and never miss a NaN.
 
-The monitored value (train loss by default) is smoothed with an EMA; the detector tracks the best
-smoothed value and counts consecutive observations that are worse than the best by `threshold`
-(absolute) or by the factor `relative_threshold`. `patience` of those in a row trigger. A NaN or Inf
-triggers at once, never enters the EMA or the best, and does not stop the detector from working later.
+The monitored value (train loss by default) is smoothed with an EMA, and the detector counts consecutive
+observations whose smoothed value is worse than the best level the run has reached by `threshold`
+(absolute) or by the factor `relative_threshold`; `patience` of those in a row trigger. The best level is
+the best of the smoothed values and of the medians of the last BEST_WINDOW raw values (so one lucky batch
+does not set it): on a loss that is still falling fast the EMA lags far above the true level, and a jump
+back to where the EMA was would never count against the EMA's own best. A NaN or Inf triggers at once, never enters the EMA or the best, and
+does not stop the detector from working later.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +21,20 @@ from ckpt import infer_greater_is_better
 
 from .callbacks import TrainerCallback, TrainerControl
 
+log = logging.getLogger("trainers")
+
 ACTIONS = ("stop", "abort", "rollback")
+BEST_WINDOW = 3  # raw observations whose median is a candidate for the best level
+_NORM_SUFFIXES = ("norm", "norms")  # grad_norm, weight_norm, ...: lower is better
+
+
+def infer_direction(name: str) -> bool | None:
+    """greater_is_better for a watched value's name (None when the name does not say): ckpt's inference for
+    metric names, plus norms (grad_norm, param_norm), which are lower-is-better."""
+    inferred = infer_greater_is_better(name)
+    if inferred is None and name.lower().replace("-", "_").split("_")[-1] in _NORM_SUFFIXES:
+        return False
+    return inferred
 
 
 @dataclass
@@ -46,7 +64,8 @@ class DivergenceDetector(TrainerCallback):
     metric_key: str | None = None
     """Watch this logged key instead (e.g. "grad_norm", "eval_accuracy")."""
     greater_is_better: bool | None = None
-    """Direction of the watched value; None infers it from its name (loss-like names: lower is better)."""
+    """Direction of the watched value; None infers it from its name (loss-like and *_norm names: lower is
+    better)."""
 
     # Running state (saved with checkpoints).
     smoothed: float | None = field(default=None, init=False)
@@ -59,6 +78,12 @@ class DivergenceDetector(TrainerCallback):
     values already bad against the best when the smoothed value turned bad (the EMA lags a sudden rise), so a
     rollback goes to a checkpoint from before it."""
     raw_bad_since: int | None = field(default=None, init=False)
+    last_good_step: int | None = field(default=None, init=False)
+    """Step of the newest observation where neither the raw nor the smoothed value was bad (warm-up ones
+    count as good); see checked_through()."""
+    recent: list[float] = field(default_factory=list, init=False)
+    """The last BEST_WINDOW finite raw values."""
+    _from_eval: bool = field(default=False, init=False, repr=False)  # fed by on_evaluate (not by on_log)
 
     def __post_init__(self) -> None:
         if not 0 < self.smoothing <= 1:
@@ -77,7 +102,7 @@ class DivergenceDetector(TrainerCallback):
         if self.action not in ACTIONS:
             raise ValueError(f"DivergenceDetector: action={self.action!r} must be one of {ACTIONS}")
         if self.greater_is_better is None:
-            inferred = infer_greater_is_better(self.monitored)
+            inferred = infer_direction(self.monitored)
             if inferred is None and self.metric_key is not None:
                 raise ValueError(f"DivergenceDetector: cannot tell whether {self.metric_key!r} is better high or "
                                  "low; pass greater_is_better=True or False")
@@ -102,11 +127,16 @@ class DivergenceDetector(TrainerCallback):
             return True
         self.observations += 1
         self.smoothed = value if self.smoothed is None else self.smoothing * value + (1 - self.smoothing) * self.smoothed
+        self.recent = [*self.recent, value][-BEST_WINDOW:]
         if self.observations <= self.warmup:
+            self.last_good_step = step
             return False
-        if self.best is None or self._better(self.smoothed, self.best):
-            self.best = self.smoothed
-        if self._bad(value, self.best):
+        median = statistics.median(self.recent)
+        level = median if self._better(median, self.smoothed) else self.smoothed
+        if self.best is None or self._better(level, self.best):
+            self.best = level
+        raw_bad = self._bad(value, self.best)
+        if raw_bad:
             self.raw_bad_since = step if self.raw_bad_since is None else self.raw_bad_since
         else:
             self.raw_bad_since = None
@@ -117,27 +147,58 @@ class DivergenceDetector(TrainerCallback):
         else:
             self.consecutive = 0
             self.first_bad_step = None
+            if not raw_bad:
+                self.last_good_step = step
         if self.consecutive >= self.patience:
             self.triggered_at = step
             self.consecutive = 0  # keep watching: a run that recovers (or is rolled back) can trigger again
             return True
         return False
 
+    def suspicion(self) -> tuple[int, int | None] | None:
+        """(first suspect step, last good step) while a bad run is in progress (the raw or the smoothed value
+        already bad), else None."""
+        starts = [s for s in (self.first_bad_step if self.consecutive > 0 else None, self.raw_bad_since)
+                  if s is not None]
+        return (min(starts), self.checked_through()) if starts else None
+
+    def checked_through(self) -> int | None:
+        """The newest step whose weights a good observation vouches for: an evaluation at step s checks the
+        weights of step s; a train-loss log line at step s averages losses computed on the weights of the
+        steps before s (the weights after step s were never used)."""
+        if self.last_good_step is None:
+            return None
+        return self.last_good_step if self._from_eval else self.last_good_step - 1
+
     def _better(self, a: float, b: float) -> bool:
         return a > b if self.greater_is_better else a < b
 
     def _bad(self, value: float, best: float) -> bool:
-        if self.greater_is_better:
-            drop = best - value
-            return (self.threshold is not None and drop >= self.threshold) or (
-                self.relative_threshold is not None and best > 0 and value <= best / self.relative_threshold)
-        rise = value - best
-        return (self.threshold is not None and rise >= self.threshold) or (
-            self.relative_threshold is not None and best > 0 and value >= best * self.relative_threshold)
+        """Worse than `best` by the absolute or the relative rule. The relative rule measures the move against
+        |best| (for a positive best: value >= best x factor, or <= best / factor when greater is better), so it
+        also works for negative values; a best of exactly 0 gives it no scale, and it then says nothing."""
+        worse = (value - best) if not self.greater_is_better else (best - value)
+        if self.threshold is not None and worse >= self.threshold:
+            return True
+        if self.relative_threshold is None:
+            return False
+        if best == 0:
+            self._warn_zero_best()
+            return False
+        factor = self.relative_threshold - 1 if not self.greater_is_better else 1 - 1 / self.relative_threshold
+        return worse >= factor * abs(best)
+
+    def _warn_zero_best(self) -> None:
+        if self.threshold is None and not getattr(self, "_warned_zero", False):
+            self._warned_zero = True
+            log.warning("DivergenceDetector: the best %s is 0, so relative_threshold (a factor over it) cannot "
+                        "judge later values; set threshold (an absolute margin) as well", self.monitored)
 
     def reset(self) -> None:
         """Forget the run's history (e.g. after a rollback to an older checkpoint)."""
         self.smoothed = self.best = self.triggered_at = self.first_bad_step = self.raw_bad_since = None
+        self.last_good_step = None
+        self.recent = []
         self.observations = self.consecutive = 0
 
     # ---- state ----------------------------------------------------------------------------------
@@ -145,13 +206,16 @@ class DivergenceDetector(TrainerCallback):
     def state_dict(self) -> dict[str, Any]:
         return {"smoothed": self.smoothed, "best": self.best, "observations": self.observations,
                 "consecutive": self.consecutive, "triggered_at": self.triggered_at,
-                "first_bad_step": self.first_bad_step, "raw_bad_since": self.raw_bad_since}
+                "first_bad_step": self.first_bad_step, "raw_bad_since": self.raw_bad_since,
+                "last_good_step": self.last_good_step, "recent": list(self.recent)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.smoothed, self.best = state["smoothed"], state["best"]
         self.observations, self.consecutive = int(state["observations"]), int(state["consecutive"])
         self.triggered_at, self.first_bad_step = state.get("triggered_at"), state.get("first_bad_step")
         self.raw_bad_since = state.get("raw_bad_since")
+        self.last_good_step = state.get("last_good_step")  # absent in checkpoints of earlier versions
+        self.recent = [float(v) for v in state.get("recent", [])]
 
     # ---- trainer hooks --------------------------------------------------------------------------
 
@@ -160,12 +224,14 @@ class DivergenceDetector(TrainerCallback):
             return
         logs = kwargs.get("logs") or {}
         if self.monitored in logs:
+            self._from_eval = False
             self._feed(float(logs[self.monitored]), state, control, kwargs)
 
     def on_evaluate(self, args, state, control: TrainerControl, **kwargs: Any) -> None:
         metrics = kwargs.get("metrics") or {}
         key = self.monitored if self.monitored in metrics else f"eval_{self.monitored}"
         if (self.use_eval_loss or self.metric_key is not None) and key in metrics:
+            self._from_eval = True
             self._feed(float(metrics[key]), state, control, kwargs)
 
     def _feed(self, value: float, state, control: TrainerControl, kwargs: dict) -> None:
@@ -174,7 +240,9 @@ class DivergenceDetector(TrainerCallback):
         reason = "non_finite_metric" if not math.isfinite(value) else "divergence"
         trainer = kwargs.get("trainer")
         event = {"reason": reason, "metric": self.monitored, "value": value, "best": self.best,
-                 "smoothed": self.smoothed, "first_bad_step": self.first_bad_step, "action": self.action}
+                 "smoothed": self.smoothed, "first_bad_step": self.first_bad_step,
+                 "last_good_step": self.last_good_step, "checked_through": self.checked_through(),
+                 "action": self.action}
         if trainer is not None and hasattr(trainer, "report_instability"):
             trainer.report_instability(event)  # recovery decides, and may change the action
             return
@@ -183,6 +251,7 @@ class DivergenceDetector(TrainerCallback):
         elif self.action == "stop":
             control.should_save = True
         control.should_training_stop = True
+
 
 
 # The names earlier versions of these tools used.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from . import events as ev
@@ -28,7 +29,7 @@ def give_up(ctl: RecoveryController, message: str) -> None:
     raise RecoveryError(message, step=step)
 
 
-def rollback(ctl: RecoveryController, reason: str, first_bad: int) -> None:
+def rollback(ctl: RecoveryController, reason: str, first_bad: int, checked: int) -> None:
     """Reload the chosen checkpoint (every component, every rank), then cut the LR and ramp it back."""
     t, policy = ctl.trainer, ctl.policy
     step = t.state.global_step
@@ -36,33 +37,39 @@ def rollback(ctl: RecoveryController, reason: str, first_bad: int) -> None:
         give_up(ctl, f"the run went bad again at step {step} ({reason}) after {ctl.rollbacks} rollback(s); "
                      f"max_rollbacks={policy.max_rollbacks} is reached, so training stops. Lower the learning rate, "
                      "look at the data around that step, or raise max_rollbacks in the recovery policy")
-    target = -1
+    target, passed_over = -1, -1
     if ctl.rank == 0:
-        ref = choose_target(t.coordinator, policy, first_bad, step)
-        target = ref.step if ref is not None else -1
-    target = int(ctl.reduce([float(target + 1 if ctl.rank == 0 else 0)], "rollback agreement")[0]) - 1
+        ref, over = choose_target(t.coordinator, policy, checked, step, again=ctl.last_target)
+        target, passed_over = (ref.step if ref is not None else -1), (over if over is not None else -1)
+    agreed = ctl.reduce([float(target + 1), float(passed_over + 1)] if ctl.rank == 0 else [0.0, 0.0],
+                        "rollback agreement")
+    target, passed_over = int(agreed[0]) - 1, int(agreed[1]) - 1
     if target < 0:
-        give_up(ctl, f"the run went bad at step {step} ({reason}, first bad observation at step {first_bad}) but no "
-                     f"committed checkpoint fits rollback_to={policy.rollback_to!r}; save more often (save_steps) "
-                     "or start from an earlier checkpoint")
+        again = (f"; the run went bad again before any save after the rollback to step {passed_over}, so only "
+                 "older checkpoints fit") if passed_over >= 0 else ""
+        give_up(ctl, f"the run went bad at step {step} ({reason}, first bad observation at step {first_bad}, newest "
+                     f"weights a good observation vouches for: step {checked}) but no committed checkpoint fits rollback_to="
+                     f"{policy.rollback_to!r}{again}; save more often (save_steps) or start from an earlier "
+                     "checkpoint")
     scale_now = ctl.lr_scale(step)
     kept = (ctl.rollbacks + 1, ctl.micro_batch_size)
     result = t._reload(target)  # also reloads this controller's saved state, from before the trouble
     ctl.rollbacks, ctl.micro_batch_size = kept
+    ctl.last_target = result.step
     ctl.ramp = LRRamp(start_step=result.step, start_scale=scale_now * policy.lr_factor, steps=policy.lr_ramp_steps)
     ctl.nan_streak, ctl.nan_streak_start = 0, None
-    ctl.spike_streak, ctl.spike_streak_start = 0, None
+    ctl.spike_streak, ctl.spike_streak_start, ctl.spike_bad_losses = 0, None, 0
     ctl._diverged = None
     ctl._last_saved_step = result.step
     moved = set_aside(t.coordinator, result.step, f"rollback-{ctl.rollbacks}-at-{step}") if ctl.rank == 0 else []
     ctl.guard.release()
-    for _ in range(policy.skip_batches):
-        next(t.train_loader)
+    skipped = _skip_past(ctl, result.step, first_bad)
     ctl.dispatch(RecoveryEvent(
         ev.ROLLBACK, step, "rollback", reason,
         values={"from_step": step, "to_step": result.step, "to_checkpoint": result.path, "first_bad_step": first_bad,
-                "rollback": ctl.rollbacks, "max_rollbacks": policy.max_rollbacks, "set_aside": moved,
-                "skipped_batches": policy.skip_batches}), quiet=True)
+                "checked_through": checked, **({"passed_over": passed_over} if passed_over >= 0 else {}),
+                "rollback": ctl.rollbacks, "max_rollbacks": policy.max_rollbacks,
+                "set_aside": moved, "skipped_batches": skipped}), quiet=True)
     ctl.dispatch(RecoveryEvent(
         ev.LR_CHANGE, result.step, "scale", f"learning rate cut after rollback {ctl.rollbacks}",
         values={"lr_scale": ctl.ramp.start_scale, "ramp_steps": policy.lr_ramp_steps, "lr": t.current_lr()}),
@@ -73,12 +80,33 @@ def rollback(ctl: RecoveryController, reason: str, first_bad: int) -> None:
                     ctl.ramp.start_scale, policy.lr_ramp_steps)
 
 
-def divergence_action(ctl: RecoveryController, action: str) -> bool:
-    """"stop": save (marked diverged, never over an existing checkpoint), then stop; "abort": just stop."""
+def _skip_past(ctl: RecoveryController, target: int, first_bad: int) -> int:
+    """skip_batches > 0: move the data on so the next step gets the batch step `first_bad + skip_batches` would
+    have had: the data of the stretch that went bad is not seen again. Returns the batches discarded."""
+    if ctl.policy.skip_batches == 0:
+        return 0
+    count = max(0, first_bad + ctl.policy.skip_batches - 1 - target)
+    for _ in range(count):
+        next(ctl.trainer.train_loader)
+    return count
+
+
+def divergence_action(ctl: RecoveryController, action: str, event: RecoveryEvent | None = None) -> bool:
+    """"stop": set aside the checkpoints no good observation vouches for (a resume from "latest" would pick
+    them), save (marked diverged, never over an existing checkpoint), then
+    stop; "abort": just stop."""
     t = ctl.trainer
-    if action == "stop" and ctl._last_saved_step != t.state.global_step:
-        wants_eval = (t.args.eval_on_save or t.args.preserve_best_model) and t.eval_dataset is not None
-        t.save_checkpoint(t.evaluate() if wants_eval else None)  # its metrics are marked: never ranked best
+    if action == "stop":
+        checked = event.values.get("checked_through") if event is not None else None
+        if ctl.rank == 0 and isinstance(checked, int):
+            moved = set_aside(t.coordinator, checked, f"stop-at-{t.state.global_step}",
+                              before_step=t.state.global_step)
+            if moved:
+                log.warning("recovery: moved %d checkpoint(s) newer than step %d (the newest weights a good "
+                            "observation vouches for) to %s", len(moved), checked, os.path.dirname(moved[0]))
+        if ctl._last_saved_step != t.state.global_step:
+            wants_eval = (t.args.eval_on_save or t.args.preserve_best_model) and t.eval_dataset is not None
+            t.save_checkpoint(t.evaluate() if wants_eval else None)  # its metrics are marked: never ranked best
     return True
 
 

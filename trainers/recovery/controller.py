@@ -19,18 +19,18 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ckpt import SharingPattern, StateComponent
+from ckpt import SharingPattern, StateComponent, read_manifest
 
 from ..base import StepOutput, Trainer, TrainingError
 from ..divergence import DivergenceDetector
 from . import events as ev
 from .events import EventLog, RecoveryEvent, read_events
-from .guard import agree_on_save, mark_diverged
+from .guard import DIVERGED, agree_on_save, mark_diverged
 from .lr import LRRamp
 from .policy import DIVERGENCE_ACTIONS, RecoveryPolicy
 from .rollback import LastGoodGuard
 from .signals import StopSignals
-from .spikes import GradNormHistory
+from .spikes import RunningMedian
 from .watchdog import HEALTH_EXIT_CODE, HealthCheckFailure, HealthWatchdog
 
 log = logging.getLogger("trainers")
@@ -76,8 +76,10 @@ class RecoveryController:
         self.ramp = LRRamp()
         self.micro_batch_size: int | None = None  # None: the whole per-rank batch at once
         self.nan_streak, self.nan_streak_start = 0, None
-        self.spike_streak, self.spike_streak_start = 0, None
-        self.grad_norms = GradNormHistory(policy.grad_norm_window)
+        self.spike_streak, self.spike_streak_start, self.spike_bad_losses = 0, None, 0
+        self.grad_norms = RunningMedian(policy.grad_norm_window)  # every finite norm, applied step or not
+        self.losses = RunningMedian(policy.grad_norm_window)  # the mean loss of applied steps
+        self.last_target: int | None = None  # the step the last rollback went to
         # Per-run bookkeeping.
         self.global_batch: int | None = None
         self._reported: RecoveryEvent | None = None  # a divergence a callback reported here, not yet agreed on
@@ -95,7 +97,9 @@ class RecoveryController:
         return {"format": _FORMAT, "rollbacks": self.rollbacks, "ramp": self.ramp.state_dict(),
                 "micro_batch_size": self.micro_batch_size, "nan_streak": self.nan_streak,
                 "nan_streak_start": self.nan_streak_start, "spike_streak": self.spike_streak,
-                "spike_streak_start": self.spike_streak_start, "grad_norms": self.grad_norms.state_dict()}
+                "spike_streak_start": self.spike_streak_start, "grad_norms": self.grad_norms.state_dict(),
+                "spike_bad_losses": self.spike_bad_losses, "losses": self.losses.state_dict(),
+                "last_target": self.last_target}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != _FORMAT:
@@ -106,6 +110,10 @@ class RecoveryController:
         self.nan_streak, self.nan_streak_start = int(state["nan_streak"]), state["nan_streak_start"]
         self.spike_streak, self.spike_streak_start = int(state["spike_streak"]), state["spike_streak_start"]
         self.grad_norms.load_state_dict(state["grad_norms"])
+        # Added after format 1 was fixed: absent from older checkpoints.
+        self.spike_bad_losses = int(state.get("spike_bad_losses", 0))
+        self.losses.load_state_dict(state.get("losses", []))
+        self.last_target = state.get("last_target")
 
     # ---- collectives -----------------------------------------------------------------------------
 
@@ -152,37 +160,44 @@ class RecoveryController:
     def local_requests(self) -> list[float]:
         rep = self._reported if self.rank == 0 else None
         first_bad = rep.values.get("first_bad_step") if rep is not None else None
+        checked = rep.values.get("checked_through") if rep is not None else None
         return [float(self._reported is not None),
                 float(DIVERGENCE_ACTIONS.index(rep.action) + 1) if rep is not None else 0.0,
                 float(first_bad) + 1.0 if isinstance(first_bad, int) else 0.0,
-                float(self.signals is not None and self.signals.received is not None)]
+                float(self.signals is not None and self.signals.received is not None),
+                float(checked) + 2.0 if isinstance(checked, int) else 0.0]  # checked may be -1
 
     def absorb(self, summed: list[float]) -> None:
-        reported, code, first_bad, signal = summed
+        reported, code, first_bad, signal, checked = summed
         if reported > 0 and self._agreed is None:
             event = self._reported or RecoveryEvent(ev.DIVERGENCE, self.trainer.state.global_step,
                                                     self.policy.divergence_action, "reported on another rank",
                                                     allowed=DIVERGENCE_ACTIONS)
             event.action = DIVERGENCE_ACTIONS[int(code) - 1] if code > 0 else self.policy.divergence_action
             event.values["first_bad_step"] = int(first_bad) - 1 if first_bad > 0 else event.step
+            event.values["checked_through"] = int(checked) - 2 if checked > 0 else None
             event.values["reported_on_ranks"] = int(reported)
             self.events.record(event)
             if self.rank == 0:
                 log.warning("recovery: %s", event.describe())
-            self.escalate(event.action, event, event.values["first_bad_step"])
+            self.escalate(event.action, event, event.values["first_bad_step"], event.values["checked_through"])
         self._reported = None
         self._signal = self._signal or signal > 0
 
-    def escalate(self, action: str, event: RecoveryEvent, first_bad: int) -> None:
-        """Act on an agreed divergence ("rollback", "stop" or "abort") at this step's boundary."""
+    def escalate(self, action: str, event: RecoveryEvent, first_bad: int, checked: int | None = None) -> None:
+        """Act on an agreed divergence ("rollback", "stop" or "abort") at this step's boundary. `checked`: the
+        newest step whose weights a good observation vouches for (None: not known; then first_bad - 2, as for
+        per-step observations: step s's loss is computed on the weights of step s - 1)."""
         event.values["first_bad_step"] = first_bad
+        event.values["checked_through"] = first_bad - 2 if checked is None else min(checked, first_bad - 1)
         if self._agreed is None:
             self._agreed = (action, event)
         self._diverged = self._diverged or action
 
     def report(self, info: Mapping[str, Any]) -> None:
         """A callback (DivergenceDetector) saw the run diverge on this rank; acted on at the step boundary."""
-        values = {k: info[k] for k in ("metric", "value", "best", "smoothed", "first_bad_step") if k in info}
+        values = {k: info[k] for k in ("metric", "value", "best", "smoothed", "first_bad_step", "last_good_step",
+                                       "checked_through") if k in info and info[k] is not None}
         event = RecoveryEvent(ev.DIVERGENCE, self.trainer.state.global_step, self.policy.divergence_action,
                               str(info.get("reason", "divergence")), values=values, allowed=DIVERGENCE_ACTIONS)
         self.trainer._call("on_instability", event=event, reason=event.reason)
@@ -240,16 +255,22 @@ class RecoveryController:
                 return None
             metrics = mark_diverged(metrics)
         else:
-            self.guard.update(self._suspicion_start())
+            self.guard.update(self._last_good_bound())
         self._last_saved_step = step
         return metrics
 
-    def _suspicion_start(self) -> int | None:
-        """The first bad observation of a streak in progress (a detector's, or a NaN streak), if any."""
-        starts = [cb.first_bad_step for cb in self.trainer.callback_handler.callbacks
-                  if isinstance(cb, DivergenceDetector) and cb.consecutive > 0 and cb.first_bad_step is not None]
-        starts += [start for start in (self.nan_streak_start, self.spike_streak_start) if start is not None]
-        return min(starts) if starts else None
+    def _last_good_bound(self) -> int | None:
+        """While a bad run is in progress (a detector's raw or smoothed value already bad, a NaN or spike
+        streak): the newest step whose weights a good observation vouches for, which a rollback target must not
+        be newer than. None when nothing is suspect."""
+        bounds = []
+        for cb in self.trainer.callback_handler.callbacks:
+            suspect = cb.suspicion() if isinstance(cb, DivergenceDetector) else None
+            if suspect is not None:
+                start, checked = suspect
+                bounds.append(start - 2 if checked is None else min(checked, start - 1))
+        bounds += [start - 2 for start in (self.nan_streak_start, self.spike_streak_start) if start is not None]
+        return min(bounds) if bounds else None
 
     # ---- the step boundary -------------------------------------------------------------------------
 
@@ -259,8 +280,33 @@ class RecoveryController:
         if resumed:  # a restart resumes from a checkpoint older than its last rollbacks: count them from the log
             logged = sum(e.get("kind") == ev.ROLLBACK for e in read_events(self.trainer.run_dir)) if self.rank == 0 else 0
             self.rollbacks = max(self.rollbacks, int(self.reduce([float(logged)], "start-up agreement")[0]))
+            self._warn_if_diverged()
+        elif self.policy.can_roll_back and self.trainer.args.max_steps > 0:
+            self._save_initial()
         if self.signals is not None:
             self.signals.install()
+
+    def _save_initial(self) -> None:
+        """A fresh run saves its initial state as checkpoint 0, so a run that goes bad before its first save
+        has something to roll back to (retention rotates it out like any other checkpoint)."""
+        path = self.trainer.save_checkpoint()
+        if self.rank == 0 and path is not None:
+            log.info("recovery: saved the initial state as %s (the rollback target until the first save)", path)
+
+    def _warn_if_diverged(self) -> None:
+        """A resume from a checkpoint saved with diverged weights (divergence_action="stop") goes on diverging."""
+        if self.rank != 0:
+            return
+        t = self.trainer
+        refs = t.coordinator.checkpoints()
+        here = next((r for r in refs if r.step == t.state.global_step), None)
+        if here is None or read_manifest(t.coordinator.storage, here.path).metrics.get(DIVERGED) is not True:
+            return
+        older = [r for r in refs if r.step < here.step and
+                 read_manifest(t.coordinator.storage, r.path).metrics.get(DIVERGED) is not True]
+        hint = f"resume_from_checkpoint={older[-1].step}" if older else "an earlier checkpoint (see run_dir/rolled_back/)"
+        log.warning("resumed from %s, which holds diverged weights (saved by divergence_action='stop'); training goes "
+                    "on from them. To start again from good weights use %s", here.path, hint)
 
     def end(self) -> None:
         if self.signals is not None:
@@ -276,9 +322,9 @@ class RecoveryController:
             action, event = self._agreed
             self._agreed = None
             if action != "rollback":
-                return divergence_action(self, action)
+                return divergence_action(self, action, event)
             why = event.kind if event.reason == event.kind else f"{event.kind}: {event.reason}"
-            rollback(self, why, int(event.values["first_bad_step"]))
+            rollback(self, why, int(event.values["first_bad_step"]), int(event.values["checked_through"]))
             rolled = True
         if self._signal:
             emergency_save(self, self.signals.received if self.signals and self.signals.received else "signal")

@@ -58,8 +58,9 @@ class RecoveryPolicy:
     """What a divergence (reported by DivergenceDetector) does: "stop" (save, marked diverged, then stop),
     "abort" (stop without saving) or "rollback"."""
     rollback_to: str = "last_good"
-    """"last_good" (the newest checkpoint saved before the first bad observation), "best" (the best by the
-    retention metric among those), or "steps_back:N" (the newest of those at least N steps before the trigger)."""
+    """"last_good" (the newest checkpoint whose weights a good observation vouches for), "best" (the best by
+    the retention metric among those), or "steps_back:N" (the newest of those at least N steps before the
+    trigger)."""
     max_rollbacks: int = 3
     """Rollbacks allowed in a run; one more trigger then stops training with a clear message."""
     lr_factor: float = 0.5
@@ -67,13 +68,17 @@ class RecoveryPolicy:
     lr_ramp_steps: int = 200
     """... and ramped back linearly to the scheduled value over this many steps (0: the cut stays)."""
     skip_batches: int = 0
-    """After a rollback, draw and discard this many batches, so the retried steps see other data."""
+    """After a rollback, move the data on so the next step gets the batch of step first_bad + skip_batches: the
+    data of the stretch that went bad (up to and past the spike point) is not seen again; 0 replays it."""
     grad_norm_spike_factor: float = 10.0
-    """Skip a step (on every rank) whose gradient norm exceeds this times the running median; 0 turns it off."""
+    """A step whose gradient norm exceeds this times the running median is a spike: with max_grad_norm set its
+    clipped update is applied ("clip"), except the first spike of a streak whose loss jumped too, which is
+    skipped; without clipping it is skipped (on every rank). 0 turns the check off."""
     max_consecutive_spikes: int = 10
-    """Spikes in a row after which the run counts as diverged: divergence_action applies from the first one."""
+    """Spikes in a row after which the run counts as diverged (divergence_action, from the first one) when the
+    loss jumped on at least half of them; otherwise the new gradient-norm level is accepted as the baseline."""
     grad_norm_window: int = 100
-    """Applied steps in the running median of the gradient norm (checks start once it holds 10)."""
+    """Steps in the running medians of the gradient norm and of the loss (checks start once they hold 10)."""
     oom_retry: bool = True
     """On out-of-memory on any rank, halve the micro-batch on every rank (gradient accumulation keeps the
     global batch) and retry the step, down to 1 sample; then an error."""
@@ -140,6 +145,11 @@ class RecoveryPolicy:
             raise ValueError(f"recovery policy: detector: {exc}") from None
 
     # ---- derived values ------------------------------------------------------------------------
+
+    @property
+    def can_roll_back(self) -> bool:
+        """Whether NaN streaks or divergence may roll back (a fresh run then saves its initial state)."""
+        return "rollback" in (self.nan_action, self.divergence_action)
 
     @property
     def steps_back(self) -> int | None:

@@ -16,39 +16,49 @@ log = logging.getLogger("trainers")
 ROLLED_BACK_DIR = "rolled_back"  # run_dir/rolled_back/rollback-<n>-at-<step>/checkpoint-<step>/
 
 
-def good_candidates(refs: Sequence[CheckpointRef], first_bad: int) -> list[CheckpointRef]:
-    """Committed checkpoints saved before the first bad observation (a checkpoint of step s is saved after
-    step s's observation, so s itself is not good)."""
-    return [r for r in refs if r.step < first_bad]
+def good_candidates(refs: Sequence[CheckpointRef], checked: int) -> list[CheckpointRef]:
+    """Committed checkpoints a good observation vouches for: saved at or before step `checked` (see
+    DivergenceDetector.checked_through; a checkpoint inside the first bad log window was never checked)."""
+    return [r for r in refs if r.step <= checked]
 
 
-def choose_target(coordinator: CheckpointCoordinator, policy: RecoveryPolicy, first_bad: int,
-                  trigger_step: int) -> CheckpointRef | None:
-    """The checkpoint a rollback loads, per `policy.rollback_to`; None when there is none."""
-    good = good_candidates(coordinator.checkpoints(), first_bad)
+def choose_target(coordinator: CheckpointCoordinator, policy: RecoveryPolicy, checked: int, trigger_step: int,
+                  again: int | None = None) -> tuple[CheckpointRef | None, int | None]:
+    """(the checkpoint a rollback loads per `policy.rollback_to`, or None; the step passed over, or None).
+
+    `again`: the step the previous rollback went to. When it is still the newest good checkpoint, the run went
+    bad again before saving anything newer: rolling back there once more would most likely fail the same way
+    (the checkpoint itself may hold the trouble), so only older checkpoints are candidates.
+    """
+    good = good_candidates(coordinator.checkpoints(), checked)
+    passed_over = None
+    if good and again is not None and good[-1].step == again:
+        passed_over, good = again, good[:-1]
     if not good:
-        return None
+        return None, passed_over
     back = policy.steps_back
     if back is not None:
         earlier = [r for r in good if r.step <= trigger_step - back]
-        return earlier[-1] if earlier else None
+        return (earlier[-1] if earlier else None), passed_over
     if policy.rollback_to == "best":
         steps = {r.step for r in good}
         ranked = [b for b in coordinator.best(n=len(coordinator.checkpoints())) if b.step in steps]
         if ranked:
-            return next(r for r in good if r.step == ranked[0].step)
-        log.warning("rollback_to=best: no checkpoint before step %d has the retention metric; using the last good "
-                    "one", first_bad)
-    return good[-1]
+            return next(r for r in good if r.step == ranked[0].step), passed_over
+        log.warning("rollback_to=best: no checkpoint up to step %d has the retention metric; using the last good "
+                    "one", checked)
+    return good[-1], passed_over
 
 
-def set_aside(coordinator: CheckpointCoordinator, after_step: int, label: str) -> list[str]:
-    """Move every committed checkpoint newer than `after_step` to run_dir/rolled_back/<label>/ (kept for a
-    post-mortem, out of reach of resume, best and retention). Returns the new paths."""
+def set_aside(coordinator: CheckpointCoordinator, after_step: int, label: str,
+              before_step: int | None = None) -> list[str]:
+    """Move every committed checkpoint newer than `after_step` (and older than `before_step`, when given) to
+    run_dir/rolled_back/<label>/ (kept for a post-mortem, out of reach of resume, best and retention). Returns
+    the new paths."""
     moved = []
     dest = os.path.join(coordinator.run_dir, ROLLED_BACK_DIR, label)
     for ref in coordinator.checkpoints():
-        if ref.step <= after_step:
+        if ref.step <= after_step or (before_step is not None and ref.step >= before_step):
             continue
         os.makedirs(dest, exist_ok=True)
         target = os.path.join(dest, os.path.basename(os.path.normpath(ref.path)))
@@ -69,21 +79,23 @@ class LastGoodGuard:
         self.coordinator, self.rank = coordinator, rank
         self.pinned: list[str] = []
 
-    def update(self, suspicion_start: int | None) -> None:
+    def update(self, checked: int | None) -> None:
+        """`checked`: while a bad run is in progress, the newest step a good observation vouches for (None:
+        nothing is suspect)."""
         if self.rank != 0:
             return
-        if suspicion_start is None:
+        if checked is None:
             self.release()
             return
-        good = good_candidates(self.coordinator.checkpoints(), suspicion_start)
+        good = good_candidates(self.coordinator.checkpoints(), checked)
         if not good:
             return
         keep = good[-1].path
         try:
             if keep not in self.pinned and pin_checkpoint(self.coordinator.storage, keep):
                 self.pinned.append(keep)
-                log.info("pinned %s (the last checkpoint before bad observations began at step %d)", keep,
-                         suspicion_start)
+                log.info("pinned %s (the newest checkpoint a good observation vouches for, up to step %d)", keep,
+                         checked)
         except Exception as exc:  # the save goes on; only the protection is missing
             log.warning("could not pin %s: %s", keep, exc)
         self._unpin([p for p in self.pinned if p != keep])

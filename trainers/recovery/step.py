@@ -2,7 +2,8 @@
 
 The batch runs in micro-batches (gradient accumulation, so a smaller micro-batch keeps the global batch).
 The ranks then agree, in one small all-reduce, on [out of memory, error, non-finite loss, non-finite
-gradient norm, gradient-norm spike, samples]. Where the backward pass itself communicates (DDP's gradient
+gradient norm, gradient-norm spike, samples, loss sum] (the mean loss judges whether a spike came with a
+loss jump). Where the backward pass itself communicates (DDP's gradient
 all-reduce), the agreement comes before the last micro-batch's backward, so a rank that ran out of memory
 never leaves the others waiting in the gradient exchange; the gradient flags are then decided after it
 from the all-reduced gradients' norm, which is the same on every rank. Every rank then takes the same
@@ -29,7 +30,8 @@ from .policy import DIVERGENCE_ACTIONS
 if TYPE_CHECKING:
     from .controller import RecoveryController
 
-OOM, ERROR, NAN_LOSS, NAN_GRAD, SPIKE, SAMPLES = range(6)
+OOM, ERROR, NAN_LOSS, NAN_GRAD, SPIKE, SAMPLES, LOSS = range(7)
+N_FLAGS = 7
 
 
 @dataclass
@@ -78,13 +80,14 @@ def recovered_step(ctl: RecoveryController, batch: Any) -> StepOutput:
         grad_norm = math.nan
         if not failed and not ctl.communicates:
             grad_norm = float(t.clip_gradients())
-        flags = [0.0] * 6
+        flags = [0.0] * N_FLAGS
         flags[OOM], flags[ERROR] = float(att.oom), float(failed and not att.oom)
         flags[NAN_LOSS] = float(not failed and not math.isfinite(loss))
         flags[NAN_GRAD] = float(not failed and not ctl.communicates and not math.isfinite(grad_norm))
         flags[SPIKE] = float(not failed and not ctl.communicates and ctl.grad_norms.is_spike(
             grad_norm, ctl.policy.grad_norm_spike_factor))
         flags[SAMPLES] = float(att.samples if not failed else 0)
+        flags[LOSS] = loss if math.isfinite(loss) else 0.0
         agreed = ctl.reduce(flags)
         if agreed[ERROR] > 0:
             ranks = ctl.ranks_where(bool(flags[ERROR]))
@@ -150,30 +153,53 @@ def _judge(ctl: RecoveryController, step: int, loss: float, grad_norm: float, ag
     spike = agreed[SPIKE] > 0 or (ctl.communicates and ctl.grad_norms.is_spike(grad_norm, policy.grad_norm_spike_factor))
     if non_finite:
         return _non_finite(ctl, step, loss, grad_norm, local_bad, in_loss=agreed[NAN_LOSS] > 0)
-    if spike:
-        return _spike(ctl, step, grad_norm)
+    mean_loss = agreed[LOSS] / ctl.world_size
     ctl.nan_streak, ctl.nan_streak_start = 0, None
-    ctl.spike_streak, ctl.spike_streak_start = 0, None
-    ctl.grad_norms.add(grad_norm)
+    ctl.grad_norms.add(grad_norm)  # spikes too: a skipped step leaves the weights, and maybe the norms, as they were
+    if spike:
+        return _spike(ctl, step, grad_norm, mean_loss)
+    ctl.spike_streak, ctl.spike_streak_start, ctl.spike_bad_losses = 0, None, 0
+    ctl.losses.add(mean_loss)
     return True
 
 
-def _spike(ctl: RecoveryController, step: int, grad_norm: float) -> bool:
-    """Skip the step; a long run of spikes means the run has diverged (divergence_action, from the first)."""
+def _spike(ctl: RecoveryController, step: int, grad_norm: float, mean_loss: float) -> bool:
+    """A gradient-norm spike. With clipping on (max_grad_norm) the clipped step is applied ("clip"), unless the
+    loss jumped too on the first spike of a streak; without clipping it is skipped. A streak of max_consecutive_spikes is divergence (divergence_action, from
+    its first spike) only when the loss jumped on at least half of them; otherwise the new norm level is
+    accepted as the baseline and the streak ends."""
     policy = ctl.policy
+    loss_bad = ctl.losses.is_jump(mean_loss)
     ctl.spike_streak += 1
+    ctl.spike_bad_losses += int(loss_bad)
     ctl.spike_streak_start = ctl.spike_streak_start if ctl.spike_streak_start is not None else step
+    # A spike whose loss jumped may be one bad batch: skip it. If the next step spikes again from the same
+    # weights, the batch was not the cause and skipping again cannot help: apply clipped steps from then on.
+    clipping = ctl.trainer.args.max_grad_norm is not None
+    action = "clip" if clipping and (not loss_bad or ctl.spike_streak > 1) else "skip"
     at_limit = ctl.spike_streak >= policy.max_consecutive_spikes
-    event = RecoveryEvent(
-        ev.GRAD_NORM_SPIKE, step, policy.divergence_action if at_limit else "skip",
-        f"gradient norm over {policy.grad_norm_spike_factor:g}x its running median ({ctl.spike_streak} in a row, "
-        f"max_consecutive_spikes={policy.max_consecutive_spikes})",
-        values={"grad_norm": grad_norm, "median": ctl.grad_norms.median(), "streak_start": ctl.spike_streak_start},
-        allowed=("skip", "warn", *DIVERGENCE_ACTIONS))
+    diverged = at_limit and 2 * ctl.spike_bad_losses >= ctl.spike_streak
+    median = ctl.grad_norms.median()
+    values = {"grad_norm": grad_norm, "median": median, "loss": mean_loss, "loss_jumped": loss_bad,
+              "streak_start": ctl.spike_streak_start}
+    why = (f"gradient norm over {policy.grad_norm_spike_factor:g}x its running median ({ctl.spike_streak} in a "
+           f"row, max_consecutive_spikes={policy.max_consecutive_spikes}; the loss jumped on "
+           f"{ctl.spike_bad_losses})")
+    rebase = at_limit and not diverged
+    if rebase:
+        ctl.grad_norms.keep_last(ctl.spike_streak)  # the streak's own norms are the new baseline
+        values["new_median"] = ctl.grad_norms.median()
+        why += "; the loss stayed healthy: the new gradient-norm level is accepted"
+    event = RecoveryEvent(ev.GRAD_NORM_SPIKE, step, policy.divergence_action if diverged else action, why,
+                          values=values, allowed=("skip", "clip", "warn", *DIVERGENCE_ACTIONS))
     action = ctl.dispatch(event)
     if action in DIVERGENCE_ACTIONS:
         ctl.escalate(action, event, ctl.spike_streak_start)
-    return action == "warn"
+    elif action != "skip" and not loss_bad:
+        ctl.losses.add(mean_loss)
+    if rebase:
+        ctl.spike_streak, ctl.spike_streak_start, ctl.spike_bad_losses = 0, None, 0
+    return action in ("clip", "warn")
 
 
 def _non_finite(ctl: RecoveryController, step: int, loss: float, grad_norm: float, local_bad: bool, *,
@@ -227,9 +253,10 @@ def gate_step(ctl: RecoveryController, loss: float, grad_norm: float) -> bool:
     on NaN/Inf and spikes across the ranks; True when the optimizer step should be applied (inside
     `scaled_lr(optimizer, ctl.lr_scale(step))`). `grad_norm` must be the whole model's norm."""
     step = ctl.trainer.state.global_step + 1
-    flags = [0.0] * 6
+    flags = [0.0] * N_FLAGS
     flags[NAN_LOSS], flags[NAN_GRAD] = float(not math.isfinite(loss)), float(not math.isfinite(grad_norm))
     flags[SPIKE] = float(ctl.grad_norms.is_spike(grad_norm, ctl.policy.grad_norm_spike_factor))
+    flags[LOSS] = float(loss) if math.isfinite(loss) else 0.0
     agreed = ctl.reduce(flags)
     saved, ctl.communicates = ctl.communicates, False  # the flags above are agreed: judge by them only
     try:
