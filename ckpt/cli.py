@@ -27,7 +27,7 @@ from .catalog import (
 from .errors import CheckpointError, CheckpointNotFoundError, RunDirInUseError
 from .export import export_component
 from .inspection import Progress, describe, diff, open_checkpoint, verify
-from .layout import MANIFEST_NAME, list_partials, parse_step
+from .layout import MANIFEST_NAME, REPLACED_SUFFIX, list_partials, parse_step
 from .lock import RunDirLock
 from .reshape import load_plan, mesh_picture, parse_shape, saved_mesh
 from .retention import CheckpointInfo, RetentionDecision, RetentionPolicy
@@ -159,7 +159,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         name = os.path.basename(path)
         rows.append({"name": name, "path": path, "step": parse_step(name.split(".", 1)[0]), "created_utc": None,
                      "nbytes": _du(path), "metrics": {}, "pinned": False, "partial": True, "keep": False,
-                     "reasons": [], "drop_reason": "unfinished save: never loaded, removed by the next save",
+                     "reasons": [], "drop_reason": _partial_status(name),
                      "next_to_go": False, "error": None})
     if args.json:
         _json({"run_dir": run_dir, **_policy_plain(applied), "checkpoints": rows,
@@ -343,6 +343,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
         _out(table(["COMPONENT", "COPY", "TENSOR", "CHANGE", "DETAIL"], rows))
     _out(f"{len(rows)} differences, {same} tensors identical" if rows else f"identical ({same} tensors)")
     return EXIT_OK if report["identical"] else EXIT_FOUND
+
+
+def _partial_status(name: str) -> str:
+    if name.endswith(REPLACED_SUFFIX):
+        return "set aside by an interrupted overwrite: the next coordinator of the run dir puts it back"
+    return "unfinished save: never loaded, removed by the next save"
 
 
 def cmd_export(args: argparse.Namespace) -> int:

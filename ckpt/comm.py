@@ -87,6 +87,11 @@ class Communicator:
             raise error from exc
         return [bytes(buf[: int(s.item())].numpy()) for buf, s in zip(bufs, sizes, strict=True)]
 
+    @property
+    def broken(self) -> bool:
+        """Whether an exchange failed on this rank (a timeout, a lost peer): no more exchanges will run."""
+        return self._broken is not None
+
     def all_gather(self, obj: Any, phase: str) -> list[Any]:
         """Every rank's `obj` (msgpack-able plain data), in rank order."""
         return [_unpack(b) for b in self.all_gather_bytes(_pack(obj), phase)]

@@ -167,12 +167,19 @@ class CheckpointCoordinator:
         self._release = weakref.finalize(self, held[0].release) if held else None
 
     def _take_run_dir(self, force: bool, held: list[RunDirLock]) -> str | None:
-        """Rank 0: lock the run dir and, owning it, put back a checkpoint an overwrite left aside when it died."""
+        """Rank 0: lock the run dir and, first to own it in this process (another coordinator here may be
+        mid-overwrite), put back a checkpoint an overwrite left aside when it died."""
         tag = take_run_dir(self.run_dir, force, held)
-        if tag is None and held:
+        if tag is None and held and held[0].first:
             for path in restore_replaced(self.storage, self.run_dir):
                 log.warning("restored %s: an overwrite of it was interrupted before the new copy was in place", path)
         return tag
+
+    @property
+    def usable(self) -> bool:
+        """False once an exchange between ranks failed (a timeout, a lost rank): this coordinator refuses every
+        further save and load, and the job must restart or build a new coordinator on every rank."""
+        return not self.comm.broken and not self._closed
 
     def close(self) -> None:
         """Wait for a save in flight (collective), then release the run dir's lock. Safe to call twice."""

@@ -65,8 +65,9 @@ if hasattr(os, "register_at_fork"):
 class RunDirLock:
     """This process's hold on a run dir's lock; `release()` once per successful `acquire()`."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, first: bool):
         self.path = path
+        self.first = first  # this hold took the lock; others in this process were already holding it
         self._released = False
 
     @classmethod
@@ -79,7 +80,7 @@ class RunDirLock:
             held = _taken.get(path)
             if held is not None:
                 held.users += 1
-                return cls(path)
+                return cls(path, first=False)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -99,7 +100,7 @@ class RunDirLock:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, json.dumps(me).encode() + b"\n", 0)
             _taken[path] = _Held(fd, 1)
-        return cls(path)
+        return cls(path, first=True)
 
     def release(self) -> None:
         """Give up this hold; the lock is dropped when the process's last coordinator releases it."""

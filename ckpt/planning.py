@@ -104,7 +104,10 @@ def balance(pieces: Sequence[tuple[Piece, int]], bins: int) -> list[list[Piece]]
     for piece, nbytes in sorted(pieces, key=lambda item: (-item[1], item[0].name, item[0].start or 0)):
         # Two pieces of one tensor in one file would share a name there; `split` cuts a tensor into at most
         # `bins` pieces, so a writer without one is always left.
-        free = [i for i in range(bins) if piece.name not in holds[i]] or range(bins)
+        free = [i for i in range(bins) if piece.name not in holds[i]]
+        if not free:
+            raise CheckpointError(f"internal planning error: tensor {piece.name!r} was cut into more pieces than "
+                                  f"there are writers ({bins}); please report this")
         target = min(free, key=lambda i: (loads[i], i))
         out[target].append(piece)
         holds[target].add(piece.name)

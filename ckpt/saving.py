@@ -129,9 +129,9 @@ def _jobs(a: FileAssignment, prepared: Mapping[str, PreparedComponent], rank: in
     if count <= 1:
         return [_FileJob(a, a.relpath, *_cut(pieces, tensors))]
     stem, ext = a.relpath.rsplit(".", 1)
-    groups = balance(_recut(sized, tensors, count), count)
-    return [_FileJob(a, f"{stem}.file-{i}-of-{count}.{ext}", *_cut(group, tensors))
-            for i, group in enumerate(groups, start=1) if group]
+    groups = [g for g in balance(_recut(sized, tensors, count), count) if g]
+    return [_FileJob(a, f"{stem}.file-{i}-of-{len(groups)}.{ext}", *_cut(group, tensors))
+            for i, group in enumerate(groups, start=1)]
 
 
 def _piece_bytes(p: Piece, tensor: torch.Tensor) -> int:
@@ -221,8 +221,8 @@ def commit(storage: Storage, partial: str, final: str, manifest: Manifest, overw
     if storage.exists(final):
         if not overwrite:
             raise CheckpointError(f"{final} appeared during the save; not replacing it", path=final)
-        # Moved aside under a name that is never loaded, then removed once the new copy is in place. A crash
-        # between the two renames leaves the old copy on disk under that name until the next save cleans up.
+        # Moved aside under a name that is never loaded, then removed once the new copy is in place. After a
+        # crash between the two renames, the next coordinator of the run dir puts it back (restore_replaced).
         replaced = final + REPLACED_SUFFIX
         storage.remove_tree(replaced)
         storage.rename(final, replaced)

@@ -227,8 +227,8 @@ def _from_raw_bytes(raw: torch.Tensor, dtype_name: object, name: str, component:
                                  f"uint8[..., {itemsize}] but is {raw.dtype}{list(raw.shape)}", component=component)
     try:
         return raw.view(dtype).squeeze(-1)
-    except RuntimeError:  # a view into memory the reader laid out otherwise: a copy has the right layout
-        return raw.contiguous().view(dtype).squeeze(-1)
+    except RuntimeError:  # misaligned or strided memory (not what ckpt's readers give): a fresh copy is neither
+        return raw.clone(memory_format=torch.contiguous_format).view(dtype).squeeze(-1)
 
 
 def _decode_ndarray(data: bytes, unpack: Callable[[bytes], Any]) -> np.ndarray:

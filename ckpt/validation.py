@@ -88,7 +88,9 @@ def check_replicas(
         return
     mismatches: dict[str, dict[str, set[int]]] = {}
     if suspects:
-        gathered = comm.all_gather(_suspect_tables(suspects, plans, tables, flats), "replication check (per tensor)")
+        # A phase, not a bare gather: QUICK hashes here, and a rank that fails doing so must not leave the others waiting.
+        gathered = comm.run_phase("replication check (per tensor)",
+                                  lambda: _suspect_tables(suspects, plans, tables, flats), what="replication check")
         for key in sorted(suspects):
             for members, bad in suspects[key]:
                 if not _compare_tables(key, members, gathered, mismatches):

@@ -157,6 +157,7 @@ def _slow_write_then_go_on(rank: int, world: int, run_dir: str) -> dict:
         outcome = {"type": type(exc).__name__, "message": str(exc), "missing": getattr(exc, "missing_ranks", None)}
     storage.clear()
     outcome["latest"] = coord.latest().step
+    outcome["usable"] = coord.usable
     coord.close()
     # The old coordinator refuses to go on (its collectives may be out of step); a new one on every rank saves.
     with CheckpointCoordinator(run_dir, timeout=60, storage=storage) as fresh:
@@ -174,6 +175,7 @@ def test_a_slow_write_is_a_storage_fault_named_by_rank_and_file(tmp_path):
     assert second["type"] in ("CollectiveTimeoutError", "CheckpointError"), second  # the slow rank, once back
     for res in (first, second):
         assert res["latest"] == 10 and res["after"] == [10, 30], res
+        assert res["usable"] is False, res  # so a trainer with on_save_error="warn" raises instead of going on
     for step in (10, 30):
         assert verify(open_checkpoint(tmp_path / f"checkpoint-{step:08d}"))["ok"]
     assert sorted(os.listdir(tmp_path)) == [".ckpt.lock", "checkpoint-00000010", "checkpoint-00000030"]

@@ -15,13 +15,20 @@ from typing import Any
 import pytest
 import torch
 
-from ckpt import CheckpointCoordinator, CheckpointError, CheckpointNotFoundError, read_manifest
+from ckpt import (
+    CheckpointCoordinator,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CollectiveTimeoutError,
+    read_manifest,
+)
 from ckpt.storage import LocalStorage
 from ckpt.testing import Fault, FaultyStorage
 from tests.distributed import expect_ok, run_ranks
 from tests.test_trainer_support import LossRecorder, Regression, TinyMLP
 from trainers import DDPTrainer, SimpleTrainer, TrainerCallback, TrainingArguments
 from trainers.callbacks import EVENTS
+from trainers.checkpointing import tolerates
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -210,6 +217,15 @@ def test_a_disk_full_on_one_rank_fails_the_save_on_every_rank_and_training_goes_
     read_manifest(LocalStorage(), os.path.join(tmp_path, "checkpoint-00000002"))
 
 
+def test_warn_never_swallows_a_timeout_or_a_coordinator_that_refuses_further_use(tmp_path):
+    coord = CheckpointCoordinator(str(tmp_path))
+    assert tolerates("warn", CheckpointError("disk full"), coord)
+    assert not tolerates("raise", CheckpointError("disk full"), coord)
+    assert not tolerates("warn", CollectiveTimeoutError("timed out", phase="write"), coord)
+    coord.close()
+    assert not coord.usable and not tolerates("warn", CheckpointError("disk full"), coord)
+
+
 # ---- what the user sees -------------------------------------------------------------------------------------
 
 
@@ -236,6 +252,8 @@ def train(run_dir):
 train(sys.argv[1] + "/unconfigured")
 logging.basicConfig(level=logging.INFO, format="configured %(name)s: %(message)s")
 train(sys.argv[1] + "/configured")
+logging.getLogger().setLevel(logging.WARNING)  # the user's level now rules the trainer's lines too
+train(sys.argv[1] + "/quiet")
 """
 
 
@@ -247,7 +265,7 @@ def test_the_log_line_is_shown_without_logging_configured_and_only_once_with_it(
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if "train step" in line]
     # Nothing configured: the trainer's own stderr handler shows the line. Configured (even after the first
-    # trainer attached that handler): the user's handler shows it, and only once.
+    # trainer attached that handler): the user's handler shows it, and only once; at WARNING, not at all.
     assert [line.startswith("configured ") for line in lines] == [False, False, True, True], lines
     pattern = (r"trainers: train step 2/4 \| epoch [\d.]+ \| loss \d+\.\d{4} \| lr \d\.\d{3}e-\d\d \| "
                r"grad_norm \d+\.\d{4} \| tokens_seen \d+ \| tokens/s [\d,]+\.\d \| steps/s [\d,]+\.\d")

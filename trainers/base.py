@@ -396,7 +396,7 @@ class Trainer:
         try:
             path = self.coordinator.save(s.global_step, self.all_components(), metrics=recorded, overwrite=True)
         except CheckpointError as exc:
-            if not tolerates(self.args.on_save_error, exc):
+            if not tolerates(self.args.on_save_error, exc, self.coordinator):
                 raise
             self._record_save_failure(exc)
             return None
@@ -408,7 +408,7 @@ class Trainer:
         try:
             self.coordinator.wait()
         except CheckpointError as exc:
-            if not tolerates(self.args.on_save_error, exc):
+            if not tolerates(self.args.on_save_error, exc, self.coordinator):
                 raise
             self._record_save_failure(exc)
 

@@ -17,6 +17,7 @@ from typing import Any
 from ckpt import (
     CheckpointCoordinator,
     CheckpointError,
+    CollectiveTimeoutError,
     LoadResult,
     ReplicationError,
     SerializationError,
@@ -29,8 +30,9 @@ log = logging.getLogger("trainers")
 
 SAVE_ERROR_KIND = "save_error"  # the kind of its line in metrics.jsonl, and the key in the log history
 # A save that fails for these would fail the same way every time, or means the replicas already differ:
-# training on would only hide it.
-_ALWAYS_RAISE = (ReplicationError, SerializationError)
+# training on would only hide it. A timeout is not raised on every rank alike (a stalled rank is still inside
+# the save), and it leaves the coordinator unusable: going on would pair the ranks' collectives wrongly.
+_ALWAYS_RAISE = (ReplicationError, SerializationError, CollectiveTimeoutError)
 
 
 def resume_target(value: Any, run_dir: str, exists: Callable[[str], bool]) -> Any:
@@ -75,9 +77,11 @@ def load_components(coordinator: CheckpointCoordinator, components: Sequence[Sta
     return result
 
 
-def tolerates(on_save_error: str, exc: BaseException) -> bool:
-    """Whether a save's error is logged and training goes on (on_save_error="warn"), rather than raised."""
-    return on_save_error == "warn" and isinstance(exc, CheckpointError) and not isinstance(exc, _ALWAYS_RAISE)
+def tolerates(on_save_error: str, exc: BaseException, coordinator: CheckpointCoordinator) -> bool:
+    """Whether a save's error is logged and training goes on (on_save_error="warn"), rather than raised: only
+    an error every rank raised alike, with the coordinator still usable for the next save."""
+    return (on_save_error == "warn" and isinstance(exc, CheckpointError) and not isinstance(exc, _ALWAYS_RAISE)
+            and coordinator.usable)
 
 
 def save_failure_entry(step: int, exc: BaseException, *, rank: int, latest: Any) -> dict[str, Any]:

@@ -37,9 +37,15 @@ class _FallbackHandler(logging.StreamHandler):
         super().__init__()
         self.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
 
+    set_level = False  # whether attaching it raised the `trainers` logger to INFO (undone when it steps aside)
+
     def emit(self, record: logging.LogRecord) -> None:
         if logging.getLogger().handlers or any(h is not self for h in log.handlers):
-            return  # configured meanwhile: those handlers show it
+            # Configured meanwhile: those handlers show it, at the levels the user chose.
+            log.removeHandler(self)
+            if self.set_level and log.level == logging.INFO:
+                log.setLevel(logging.NOTSET)
+            return
         self.stream = sys.stderr  # looked up at each line, so a redirected stderr gets it
         super().emit(record)
 
@@ -48,9 +54,11 @@ def show_logs_by_default() -> None:
     """Attach the fallback handler when neither the `trainers` logger nor the root logger has a handler."""
     if log.handlers or logging.getLogger().handlers:
         return
-    log.addHandler(_FallbackHandler())
+    handler = _FallbackHandler()
+    log.addHandler(handler)
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
+        handler.set_level = True
 
 
 class MetricsLogger:
