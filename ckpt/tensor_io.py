@@ -47,6 +47,7 @@ ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 _ALIGN = 8  # data section starts 8-aligned; tensors are ordered widest dtype first so each stays aligned
 _MAX_HEADER = 256 * 1024 * 1024
 _READ_CHUNK = 16 * 1024 * 1024
+_GATHER_BELOW = 1 << 20  # tensors smaller than this are written (and hashed) in blocks of about this size
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,16 @@ def st_dtype(tensor: torch.Tensor, name: str) -> str:
                         f"(supported: {supported})") from None
 
 
+# dtypes numpy holds with the same bytes: a plain CPU tensor of these is viewed without torch's view chain.
+_NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
+                           torch.int8, torch.uint8, torch.bool, torch.complex64})
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes in row-major order, without a copy when it is already a plain CPU tensor."""
+    if (tensor.dtype in _NUMPY_DTYPES and tensor.device.type == "cpu" and tensor.dim() > 0 and tensor.numel() > 0
+            and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg()):
+        return memoryview(tensor.detach().numpy()).cast("B")  # the common case, once per tensor: kept short
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -171,13 +180,26 @@ def write_safetensors(
     hasher = PipelinedHasher()
 
     def chunks() -> Iterator[memoryview | bytes]:
-        prefix = struct.pack("<Q", len(header_bytes)) + header_bytes
-        hasher.update(prefix)
-        yield prefix
+        # Small tensors go out gathered into blocks: one write and one hash update per block, not per tensor.
+        pending: list[memoryview | bytes] = [struct.pack("<Q", len(header_bytes)), header_bytes]
+        size = 0
         for _, tensor in ordered:
             data = tensor_bytes(tensor)
-            hasher.update(data)
-            yield data
+            if len(data) < _GATHER_BELOW:
+                pending.append(data)
+                size += len(data)
+                if size < _GATHER_BELOW:
+                    continue
+                out, pending, size = [b"".join(pending)], [], 0
+            else:
+                out, pending, size = ([b"".join(pending)] if pending else []) + [data], [], 0
+            for piece in out:
+                hasher.update(piece)
+                yield piece
+        if pending:
+            last = b"".join(pending)
+            hasher.update(last)
+            yield last
 
     try:
         nbytes = storage.write_file(path, chunks())
