@@ -319,7 +319,7 @@ class CheckpointCoordinator:
                 self._remove_stale(stale)
             self.storage.makedirs(partial)
         for key, snap in snapshots.items():
-            out[key] = declare(snap, self._plans_split(snap.component, snap.pattern))
+            out[key] = declare(snap, self._plans_split(snap.component, snap.pattern), self.io_threads)
         return [p.decl.to_wire() for p in out.values()]
 
     def _remove_stale(self, stale: str) -> None:

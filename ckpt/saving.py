@@ -57,9 +57,10 @@ def snapshot(component: StateComponent, staging: StagingPool | None) -> Snapshot
     return Snapshot(component, pattern, component.resolve_validation(pattern), flat)
 
 
-def declare(snap: Snapshot, is_planner: bool) -> PreparedComponent:
-    """Digest a snapshot for the replication check. `is_planner`: this rank plans its replica set's split."""
-    digest, table = summary_digest(snap.flat, snap.validation)
+def declare(snap: Snapshot, is_planner: bool, threads: int = 1) -> PreparedComponent:
+    """Digest a snapshot (on `threads` threads) for the replication check. `is_planner`: this rank plans its
+    replica set's split."""
+    digest, table = summary_digest(snap.flat, snap.validation, threads)
     sizes = None
     if is_planner:
         sizes = tuple((name, t.numel() * t.element_size(), t.element_size()) for name, t in snap.flat.tensors.items())

@@ -1,13 +1,13 @@
 """Reading and writing checkpoint files: safetensors for tensors, raw bytes for msgpack skeletons.
 
 Files are written straight from each tensor's memory (no staging copy of the whole state) and hashed
-(xxh3-128) as the bytes go out. Reads fill one buffer per file, hash it in the same pass, and hand out
-tensors that are views into that buffer.
+(xxh3-128) as the bytes go out; reads fill each tensor (a new one, or the caller's own in place) and hash
+the bytes in the same pass. Both work in slices small enough to stay in the CPU cache between the copy and
+the hash, so the digest costs no second pass over memory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
@@ -20,7 +20,6 @@ import xxhash
 
 from .errors import CorruptCheckpointError
 from .storage import Storage
-from .threads import SerialWorker
 
 DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -46,7 +45,9 @@ ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 
 _ALIGN = 8  # data section starts 8-aligned; tensors are ordered widest dtype first so each stays aligned
 _MAX_HEADER = 256 * 1024 * 1024
-_READ_CHUNK = 16 * 1024 * 1024
+# Reads and writes go in slices that stay in the CPU cache while they are hashed (one pass over memory).
+_READ_CHUNK = 256 << 10
+_WRITE_SLICE = 1 << 20
 _GATHER_BELOW = 1 << 20  # tensors smaller than this are written (and hashed) in blocks of about this size
 
 
@@ -80,49 +81,6 @@ class WrittenFile:
 
 def new_hasher() -> xxhash.xxh3_128:
     return xxhash.xxh3_128()
-
-
-class PipelinedHasher:
-    """xxh3-128 computed on a helper thread, so hashing one chunk overlaps the I/O of the next.
-
-    File reads and writes release the GIL while they wait on the kernel, which is when the helper
-    hashes. Small updates are batched into tasks of at least 1 MiB so many small tensors stay cheap.
-    Callers must keep each chunk's memory unchanged until `hexdigest()` returns.
-    """
-
-    _MIN_TASK = 1 << 20
-
-    def __init__(self) -> None:
-        self._hasher = xxhash.xxh3_128()
-        self._worker = SerialWorker("ckpt-hash")
-        self._batch: list[memoryview | bytes] = []
-        self._batch_bytes = 0
-
-    def update(self, data: memoryview | bytes) -> None:
-        self._batch.append(data)
-        self._batch_bytes += len(data)
-        if self._batch_bytes >= self._MIN_TASK:
-            self._submit()
-
-    def _submit(self) -> None:
-        if self._batch:
-            batch, self._batch, self._batch_bytes = self._batch, [], 0
-            self._worker.submit(lambda: self._consume(batch))
-
-    def _consume(self, batch: list[memoryview | bytes]) -> None:
-        for data in batch:
-            self._hasher.update(data)
-
-    def hexdigest(self) -> str:
-        self._submit()
-        self._worker.finish()
-        return self._hasher.hexdigest()
-
-    def close(self) -> None:
-        """Stop the helper thread (also on error paths, where no digest is wanted)."""
-        self._batch = []
-        with contextlib.suppress(Exception):  # the caller is already handling an error of its own
-            self._worker.finish()
 
 
 def st_dtype(tensor: torch.Tensor, name: str) -> str:
@@ -177,7 +135,7 @@ def write_safetensors(
         header["__metadata__"] = dict(metadata)
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-(8 + len(header_bytes)) % _ALIGN)
-    hasher = PipelinedHasher()
+    hasher = new_hasher()
 
     def chunks() -> Iterator[memoryview | bytes]:
         # Small tensors go out gathered into blocks: one write and one hash update per block, not per tensor.
@@ -194,19 +152,22 @@ def write_safetensors(
             else:
                 out, pending, size = ([b"".join(pending)] if pending else []) + [data], [], 0
             for piece in out:
-                hasher.update(piece)
-                yield piece
+                yield from _hashed_slices(hasher, piece)
         if pending:
-            last = b"".join(pending)
-            hasher.update(last)
-            yield last
+            yield from _hashed_slices(hasher, b"".join(pending))
 
-    try:
-        nbytes = storage.write_file(path, chunks())
-    except BaseException:
-        hasher.close()
-        raise
+    nbytes = storage.write_file(path, chunks())
     return WrittenFile(nbytes=nbytes, digest=hasher.hexdigest(), tensors=tuple(infos))
+
+
+def _hashed_slices(hasher: xxhash.xxh3_128, data: memoryview | bytes) -> Iterator[memoryview]:
+    """`data` in slices small enough to stay in the CPU cache between hashing them and writing them out:
+    one pass over memory instead of two (measured faster than hashing on a helper thread)."""
+    view = memoryview(data)
+    for at in range(0, len(view), _WRITE_SLICE):
+        piece = view[at: at + _WRITE_SLICE]
+        hasher.update(piece)
+        yield piece
 
 
 def write_blob(storage: Storage, path: str, data: bytes) -> WrittenFile:
@@ -279,13 +240,9 @@ def read_safetensors(storage: Storage, path: str, expected_size: int | None, exp
     checked; a mismatch names the file.
     """
     size = _checked_size(storage, path, expected_size, component)
-    hasher = PipelinedHasher() if expected_digest is not None else _NoHash()
+    hasher = new_hasher() if expected_digest is not None else _NoHash()
     out: dict[str, torch.Tensor] = {}
-    try:
-        _read_entries(storage, path, size, component, into, hasher, out)
-    except BaseException:
-        hasher.close()
-        raise
+    _read_entries(storage, path, size, component, into, hasher, out)
     _check_digest(hasher, expected_digest, path, component)
     return out
 
@@ -335,9 +292,6 @@ class _NoHash:
 
     def hexdigest(self) -> str:
         return ""
-
-    def close(self) -> None:
-        pass
 
 
 def _destination(into: Mapping[str, torch.Tensor] | None, e: _Entry) -> torch.Tensor:

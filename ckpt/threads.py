@@ -6,7 +6,6 @@ async save still in flight must finish; these helpers use bare threads, which ke
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -44,37 +43,3 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], threads: int, name: s
         if exc is not None:
             raise exc
     return results
-
-
-class SerialWorker:
-    """Runs submitted calls one after another on one helper thread, in submission order."""
-
-    _STOP = object()
-
-    def __init__(self, name: str):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is self._STOP:
-                return
-            if self._error is None:
-                try:
-                    item()
-                except BaseException as exc:
-                    self._error = exc
-
-    def submit(self, call: Callable[[], Any]) -> None:
-        self._queue.put(call)
-
-    def finish(self) -> None:
-        """Wait for everything submitted; re-raise the first error."""
-        if self._thread.is_alive():
-            self._queue.put(self._STOP)
-            self._thread.join()
-        if self._error is not None:
-            raise self._error
