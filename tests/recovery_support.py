@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from typing import Any
@@ -92,3 +93,12 @@ def train(run_dir: str, *, recovery: Any, callbacks: list | None = None, max_ste
 def logged(trainer: Any, key: str) -> dict[int, Any]:
     """step -> value of `key` in the trainer's train log lines."""
     return {e["step"]: e[key] for e in trainer.state.log_history if key in e}
+
+
+def logged_step(run, step: int) -> bool:
+    """Whether the run's metrics.jsonl has a line at `step` or later (a run in another process got there)."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return False
+    with open(path) as f:
+        return any(json.loads(line).get("step", 0) >= step for line in f if line.strip())

@@ -3,14 +3,13 @@ demo run saves a checkpoint and exits 0."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
-from tests.recovery_support import SendSignal, train
+from tests.recovery_support import SendSignal, logged_step, train
 from trainers.recovery import RecoveryPolicy, read_events
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +37,7 @@ def test_sigterm_saves_a_checkpoint_and_the_process_exits_0(tmp_path):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None and not _logged_step(run, 10):
+        while time.monotonic() < deadline and proc.poll() is None and not logged_step(run, 10):
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=180)  # a bound, so a save that never ends fails the test
@@ -50,10 +49,3 @@ def test_sigterm_saves_a_checkpoint_and_the_process_exits_0(tmp_path):
     step = saved["step"]
     assert step >= 10 and os.path.isfile(run / f"checkpoint-{step:08d}" / "checkpoint_manifest.json")
 
-
-def _logged_step(run, step: int) -> bool:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return False
-    with open(path) as f:
-        return any(json.loads(line).get("step", 0) >= step for line in f if line.strip())

@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from tests.recovery_support import logged_step
 from trainers.recovery import read_events
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +85,7 @@ def test_sigterm_to_torchrun_saves_and_exits_cleanly(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not _logged_step(run, 10):
+        while time.monotonic() < deadline and not logged_step(run, 10):
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
@@ -99,13 +100,6 @@ def test_sigterm_to_torchrun_saves_and_exits_cleanly(tmp_path):
     resumed = _run(_cmd(run, "--max-steps", str(step + 4), "--save-steps", "1000", "--resume"))
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr
 
-
-def _logged_step(run, step: int) -> bool:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return False
-    with open(path) as f:
-        return any(json.loads(line).get("step", 0) >= step for line in f if line.strip())
 
 
 @pytest.mark.slow
