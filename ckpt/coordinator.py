@@ -266,16 +266,18 @@ class CheckpointCoordinator:
             error, plain = exc, {}
         job = functools.partial(self._write_checkpoint, step, snapshots, error, plain, overwrite)
         if run_async:
+            # No collector pause on the background thread: it is process-wide, and would hold on the
+            # training thread for as long as the write takes.
             self._pending = BackgroundSave(job, name=f"ckpt-save-{step}")
             return os.path.join(self.run_dir, checkpoint_name(step))
-        return job()
+        with gc_paused():
+            return job()
 
     def wait(self) -> str | None:
         """Wait for the save in flight, if any; return its path or raise its error (on every rank)."""
         pending, self._pending = self._pending, None
         return pending.wait() if pending is not None else None
 
-    @gc_paused()
     def _write_checkpoint(self, step: int, snapshots: Mapping[str, Snapshot], error: Exception | None,
                           metrics: Mapping[str, Any], overwrite: bool) -> str:
         final = os.path.join(self.run_dir, checkpoint_name(step))

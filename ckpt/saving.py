@@ -70,8 +70,8 @@ def declare(snap: Snapshot, is_planner: bool, threads: int = 1) -> PreparedCompo
     return PreparedComponent(decl, snap.flat, table)
 
 
-# A writer's tensors for one component are spread over several files once they pass this size, up to one
-# file per I/O thread, so the writer's threads write them (and a load reads them) in parallel.
+# A writer's tensors for one component are spread over several files of at least this size (so from twice
+# it), up to one file per I/O thread, so the writer's threads write them (and a load reads them) in parallel.
 MIN_SPLIT_FILE_BYTES = 64 << 20
 
 
@@ -126,7 +126,7 @@ def _jobs(a: FileAssignment, prepared: Mapping[str, PreparedComponent], rank: in
         raise CheckpointError(f"component {key!r}: rank {rank} was assigned tensors {missing[:5]} that its "
                               "state does not have; the replicas do not hold the same tensors")
     sized = [(p, _piece_bytes(p, tensors[p.name])) for p in pieces]
-    count = min(threads, -(-sum(n for _, n in sized) // MIN_SPLIT_FILE_BYTES))
+    count = min(threads, sum(n for _, n in sized) // MIN_SPLIT_FILE_BYTES)  # files of MIN_SPLIT_FILE_BYTES or more
     if count <= 1:
         return [_FileJob(a, a.relpath, *_cut(pieces, tensors))]
     stem, ext = a.relpath.rsplit(".", 1)

@@ -54,7 +54,8 @@ def gc_paused() -> Iterator[None]:
     They allocate a few objects per tensor, and with thousands of tensors the collections that triggers walk
     every object of the process again and again: measured on 10,000 small tensors, a save took twice as long
     with them. Reference counting still frees everything meanwhile; the collector resumes (if it was on) at
-    the end. It is process-wide, so a pause from another thread may end early; that only costs speed.
+    the end. The switch is process-wide, so it is only used on the caller's thread, for as long as the call
+    blocks it anyway (never around an async save's background write).
     """
     was_enabled = gc.isenabled()
     gc.disable()

@@ -34,12 +34,14 @@ _PARALLEL_DIGEST_BYTES = 1 << 20  # smaller tensors cost more in thread hand-off
 
 def digest_table(flat: FlatState, threads: int = 1) -> dict[str, str]:
     """One digest per tensor (with dtype and shape), plus one for the non-tensor state. xxh3 releases the
-    GIL, so tensors of a MB or more are hashed on `threads` threads side by side."""
+    GIL, so CPU tensors of a MB or more are hashed on `threads` threads side by side."""
     def digest(item: tuple[str, torch.Tensor]) -> tuple[str, str]:
         name, tensor = item
         return name, f"{_describe(tensor)}:{xxhash.xxh3_128_hexdigest(tensor_bytes(tensor))}"
 
-    large = [(n, t) for n, t in flat.tensors.items() if t.numel() * t.element_size() >= _PARALLEL_DIGEST_BYTES]
+    # CPU tensors only: hashing a GPU tensor copies it to the host first, and in parallel those copies would add up.
+    large = [(n, t) for n, t in flat.tensors.items()
+             if t.device.type == "cpu" and t.numel() * t.element_size() >= _PARALLEL_DIGEST_BYTES]
     found = dict(parallel_map(digest, large, threads, "ckpt-digest"))
     found.update(digest(item) for item in flat.tensors.items() if item[0] not in found)
     return {NON_TENSOR: xxhash.xxh3_128_hexdigest(flat.skeleton), **{n: found[n] for n in flat.tensors}}

@@ -4,11 +4,13 @@ again), and always give it back in the state they found it."""
 from __future__ import annotations
 
 import gc
+import time
 
 import pytest
 import torch
 
 from ckpt import CheckpointCoordinator, SharingPattern, StateComponent
+from ckpt.testing import Fault, FaultyStorage
 
 
 class Probe:
@@ -42,6 +44,18 @@ def test_the_collector_is_paused_inside_and_restored_after(tmp_path, enabled_bef
     finally:
         gc.enable()
     assert probe.seen == [False, False] and torch.equal(probe.state["w"], torch.ones(3))
+
+
+def test_an_async_save_leaves_the_collector_on_while_it_writes(tmp_path):
+    storage = FaultyStorage()
+    storage.inject(Fault(op="write_file", match=".safetensors", error="sleep:1"))
+    coord = CheckpointCoordinator(tmp_path, storage=storage)
+    coord.save(1, [StateComponent("p", Probe(), SharingPattern.GLOBAL)], async_save=True)
+    while not storage.fired:  # the background write has started, and sleeps in it
+        time.sleep(0.01)
+    assert gc.isenabled()  # the training thread goes on with its collector
+    coord.wait()
+    assert gc.isenabled()
 
 
 def test_a_failing_save_restores_the_collector(tmp_path):

@@ -142,8 +142,9 @@ def test_the_last_good_checkpoint_is_pinned_from_the_first_suspect_raw_value(tmp
     # The raw value is already bad while the smoothed one is not yet: the suspicion starts there.
     t, _ = train(str(tmp_path), recovery=RecoveryPolicy(detector=DETECTOR), max_steps=4, save_steps=2)
     detector = next(cb for cb in t.callback_handler.callbacks if isinstance(cb, DivergenceDetector))
-    detector.raw_bad_since, detector.consecutive, detector.last_good_step = 30, 0, 28
-    assert t.recovery._last_good_bound() == 27  # the log line at 28 vouches for the weights up to step 27
+    detector.raw_bad_since, detector.consecutive = 30, 0
+    detector._good(28)  # a good train-loss line at 28 vouches for the weights up to step 27
+    assert t.recovery._last_good_bound() == 27
     detector.raw_bad_since = None
     assert t.recovery._last_good_bound() is None
     t.recovery.spike_streak_start = 33  # step 33's loss was computed on step 32's weights

@@ -3,14 +3,16 @@
 The monitored value (train loss by default) is smoothed with an EMA, and the detector counts consecutive
 observations whose smoothed value is worse than the best level the run has reached by `threshold`
 (absolute) or by the factor `relative_threshold`; `patience` of those in a row trigger. The best level is
-the best of the smoothed values and of the medians of the last BEST_WINDOW raw values (so one lucky batch
-does not set it): on a loss that is still falling fast the EMA lags far above the true level, and a jump
-back to where the EMA was would never count against the EMA's own best. A NaN or Inf triggers at once, never enters the EMA or the best, and
-does not stop the detector from working later.
+the best smoothed value, except while the smoothed value is improving at every observation: then the EMA
+lags a curve that is still falling fast, and the median of the last BEST_WINDOW raw values (so one lucky
+batch does not set it) stands for the level instead; otherwise a jump back to where the EMA was would never
+count. On a flat noisy curve that median is never used, so noise does not drag the best down. A NaN or Inf
+triggers at once, never enters the EMA or the best, and does not stop the detector from working later.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import statistics
@@ -24,7 +26,7 @@ from .callbacks import TrainerCallback, TrainerControl
 log = logging.getLogger("trainers")
 
 ACTIONS = ("stop", "abort", "rollback")
-BEST_WINDOW = 3  # raw observations whose median is a candidate for the best level
+BEST_WINDOW = 4  # raw observations whose median is a candidate for the best level
 _NORM_SUFFIXES = ("norm", "norms")  # grad_norm, weight_norm, ...: lower is better
 
 
@@ -81,8 +83,12 @@ class DivergenceDetector(TrainerCallback):
     last_good_step: int | None = field(default=None, init=False)
     """Step of the newest observation where neither the raw nor the smoothed value was bad (warm-up ones
     count as good); see checked_through()."""
+    last_checked: int | None = field(default=None, init=False)
+    """checked_through(): the newest step whose weights the last good observation vouches for."""
     recent: list[float] = field(default_factory=list, init=False)
     """The last BEST_WINDOW finite raw values."""
+    recent_smoothed: list[float] = field(default_factory=list, init=False)
+    """The smoothed values after each of the last BEST_WINDOW + 1 finite observations."""
     _from_eval: bool = field(default=False, init=False, repr=False)  # fed by on_evaluate (not by on_log)
 
     def __post_init__(self) -> None:
@@ -128,11 +134,14 @@ class DivergenceDetector(TrainerCallback):
         self.observations += 1
         self.smoothed = value if self.smoothed is None else self.smoothing * value + (1 - self.smoothing) * self.smoothed
         self.recent = [*self.recent, value][-BEST_WINDOW:]
+        self.recent_smoothed = [*self.recent_smoothed, self.smoothed][-(BEST_WINDOW + 1):]
         if self.observations <= self.warmup:
-            self.last_good_step = step
+            self._good(step)
             return False
+        level = self.smoothed
         median = statistics.median(self.recent)
-        level = median if self._better(median, self.smoothed) else self.smoothed
+        if self._falling() and self._better(median, self.smoothed):
+            level = median
         if self.best is None or self._better(level, self.best):
             self.best = level
         raw_bad = self._bad(value, self.best)
@@ -148,7 +157,7 @@ class DivergenceDetector(TrainerCallback):
             self.consecutive = 0
             self.first_bad_step = None
             if not raw_bad:
-                self.last_good_step = step
+                self._good(step)
         if self.consecutive >= self.patience:
             self.triggered_at = step
             self.consecutive = 0  # keep watching: a run that recovers (or is rolled back) can trigger again
@@ -162,13 +171,23 @@ class DivergenceDetector(TrainerCallback):
                   if s is not None]
         return (min(starts), self.checked_through()) if starts else None
 
+    def _good(self, step: int) -> None:
+        self.last_good_step = step
+        # What this observation vouches for is fixed now, by where it came from (see checked_through).
+        self.last_checked = step if self._from_eval else step - 1
+
     def checked_through(self) -> int | None:
         """The newest step whose weights a good observation vouches for: an evaluation at step s checks the
         weights of step s; a train-loss log line at step s averages losses computed on the weights of the
         steps before s (the weights after step s were never used)."""
-        if self.last_good_step is None:
-            return None
-        return self.last_good_step if self._from_eval else self.last_good_step - 1
+        return self.last_checked
+
+    def _falling(self) -> bool:
+        """Whether the smoothed value improved at each of the last BEST_WINDOW observations: only then does it
+        lag the curve, and only then may the raw values' median stand for the level (on a flat, noisy curve
+        a running best of that median would sink with the noise and make noise look like divergence)."""
+        s = self.recent_smoothed
+        return len(s) > BEST_WINDOW and all(self._better(b, a) for a, b in itertools.pairwise(s))
 
     def _better(self, a: float, b: float) -> bool:
         return a > b if self.greater_is_better else a < b
@@ -197,8 +216,8 @@ class DivergenceDetector(TrainerCallback):
     def reset(self) -> None:
         """Forget the run's history (e.g. after a rollback to an older checkpoint)."""
         self.smoothed = self.best = self.triggered_at = self.first_bad_step = self.raw_bad_since = None
-        self.last_good_step = None
-        self.recent = []
+        self.last_good_step = self.last_checked = None
+        self.recent, self.recent_smoothed = [], []
         self.observations = self.consecutive = 0
 
     # ---- state ----------------------------------------------------------------------------------
@@ -207,7 +226,9 @@ class DivergenceDetector(TrainerCallback):
         return {"smoothed": self.smoothed, "best": self.best, "observations": self.observations,
                 "consecutive": self.consecutive, "triggered_at": self.triggered_at,
                 "first_bad_step": self.first_bad_step, "raw_bad_since": self.raw_bad_since,
-                "last_good_step": self.last_good_step, "recent": list(self.recent)}
+                "last_good_step": self.last_good_step, "last_checked": self.last_checked,
+                "recent": list(self.recent),
+                "recent_smoothed": list(self.recent_smoothed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.smoothed, self.best = state["smoothed"], state["best"]
@@ -215,7 +236,9 @@ class DivergenceDetector(TrainerCallback):
         self.triggered_at, self.first_bad_step = state.get("triggered_at"), state.get("first_bad_step")
         self.raw_bad_since = state.get("raw_bad_since")
         self.last_good_step = state.get("last_good_step")  # absent in checkpoints of earlier versions
+        self.last_checked = state.get("last_checked", None if self.last_good_step is None else self.last_good_step - 1)
         self.recent = [float(v) for v in state.get("recent", [])]
+        self.recent_smoothed = [float(v) for v in state.get("recent_smoothed", [])]
 
     # ---- trainer hooks --------------------------------------------------------------------------
 
