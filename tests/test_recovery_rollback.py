@@ -110,7 +110,7 @@ def test_rollback_to_best_and_to_steps_back(tmp_path):
     assert rb["to_step"] == max(s for s in range(0, 41, 4) if s <= rb["from_step"] - 10 and s <= rb["checked_through"])
 
 
-def test_skip_batches_moves_the_data_past_the_first_bad_step(tmp_path):
+def test_skip_batches_drops_the_offending_batches_when_the_replay_reaches_them(tmp_path):
     clean = Inputs()
     train(str(tmp_path / "clean"), recovery=RecoveryPolicy(detector=None), callbacks=[clean], max_steps=16,
           save_steps=4)
@@ -119,9 +119,10 @@ def test_skip_batches_moves_the_data_past_the_first_bad_step(tmp_path):
     policy = RecoveryPolicy(detector=None, skip_batches=2)
     train(str(tmp_path / "skip"), recovery=policy, callbacks=[BadLoss({6, 7, 8}), seen], max_steps=12, save_steps=4)
     (rb,) = rollbacks(tmp_path / "skip")
-    assert rb["to_step"] == 4 and rb["first_bad_step"] == 6 and rb["skipped_batches"] == 3
+    assert rb["to_step"] == 4 and rb["first_bad_step"] == 6 and rb["skip_at_step"] == 6 and rb["skip_batches"] == 2
     after = [x for _, x in seen.seen[8:]]  # steps 1-8, then the retried steps 5-12 after the rollback
-    assert after == [batches[s] for s in range(8, 16)]  # step 5 gets the batch of step first_bad + skip_batches
+    # Step 5 (good) is replayed; steps 6 and 7's batches are dropped; step 6 gets the batch of step 8.
+    assert after == [batches[5]] + [batches[s] for s in range(8, 15)]
 
 
 def test_giving_up_when_no_checkpoint_fits(tmp_path):

@@ -63,13 +63,14 @@ def rollback(ctl: RecoveryController, reason: str, first_bad: int, checked: int)
     ctl._last_saved_step = result.step
     moved = set_aside(t.coordinator, result.step, f"rollback-{ctl.rollbacks}-at-{step}") if ctl.rank == 0 else []
     ctl.guard.release()
-    skipped = _skip_past(ctl, result.step, first_bad)
+    ctl.schedule_skip(first_bad)
     ctl.dispatch(RecoveryEvent(
         ev.ROLLBACK, step, "rollback", reason,
         values={"from_step": step, "to_step": result.step, "to_checkpoint": result.path, "first_bad_step": first_bad,
                 "checked_through": checked, **({"passed_over": passed_over} if passed_over >= 0 else {}),
                 "rollback": ctl.rollbacks, "max_rollbacks": policy.max_rollbacks,
-                "set_aside": moved, "skipped_batches": skipped}), quiet=True)
+                "set_aside": moved, "skip_batches": policy.skip_batches,
+                **({"skip_at_step": first_bad} if policy.skip_batches else {})}), quiet=True)
     ctl.dispatch(RecoveryEvent(
         ev.LR_CHANGE, result.step, "scale", f"learning rate cut after rollback {ctl.rollbacks}",
         values={"lr_scale": ctl.ramp.start_scale, "ramp_steps": policy.lr_ramp_steps, "lr": t.current_lr()}),
@@ -78,17 +79,6 @@ def rollback(ctl: RecoveryController, reason: str, first_bad: int, checked: int)
         log.warning("recovery: rolled back from step %d to %s (rollback %d of %d); learning rate x%.3g, back to the "
                     "schedule over %d steps", step, result.path, ctl.rollbacks, policy.max_rollbacks,
                     ctl.ramp.start_scale, policy.lr_ramp_steps)
-
-
-def _skip_past(ctl: RecoveryController, target: int, first_bad: int) -> int:
-    """skip_batches > 0: move the data on so the next step gets the batch step `first_bad + skip_batches` would
-    have had: the data of the stretch that went bad is not seen again. Returns the batches discarded."""
-    if ctl.policy.skip_batches == 0:
-        return 0
-    count = max(0, first_bad + ctl.policy.skip_batches - 1 - target)
-    for _ in range(count):
-        next(ctl.trainer.train_loader)
-    return count
 
 
 def divergence_action(ctl: RecoveryController, action: str, event: RecoveryEvent | None = None) -> bool:

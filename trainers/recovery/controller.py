@@ -80,6 +80,9 @@ class RecoveryController:
         self.grad_norms = RunningMedian(policy.grad_norm_window)  # every finite norm, applied step or not
         self.losses = RunningMedian(policy.grad_norm_window)  # the mean loss of applied steps
         self.last_target: int | None = None  # the step the last rollback went to
+        # [step, batches]: after a rollback with skip_batches, the batches to drop when the replay reaches the
+        # step that went bad, so exactly the offending data is not seen again.
+        self.pending_skip: list[int] | None = None
         # Per-run bookkeeping.
         self.global_batch: int | None = None
         self._reported: RecoveryEvent | None = None  # a divergence a callback reported here, not yet agreed on
@@ -99,7 +102,7 @@ class RecoveryController:
                 "nan_streak_start": self.nan_streak_start, "spike_streak": self.spike_streak,
                 "spike_streak_start": self.spike_streak_start, "grad_norms": self.grad_norms.state_dict(),
                 "spike_bad_losses": self.spike_bad_losses, "losses": self.losses.state_dict(),
-                "last_target": self.last_target}
+                "last_target": self.last_target, "pending_skip": self.pending_skip}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != _FORMAT:
@@ -114,6 +117,7 @@ class RecoveryController:
         self.spike_bad_losses = int(state.get("spike_bad_losses", 0))
         self.losses.load_state_dict(state.get("losses", []))
         self.last_target = state.get("last_target")
+        self.pending_skip = state.get("pending_skip")
 
     # ---- collectives -----------------------------------------------------------------------------
 
@@ -313,8 +317,24 @@ class RecoveryController:
             self.signals.uninstall()
         self.guard.release()
 
+    def schedule_skip(self, first_bad: int) -> None:
+        """After a rollback: drop `skip_batches` batches when the replay is about to run step `first_bad`."""
+        self.pending_skip = [first_bad, self.policy.skip_batches] if self.policy.skip_batches else None
+        self._skip_if_due()
+
+    def _skip_if_due(self) -> None:
+        if self.pending_skip is None or self.trainer.state.global_step + 1 < self.pending_skip[0]:
+            return
+        at, count = self.pending_skip
+        self.pending_skip = None
+        for _ in range(count):
+            next(self.trainer.train_loader)
+        if self.rank == 0:
+            log.info("recovery: skipped %d batches at step %d, where the run went bad before the rollback", count, at)
+
     def at_step_boundary(self, stop: bool) -> bool:
         """Act on what the ranks agreed during the step; returns whether training stops."""
+        self._skip_if_due()
         from .actions import divergence_action, emergency_save, rollback
 
         rolled = False

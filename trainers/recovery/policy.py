@@ -68,8 +68,8 @@ class RecoveryPolicy:
     lr_ramp_steps: int = 200
     """... and ramped back linearly to the scheduled value over this many steps (0: the cut stays)."""
     skip_batches: int = 0
-    """After a rollback, move the data on so the next step gets the batch of step first_bad + skip_batches: the
-    data of the stretch that went bad (up to and past the spike point) is not seen again; 0 replays it."""
+    """After a rollback, drop this many batches when the replay reaches the step that went bad (first_bad_step):
+    the offending data is not seen again, the good data before it is; 0 replays everything."""
     grad_norm_spike_factor: float = 10.0
     """A step whose gradient norm exceeds this times the running median is a spike: with max_grad_norm set its
     clipped update is applied ("clip"), except the first spike of a streak whose loss jumped too, which is
