@@ -125,6 +125,33 @@ def test_skip_batches_drops_the_offending_batches_when_the_replay_reaches_them(t
     assert after == [batches[5]] + [batches[s] for s in range(8, 15)]
 
 
+class StopAtSecondVisit(TrainerCallback):
+    """Stops training the second time `step` ends (after a rollback replayed it)."""
+
+    def __init__(self, step: int):
+        self.step, self.visits = step, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.visits += 1
+            control.should_training_stop = self.visits == 2
+
+
+def test_a_pending_skip_survives_a_stop_and_resume_just_before_it(tmp_path):
+    # Rolled back to 4 with the skip due at step 6; the run stops after replaying step 5 (its checkpoint holds the
+    # pending skip) and a new process resumes: step 6 still gets step 8's batch, as in the uninterrupted run.
+    policy = RecoveryPolicy(detector=None, skip_batches=2)
+    straight = Inputs()
+    train(str(tmp_path / "straight"), recovery=policy, callbacks=[BadLoss({6, 7, 8}), straight], max_steps=12,
+          save_steps=4)
+    train(str(tmp_path / "split"), recovery=policy, callbacks=[BadLoss({6, 7, 8}), StopAtSecondVisit(5)],
+          max_steps=12, save_steps=4)
+    resumed = Inputs()
+    train(str(tmp_path / "split"), recovery=policy, callbacks=[resumed], max_steps=12, save_steps=4,
+          resume_from_checkpoint="latest")
+    assert resumed.seen == straight.seen[-len(resumed.seen):] and [s for s, _ in resumed.seen] == list(range(6, 13))
+
+
 def test_giving_up_when_no_checkpoint_fits(tmp_path):
     policy = RecoveryPolicy(detector=None, rollback_to="steps_back:100")
     with pytest.raises(RecoveryError, match="no committed checkpoint fits rollback_to='steps_back:100'"):

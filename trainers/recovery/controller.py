@@ -285,6 +285,7 @@ class RecoveryController:
             logged = sum(e.get("kind") == ev.ROLLBACK for e in read_events(self.trainer.run_dir)) if self.rank == 0 else 0
             self.rollbacks = max(self.rollbacks, int(self.reduce([float(logged)], "start-up agreement")[0]))
             self._warn_if_diverged()
+            self._skip_if_due()  # saved at the step before a pending skip: it is due before the next batch
         elif self.policy.can_roll_back and self.trainer.args.max_steps > 0:
             self._save_initial()
         if self.signals is not None:
