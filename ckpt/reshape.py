@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .component import SharingPattern
 from .manifest import ComponentEntry, Manifest
-from .reshard import same_groups
+from .reshard import groups_named, same_groups
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,7 @@ def _action(entry: ComponentEntry, manifest: Manifest, world: int, lws: int,
         return "each node reads its own copy"
     if p is SharingPattern.PER_GROUP:
         name = entry.process_group or ""
-        new = {tuple(g) for g in groups[name]} if name in groups else {(0,)} if world == 1 else None
-        if same_groups(manifest.topology.world_size, entry.replica_sets, world, new):
+        if same_groups(manifest.topology.world_size, entry.replica_sets, world, groups_named(name, groups, world)):
             return "each group reads its saved copy"
     return "reshard=True: " + _merge_outcome(entry)
 

@@ -100,9 +100,15 @@ def local_piece(entry: Mapping[str, Any], offsets: Sequence[int], shape: Sequenc
 
 def current_groups(name: str, topo: RankTopology) -> set[tuple[int, ...]] | None:
     """Every group named `name` in this job (the whole world of one rank when none is named), or None."""
-    if name in topo.groups:
-        return {tuple(g) for g in topo.groups[name]}
-    return {(0,)} if topo.world_size == 1 else None
+    return groups_named(name, topo.groups, topo.world_size)
+
+
+def groups_named(name: str, groups: Mapping[str, Sequence[Sequence[int]]], world: int
+                 ) -> set[tuple[int, ...]] | None:
+    """The groups called `name` in a job of `world` ranks with `groups`; a job of one rank needs none."""
+    if name in groups:
+        return {tuple(g) for g in groups[name]}
+    return {(0,)} if world == 1 else None
 
 
 def same_groups(saved_world: int, saved_sets: Sequence[Sequence[int]], world: int,
