@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +33,7 @@ from .gradients import average_gradients
 from .keys import DATA, EVAL_PREFIX, LR_SCHEDULER, RNG, TRAINER_STATE
 from .layout_change import DataProgress, reseed_from_checkpoint
 from .parallel_config import LayoutChange, ParallelConfig
-from .recovery.lr import scaled_lr
+from .recovery.lr import finish_step
 
 log = logging.getLogger("trainers")
 
@@ -162,15 +161,8 @@ class ParallelTrainer(Trainer):
         # `loss` is this replica's and `grad_norm` the whole model's (the same on every rank), so the agreed
         # flags, and with them the decision, are the same on every rank.
         apply = self.recovery is None or self.recovery.gate_step(loss, grad_norm)
-        if apply:
-            scale = self.recovery.lr_scale(self.state.global_step + 1) if self.recovery is not None else 1.0
-            with scaled_lr(self.optimizer, scale):
-                self.optimizer.step()
-        if self.lr_scheduler is not None:
-            with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-                self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        scale = self.recovery.lr_scale(self.state.global_step + 1) if self.recovery is not None else 1.0
+        finish_step(self.optimizer, self.lr_scheduler, apply, scale)
         return StepOutput(loss=loss, grad_norm=grad_norm, skipped=not apply)
 
     def evaluate(self) -> dict[str, float]:

@@ -9,6 +9,7 @@ recovery state, so a resume mid-ramp continues it exactly.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -59,3 +60,16 @@ def scaled_lr(optimizer: torch.optim.Optimizer, scale: float) -> Iterator[None]:
         for group, lr in zip(optimizer.param_groups, saved, strict=True):
             if lr is not None:
                 group["lr"] = lr
+
+
+def finish_step(optimizer: torch.optim.Optimizer, lr_scheduler: Any, apply: bool, scale: float) -> None:
+    """The end of a training step every rank agreed on: the optimizer step (at `scale` times the scheduled
+    learning rate) when `apply`, then the scheduler step and zeroed gradients either way."""
+    if apply:
+        with scaled_lr(optimizer, scale):
+            optimizer.step()
+    if lr_scheduler is not None:
+        with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)

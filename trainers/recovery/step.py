@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +22,7 @@ import torch
 from ..base import StepOutput, TrainingError
 from . import events as ev
 from .events import RecoveryEvent
-from .lr import scaled_lr
+from .lr import finish_step
 from .microbatch import batch_length, is_out_of_memory, release_memory, split_batch
 from .policy import DIVERGENCE_ACTIONS
 
@@ -106,14 +105,7 @@ def recovered_step(ctl: RecoveryController, batch: Any) -> StepOutput:
         grad_norm = _synced_backward(ctl, att, step, skip=agreed[NAN_LOSS] > 0 and ctl.policy.nan_action != "warn")
     apply = _judge(ctl, step, loss, grad_norm, agreed, local_bad=not math.isfinite(loss) or (
         not ctl.communicates and not math.isfinite(grad_norm)))
-    if apply:
-        with scaled_lr(t.optimizer, ctl.lr_scale(step)):
-            t.optimizer.step()
-    if t.lr_scheduler is not None:
-        with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-            t.lr_scheduler.step()
-    t.optimizer.zero_grad(set_to_none=True)
+    finish_step(t.optimizer, t.lr_scheduler, apply, ctl.lr_scale(step))
     return StepOutput(loss=loss, grad_norm=grad_norm, skipped=not apply)
 
 
