@@ -23,12 +23,14 @@ class ManifestError(CheckpointError):
 
 
 class CorruptCheckpointError(CheckpointError):
-    """A file's bytes do not match what the manifest recorded (digest, size, header)."""
+    """A file's bytes do not match what the manifest recorded (digest, size, header), or cannot be decoded.
+    `key_path`: where inside a state file decoding stopped, when it did."""
 
     def __init__(self, message: str, *, path: str | None = None, component: str | None = None,
-                 failures: Mapping[int, str] | None = None):
+                 failures: Mapping[int, str] | None = None, key_path: str | None = None):
         super().__init__(message, path=path, failures=failures)
         self.component = component
+        self.key_path = key_path
 
 
 class SerializationError(CheckpointError, TypeError):

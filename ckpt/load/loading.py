@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CorruptCheckpointError, SerializationError
+from ..errors import CorruptCheckpointError
 from ..format.manifest import ComponentEntry, FileEntry
 from ..format.serialization import unflatten_state
 from ..format.tensor_io import ST_TO_DTYPE, read_blob, read_safetensors
@@ -125,9 +125,6 @@ def read_component(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEn
                                      "(expected 1); the manifest is inconsistent", path=ckpt_dir, component=key)
     tensors = read_copy_tensors(storage, ckpt_dir, key, entry, owner, verify, into, threads)
     s = skeletons[0]
-    raw = read_blob(storage, checked_path(ckpt_dir, s, key), s.nbytes, s.xxh3_128 if verify else None, key)
-    try:
-        return unflatten_state(raw, tensors, key)
-    except SerializationError as exc:  # bytes that match the manifest but are not a state file ckpt wrote
-        raise CorruptCheckpointError(f"file {checked_path(ckpt_dir, s, key)} (component {key!r}) cannot be decoded: "
-                                     f"{exc}", path=os.path.join(ckpt_dir, s.path), component=key) from exc
+    path = checked_path(ckpt_dir, s, key)
+    raw = read_blob(storage, path, s.nbytes, s.xxh3_128 if verify else None, key)
+    return unflatten_state(raw, tensors, key, source=path)  # CorruptCheckpointError for anything ckpt did not write
