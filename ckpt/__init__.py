@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 from .component import SharingPattern, StateComponent, ValidationLevel
 from .coordinator import CheckpointCoordinator, LoadResult
 from .errors import (
+    CheckpointDeletedError,
     CheckpointError,
     CheckpointNotFoundError,
     CollectiveTimeoutError,
@@ -35,6 +36,7 @@ __all__ = [
     "BestCheckpoint",
     "CheckpointCoordinator",
     "CheckpointDecision",
+    "CheckpointDeletedError",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointNotFoundError",

@@ -18,6 +18,11 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No committed checkpoint matches what was asked for."""
 
 
+class CheckpointDeletedError(CheckpointNotFoundError):
+    """A checkpoint was deleted (by retention, `ckpt prune`, a person) while it was being read: its files are
+    gone with its manifest, which says nothing about whether they were intact."""
+
+
 class ManifestError(CheckpointError):
     """A manifest is missing, unreadable, or describes files that cannot be trusted."""
 
@@ -102,6 +107,7 @@ REMOTE_ERROR_TYPES: dict[str, type[CheckpointError]] = {
     for cls in (
         CheckpointError,
         CheckpointNotFoundError,
+        CheckpointDeletedError,
         ManifestError,
         CorruptCheckpointError,
         SerializationError,

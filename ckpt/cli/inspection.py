@@ -5,6 +5,7 @@ readers (never pickle), and reports are plain data ready for JSON.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -15,13 +16,20 @@ import torch
 import xxhash
 
 from ..component import SharingPattern
-from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import CheckpointDeletedError, CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ..format.layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkpoints
-from ..format.manifest import ComponentEntry, FileEntry, Manifest, TensorInfo, read_manifest
+from ..format.manifest import (
+    ComponentEntry,
+    FileEntry,
+    Manifest,
+    TensorInfo,
+    read_manifest,
+    refuse_linked_folder,
+)
 from ..format.serialization import join_path, unflatten_state
 from ..format.tensor_io import DTYPE_TO_ST, ST_TO_DTYPE, read_blob
 from ..io.storage import LocalStorage, Storage
-from ..load.loading import checked_path, read_copy_tensors
+from ..load.loading import check_copy, checked_path, read_copy_tensors
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 _CHUNK = 8 * 1024 * 1024
@@ -44,7 +52,9 @@ def open_checkpoint(path: str | os.PathLike, storage: Storage | None = None) -> 
         path = os.path.dirname(path) or "."
     if not storage.exists(path):
         raise CheckpointNotFoundError(f"{path} does not exist", path=path)
-    if not storage.is_dir(path):
+    if os.path.islink(path):  # a run dir's entry that leads elsewhere is refused, not read
+        refuse_linked_folder(path)
+    if not storage.is_dir(path) and not os.path.islink(path):
         raise CheckpointNotFoundError(f"{path} is a file, not a checkpoint folder", path=path)
     if not storage.exists(os.path.join(path, MANIFEST_NAME)):
         if path.endswith(PARTIAL_SUFFIX):
@@ -55,7 +65,21 @@ def open_checkpoint(path: str | os.PathLike, storage: Storage | None = None) -> 
             raise CheckpointNotFoundError(f"{path} is a run directory, not a checkpoint; pass one of its "
                                           f"checkpoints, e.g. {refs[-1].path} (the latest)", path=path)
         raise CheckpointNotFoundError(f"{path} is not a checkpoint: it holds no {MANIFEST_NAME}", path=path)
-    return Opened(storage, path, read_manifest(storage, path))
+    with deletion_noticed(storage, path, "opened"):
+        return Opened(storage, path, read_manifest(storage, path))
+
+
+@contextlib.contextmanager
+def deletion_noticed(storage: Storage, path: str, doing: str) -> Iterator[None]:
+    """Turn a failure caused by the checkpoint being deleted under the reader (retention, `ckpt prune`) into
+    CheckpointDeletedError: its files went with its manifest, which says nothing about their content."""
+    try:
+        yield
+    except (CheckpointError, OSError) as exc:
+        if storage.exists(os.path.join(path, MANIFEST_NAME)) or isinstance(exc, CheckpointDeletedError):
+            raise
+        raise CheckpointDeletedError(f"{path} was deleted while it was being {doing} (by retention, `ckpt prune` "
+                                     "or a person); nothing can be said about its files", path=path) from exc
 
 
 def copy_label(pattern: SharingPattern, owner: int | None) -> str:
@@ -222,38 +246,64 @@ def describe(ck: Opened, with_tensors: bool = False) -> dict[str, Any]:
 # ---- verify --------------------------------------------------------------------------------------
 
 def verify(ck: Opened, progress: Progress | None = None) -> dict[str, Any]:
-    """Re-hash every file the manifest lists; report each as ok, missing, wrong size or wrong digest."""
+    """Check the checkpoint as a load would before applying anything: re-hash every file the manifest lists
+    (ok, missing, wrong size, wrong digest, unsafe path), then, for each copy whose bytes are intact, the
+    checks of `ckpt.load.loading.check_copy` (tensor headers against the manifest, value files decoding
+    within the limits). `ok` means a load will not refuse it for its content; `deleted` that the checkpoint
+    was removed while it was being read (its files' state is then unknown, not bad)."""
     entries = [(key, f) for key, c in sorted(ck.manifest.components.items()) for f in c.files]
     total = sum(f.nbytes for _, f in entries)
-    done = 0
-    files = []
+    files, done = [], 0
     for key, f in entries:
-        status, detail = "ok", ""
-        try:
-            path = checked_path(ck.path, f, key)
-            size = ck.storage.size(path)
-            if size != f.nbytes:
-                status, detail = "wrong size", f"{size} bytes, the manifest says {f.nbytes}"
-            else:
-                digest = _hash_file(ck.storage, path, progress, done, total)
-                if digest != f.xxh3_128:
-                    status, detail = "digest mismatch", "its bytes changed after it was written"
-        except FileNotFoundError:
-            status, detail = "missing", "listed in the manifest but not on disk"
-        except CorruptCheckpointError as exc:
-            status, detail = "unsafe path", str(exc)
-        except OSError as exc:
-            status, detail = "unreadable", f"{type(exc).__name__}: {exc}"
+        status, detail = _check_bytes(ck, key, f, progress, done, total)
         done += f.nbytes
         if progress:
             progress(done, total)
         files.append({"path": f.path, "component": key, "writer_rank": f.writer_rank, "nbytes": f.nbytes,
                       "status": status, "detail": detail})
+    _check_contents(ck, {f["path"]: f for f in files})
     listed = {f.path for _, f in entries} | {MANIFEST_NAME, PIN_NAME}
     extra = sorted(p for p in _walk(ck.path) if p not in listed)
     bad = [f for f in files if f["status"] != "ok"]
-    return {"path": ck.path, "ok": not bad, "checked": len(files), "bad": len(bad), "nbytes": total,
-            "files": files, "unlisted": extra}
+    deleted = bool(bad) and not ck.storage.exists(os.path.join(ck.path, MANIFEST_NAME))
+    return {"path": ck.path, "ok": not bad, "deleted": deleted, "checked": len(files), "bad": len(bad),
+            "nbytes": total, "files": files, "unlisted": extra}
+
+
+def _check_bytes(ck: Opened, key: str, f: FileEntry, progress: Progress | None, done: int,
+                 total: int) -> tuple[str, str]:
+    """(status, detail) of one file's bytes against its manifest entry."""
+    try:
+        path = checked_path(ck.path, f, key)
+        size = ck.storage.size(path)
+        if size != f.nbytes:
+            return "wrong size", f"{size} bytes, the manifest says {f.nbytes}"
+        if _hash_file(ck.storage, path, progress, done, total) != f.xxh3_128:
+            return "digest mismatch", "its bytes changed after it was written"
+    except FileNotFoundError:
+        return "missing", "listed in the manifest but not on disk"
+    except CorruptCheckpointError as exc:
+        return "unsafe path", str(exc)
+    except OSError as exc:
+        return "unreadable", f"{type(exc).__name__}: {exc}"
+    return "ok", ""
+
+
+def _check_contents(ck: Opened, rows: dict[str, dict[str, Any]]) -> None:
+    """The load's own content checks on every copy whose files all have intact bytes; a refusal marks the
+    file it names (or the copy's first file) "does not load"."""
+    for key, c in sorted(ck.manifest.components.items()):
+        for owner in owners(c):
+            copy = c.files_for(owner)
+            if any(rows[f.path]["status"] != "ok" for f in copy):
+                continue
+            try:
+                check_copy(ck.storage, ck.path, key, c, owner)
+            except (CheckpointError, OSError) as exc:
+                named = os.path.relpath(exc.filename if isinstance(exc, OSError) and exc.filename else
+                                        getattr(exc, "path", None) or ck.path, ck.path).replace(os.sep, "/")
+                row = rows.get(named, rows[copy[0].path])
+                row["status"], row["detail"] = "does not load", " ".join(str(exc).split())
 
 
 def _hash_file(storage: Storage, path: str, progress: Progress | None, done: int, total: int) -> str:

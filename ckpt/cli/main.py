@@ -1,8 +1,9 @@
 """The `ckpt` command: list, inspect, verify, diff, export, prune and pin checkpoints (see docs/cli.md).
 
 Every subcommand takes `--json`. Errors are one line on stderr with exit status 2 (`verify` exits 1 when
-files are bad, `diff` exits 1 when the checkpoints differ); with `--json` the error is `{"error": ...}` on
-stdout instead, with the same status. Set CKPT_DEBUG=1 to see a traceback instead.
+the checkpoint would not load, `diff` exits 1 when the checkpoints differ, and any command reading a
+checkpoint exits 3 when it was deleted while being read); with `--json` the error is `{"error": ...}` on
+stdout instead, with the same status. Pass --debug (or set CKPT_DEBUG=1) to see a traceback instead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import __version__
-from ..errors import CheckpointError, CheckpointNotFoundError, RunDirInUseError
+from ..errors import CheckpointDeletedError, CheckpointError, CheckpointNotFoundError, RunDirInUseError
 from ..format.layout import MANIFEST_NAME, REPLACED_SUFFIX, list_partials, parse_step
 from ..io.lock import RunDirLock
 from ..io.storage import LocalStorage
@@ -31,9 +32,9 @@ from ..retention.catalog import (
 )
 from ..retention.rules import CheckpointInfo, RetentionDecision, RetentionPolicy
 from .export import export_component
-from .inspection import Progress, describe, diff, open_checkpoint, verify
+from .inspection import Progress, deletion_noticed, describe, diff, open_checkpoint, verify
 
-EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_FOUND, EXIT_ERROR, EXIT_DELETED = 0, 1, 2, 3
 
 
 # ---- output helpers ------------------------------------------------------------------------------
@@ -255,7 +256,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     ck = open_checkpoint(args.checkpoint)
-    info = describe(ck, with_tensors=args.tensors)
+    with deletion_noticed(ck.storage, ck.path, "inspected"):
+        info = describe(ck, with_tensors=args.tensors)
     mesh = saved_mesh(ck.manifest)
     info["mesh"] = [{"name": d.name, "size": d.size} for d in mesh] if mesh else None
     if args.at:
@@ -304,12 +306,18 @@ def _ranks(ranks: list[int]) -> str:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     report = verify(open_checkpoint(args.checkpoint), _progress(args, "verify"))
+    if report["deleted"]:
+        raise CheckpointDeletedError(f"{report['path']} was deleted while it was being verified (by retention, "
+                                     "`ckpt prune` or a person); nothing can be said about its files",
+                                     path=report["path"])
     if args.json:
         _json(report)
     elif report["ok"]:
-        _out(f"OK: all {report['checked']} files ({human_size(report['nbytes'])}) of {report['path']} match the manifest")
+        _out(f"OK: all {report['checked']} files ({human_size(report['nbytes'])}) of {report['path']} match the "
+             "manifest and pass a load's checks")
     else:
-        _out(f"FAILED: {report['bad']} of {report['checked']} files of {report['path']} do not match the manifest")
+        _out(f"FAILED: {report['bad']} of {report['checked']} files of {report['path']} do not match the manifest "
+             "or would be refused by a load")
         _out(table(["STATUS", "FILE", "COMPONENT", "WRITER", "DETAIL"],
                    [[f["status"], f["path"], f["component"], f["writer_rank"], f["detail"]]
                     for f in report["files"] if f["status"] != "ok"]))
@@ -409,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--debug", action="store_true", help="on an error, show the traceback")
         p.set_defaults(func=func)
         return p
 
@@ -420,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensors", action="store_true", help="list every tensor with its dtype and shape")
     p.add_argument("--at", metavar="SHAPE", help="what a load under another layout would do, e.g. dp=1,tp=2 "
                                                   "(each saved mesh dimension), or world=N")
-    p = command("verify", cmd_verify, "re-hash every file against the manifest (exit 1 if any is bad)")
+    p = command("verify", cmd_verify, "check every file as a load would: digests, tensor headers, value files "
+                                       "(exit 1 if a load would refuse it, 3 if it was deleted meanwhile)")
     p.add_argument("checkpoint", metavar="CKPT")
     p = command("diff", cmd_diff, "what changed between two checkpoints (exit 1 if they differ)")
     p.add_argument("a", metavar="A")
@@ -474,11 +484,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("\n")
         return 130
     except Exception as exc:
-        if os.environ.get("CKPT_DEBUG"):
+        if os.environ.get("CKPT_DEBUG") or args.debug:
             raise
         known = isinstance(exc, CheckpointError | OSError | ValueError)
         text = " ".join(str(exc).split()) or type(exc).__name__
-        return _fail(args.command, text if known else f"unexpected {type(exc).__name__}: {text}", args.json)
+        status = EXIT_DELETED if isinstance(exc, CheckpointDeletedError) else EXIT_ERROR
+        return _fail(args.command, text if known else f"unexpected {type(exc).__name__}: {text}", args.json, status)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import xxhash
 from ..component import SharingPattern, ValidationLevel
 from ..errors import ManifestError
 from ..io.storage import LocalStorage, Storage
-from .layout import MANIFEST_NAME
+from .layout import MANIFEST_NAME, parse_step
 from .tensor_io import ST_TO_DTYPE, ChunkInfo, TensorInfo
 
 FORMAT_VERSION = 1
@@ -176,6 +176,7 @@ def read_manifest(storage: Storage | str | os.PathLike, checkpoint_dir: str | os
         storage, checkpoint_dir = LocalStorage(), os.fspath(storage)  # type: ignore[arg-type]
     checkpoint_dir = os.fspath(checkpoint_dir)
     path = os.path.join(checkpoint_dir, MANIFEST_NAME)
+    refuse_linked_folder(checkpoint_dir)
     _refuse_outside(checkpoint_dir, path)
     try:
         with storage.open_read(path) as f:
@@ -187,7 +188,25 @@ def read_manifest(storage: Storage | str | os.PathLike, checkpoint_dir: str | os
         data = json.loads(raw, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise ManifestError(f"{path} is not valid JSON ({exc})", path=path) from None
-    return parse_manifest(data, path)
+    manifest = parse_manifest(data, path)
+    named = parse_step(os.path.basename(os.path.normpath(checkpoint_dir)))
+    if named is not None and named != manifest.step:
+        raise ManifestError(f"{path} says step {manifest.step} but its folder is named for step {named}: the manifest "
+                            "was edited or the folder renamed, so which step it holds cannot be trusted; restore it "
+                            "from a copy, or load another checkpoint", path=path)
+    return manifest
+
+
+def refuse_linked_folder(checkpoint_dir: str) -> None:
+    """Refuse a checkpoint folder that is a symlink (or reached through one) leading outside the folder that
+    lists it (its run dir): a run dir vouches only for what it holds, and a load must not read elsewhere."""
+    if "://" in checkpoint_dir:  # object storage has no symlinks
+        return
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(checkpoint_dir)))
+    real = os.path.realpath(checkpoint_dir)
+    if os.path.commonpath([parent, real]) != parent or real == parent:
+        raise ManifestError(f"{checkpoint_dir} is a symlink to {real}, outside its run dir {parent}; refusing to read "
+                            "it. Copy that checkpoint into the run dir, or pass its real path", path=checkpoint_dir)
 
 
 def _refuse_outside(checkpoint_dir: str, path: str) -> None:

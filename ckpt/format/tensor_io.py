@@ -250,16 +250,10 @@ def read_safetensors(storage: Storage, path: str, expected_size: int | None, exp
 def _read_entries(storage: Storage, path: str, size: int, component: str | None,
                   into: Mapping[str, torch.Tensor] | None, hasher, out: dict[str, torch.Tensor]) -> None:
     with storage.open_read(path) as f:
-        if size < 8:
-            raise _bad_file(path, component, "shorter than its 8-byte header length")
-        prefix = _read_exact(f, 8, path, component)
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > min(size - 8, _MAX_HEADER):
-            raise _bad_file(path, component, f"header length {header_len} runs past the end of the file ({size} bytes)")
-        header_bytes = _read_exact(f, header_len, path, component)
+        prefix, header_bytes = _read_prefix(f, size, path, component)
         hasher.update(prefix)
         hasher.update(header_bytes)
-        data_len = size - 8 - header_len
+        data_len = size - len(prefix) - len(header_bytes)
         pos = 0
         for e in parse_header(header_bytes, data_len, path, component):
             if e.begin > pos:  # bytes no tensor claims still count toward the digest
@@ -272,6 +266,28 @@ def _read_entries(storage: Storage, path: str, size: int, component: str | None,
             pos = e.end
         if pos < data_len:
             hasher.update(_read_exact(f, data_len - pos, path, component))
+
+
+def _read_prefix(f, size: int, path: str, component: str | None) -> tuple[bytes, bytes]:
+    """The 8-byte header length and the header of an open safetensors file of `size` bytes."""
+    if size < 8:
+        raise _bad_file(path, component, "shorter than its 8-byte header length")
+    prefix = _read_exact(f, 8, path, component)
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > min(size - 8, _MAX_HEADER):
+        raise _bad_file(path, component, f"header length {header_len} runs past the end of the file ({size} bytes)")
+    return prefix, _read_exact(f, header_len, path, component)
+
+
+def read_header(storage: Storage, path: str, expected_size: int | None,
+                component: str | None = None) -> dict[str, tuple[torch.dtype, list[int]]]:
+    """The tensors (dtype, shape) a safetensors file's header describes, checked as a read checks them
+    (offsets inside the data section, sizes that fit the shapes, no overlaps), without reading the data."""
+    size = _checked_size(storage, path, expected_size, component)
+    with storage.open_read(path) as f:
+        prefix, header_bytes = _read_prefix(f, size, path, component)
+    entries = parse_header(header_bytes, size - len(prefix) - len(header_bytes), path, component)
+    return {e.name: (e.dtype, list(e.shape)) for e in entries}
 
 
 def read_blob(storage: Storage, path: str, expected_size: int | None, expected_digest: str | None,

@@ -12,7 +12,7 @@ import torch
 from ..errors import CorruptCheckpointError
 from ..format.manifest import ComponentEntry, FileEntry
 from ..format.serialization import unflatten_state
-from ..format.tensor_io import ST_TO_DTYPE, read_blob, read_safetensors
+from ..format.tensor_io import ST_TO_DTYPE, read_blob, read_header, read_safetensors
 from ..io.storage import Storage
 from ..io.threads import parallel_map
 
@@ -33,18 +33,59 @@ def read_tensors(storage: Storage, ckpt_dir: str, entry: FileEntry, component: s
     `into`: existing tensors to read matching entries into, in place."""
     path = checked_path(ckpt_dir, entry, component)
     tensors = read_safetensors(storage, path, entry.nbytes, entry.xxh3_128 if verify else None, component, into)
-    expected = {t.name: t for t in entry.tensors}
-    if set(tensors) != set(expected):
-        raise CorruptCheckpointError(
-            f"file {path} (component {component!r}) holds tensors {sorted(tensors)[:5]}... but the manifest lists "
-            f"{sorted(expected)[:5]}...", path=path, component=component)
-    for name, t in tensors.items():
-        info = expected[name]
-        if list(t.shape) != list(info.shape) or t.dtype != ST_TO_DTYPE[info.dtype]:
-            raise CorruptCheckpointError(
-                f"file {path}: tensor {name!r} is {t.dtype} {list(t.shape)}, the manifest says "
-                f"{ST_TO_DTYPE[info.dtype]} {list(info.shape)}", path=path, component=component)
+    check_file_tensors(path, component, entry, {n: (t.dtype, list(t.shape)) for n, t in tensors.items()})
     return tensors
+
+
+def check_file_tensors(path: str, component: str, entry: FileEntry,
+                       found: Mapping[str, tuple[torch.dtype, list[int]]]) -> None:
+    """Refuse a tensor file whose tensors (name -> dtype, shape) are not the ones its manifest entry lists."""
+    expected = {t.name: t for t in entry.tensors}
+    if set(found) != set(expected):
+        raise CorruptCheckpointError(
+            f"file {path} (component {component!r}) holds tensors {sorted(found)[:5]}... but the manifest lists "
+            f"{sorted(expected)[:5]}...", path=path, component=component)
+    for name, (dtype, shape) in found.items():
+        info = expected[name]
+        if list(shape) != list(info.shape) or dtype != ST_TO_DTYPE[info.dtype]:
+            raise CorruptCheckpointError(
+                f"file {path}: tensor {name!r} is {dtype} {list(shape)}, the manifest says "
+                f"{ST_TO_DTYPE[info.dtype]} {list(info.shape)}", path=path, component=component)
+
+
+def check_copy(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, owner: int | None) -> None:
+    """Everything a load checks about one copy's files apart from their digests, without reading tensor data:
+    each tensor file's header against the manifest (names, dtypes, shapes, byte ranges), pieces that cover
+    their tensors exactly once, one state file, and that state file decoding (within the limits) over the
+    tensors the manifest lists. Raises CorruptCheckpointError naming the file."""
+    files = [f for f in entry.files_for(owner) if f.kind == "tensors"]
+    stored = {name: torch.empty(shape, dtype=dtype, device="meta")
+              for name, (dtype, shape) in _piece_layout(files, key, ckpt_dir).items()}
+    seen: set[str] = set()
+    for f in files:
+        path = checked_path(ckpt_dir, f, key)
+        found = read_header(storage, path, f.nbytes, key)
+        check_file_tensors(path, key, f, found)
+        whole = {t.name for t in f.tensors if t.chunk is None}
+        if whole & seen:
+            raise CorruptCheckpointError(f"component {key!r}: tensors {sorted(whole & seen)[:5]} appear in two files",
+                                         path=path, component=key)
+        seen |= whole
+        stored.update({n: torch.empty(found[n][1], dtype=found[n][0], device="meta") for n in whole})
+    s = state_file(entry, owner, key, ckpt_dir)
+    path = checked_path(ckpt_dir, s, key)
+    unflatten_state(read_blob(storage, path, s.nbytes, None, key), stored, key, source=path)
+
+
+def state_file(entry: ComponentEntry, owner: int | None, key: str, ckpt_dir: str) -> FileEntry:
+    """The copy's one state file (msgpack skeleton); CorruptCheckpointError when the manifest lists another
+    number."""
+    skeletons = [f for f in entry.files_for(owner) if f.kind == "state"]
+    if len(skeletons) != 1:
+        whose = "the job" if owner is None else f"owner {owner}"
+        raise CorruptCheckpointError(f"component {key!r} in {ckpt_dir} has {len(skeletons)} state files for {whose} "
+                                     "(expected 1); the manifest is inconsistent", path=ckpt_dir, component=key)
+    return skeletons[0]
 
 
 def read_copy_tensors(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, owner: int | None,
@@ -90,12 +131,23 @@ def read_copy_tensors(storage: Storage, ckpt_dir: str, key: str, entry: Componen
 def _assemble_chunked(files: list[FileEntry], key: str, ckpt_dir: str,
                       into: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """A full tensor for each tensor stored in pieces, after checking the pieces cover it exactly."""
+    whole = {}
+    for name, (dtype, shape) in _piece_layout(files, key, ckpt_dir).items():
+        live = (into or {}).get(name)
+        fits = (live is not None and live.device.type == "cpu" and live.dtype == dtype and list(live.shape) == shape
+                and live.is_contiguous() and not live.requires_grad)
+        whole[name] = live if fits else torch.empty(shape, dtype=dtype)
+    return whole
+
+
+def _piece_layout(files: list[FileEntry], key: str, ckpt_dir: str) -> dict[str, tuple[torch.dtype, list[int]]]:
+    """(dtype, full shape) of each tensor stored in pieces, after checking the pieces cover it exactly once."""
     pieces: dict[str, list[tuple[int, int, str, tuple[int, ...]]]] = {}
     for f in files:
         for t in f.tensors:
             if t.chunk is not None:
                 pieces.setdefault(t.name, []).append((t.chunk.start, t.chunk.stop, t.dtype, t.chunk.shape))
-    whole = {}
+    layout = {}
     for name, parts in pieces.items():
         parts.sort()
         dtypes, shapes = {p[2] for p in parts}, {p[3] for p in parts}
@@ -105,26 +157,16 @@ def _assemble_chunked(files: list[FileEntry], key: str, ckpt_dir: str,
             raise CorruptCheckpointError(f"component {key!r}: the pieces of tensor {name!r} in {ckpt_dir} do not "
                                          "cover it exactly once; the manifest is inconsistent", path=ckpt_dir,
                                          component=key)
-        dtype, shape = ST_TO_DTYPE[parts[0][2]], list(parts[0][3])
-        live = (into or {}).get(name)
-        fits = (live is not None and live.device.type == "cpu" and live.dtype == dtype and list(live.shape) == shape
-                and live.is_contiguous() and not live.requires_grad)
-        whole[name] = live if fits else torch.empty(shape, dtype=dtype)
-    return whole
+        layout[name] = (ST_TO_DTYPE[parts[0][2]], list(parts[0][3]))
+    return layout
 
 
 def read_component(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, owner: int | None,
                    verify: bool, into: Mapping[str, torch.Tensor] | None = None, threads: int = 1) -> Any:
     """The state dict of `key` for the copy owned by `owner`, rebuilt from its files. `into`: the
     component's live tensors by name, to read into in place."""
-    files = entry.files_for(owner)
-    skeletons = [f for f in files if f.kind == "state"]
-    if len(skeletons) != 1:
-        whose = "the job" if owner is None else f"owner {owner}"
-        raise CorruptCheckpointError(f"component {key!r} in {ckpt_dir} has {len(skeletons)} state files for {whose} "
-                                     "(expected 1); the manifest is inconsistent", path=ckpt_dir, component=key)
+    s = state_file(entry, owner, key, ckpt_dir)
     tensors = read_copy_tensors(storage, ckpt_dir, key, entry, owner, verify, into, threads)
-    s = skeletons[0]
     path = checked_path(ckpt_dir, s, key)
     raw = read_blob(storage, path, s.nbytes, s.xxh3_128 if verify else None, key)
     return unflatten_state(raw, tensors, key, source=path)  # CorruptCheckpointError for anything ckpt did not write
