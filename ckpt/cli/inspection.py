@@ -138,6 +138,11 @@ def read_skeleton(ck: Opened, key: str, owner: int | None,
     return blob
 
 
+def _state_path(ck: Opened, key: str, owner: int | None) -> str | None:
+    f = state_file(ck.manifest.components[key], owner)
+    return None if f is None else os.path.join(ck.path, f.path)
+
+
 def state_file(entry: ComponentEntry, owner: int | None) -> FileEntry | None:
     """The copy's msgpack file: the state around its tensors (None when the copy is tensors only)."""
     return next((f for f in entry.files_for(owner) if f.kind == "state"), None)
@@ -161,7 +166,7 @@ def read_real_copy(ck: Opened, key: str, owner: int | None,
     blob = read_skeleton(ck, key, owner, on_file)
     if blob is None:
         return tensors, None
-    state = unflatten_state(blob, tensors, key)
+    state = unflatten_state(blob, tensors, key, source=_state_path(ck, key, owner))
     return with_real_dtypes(state, tensors), state
 
 
@@ -180,7 +185,7 @@ def _real_forms(ck: Opened, key: str, owner: int | None) -> dict[str, torch.Tens
         stored = {t.name: torch.empty(t.chunk.shape if t.chunk else t.shape, device="meta",
                                       dtype=ST_TO_DTYPE.get(t.dtype, torch.uint8)) for t in infos}
         blob = read_skeleton(ck, key, owner)
-        state = None if blob is None else unflatten_state(blob, stored, key)
+        state = None if blob is None else unflatten_state(blob, stored, key, source=_state_path(ck, key, owner))
     except (CheckpointError, OSError, RuntimeError, ValueError):
         return {}
     real = with_real_dtypes(state, stored)
@@ -400,7 +405,8 @@ def _diff_side(ck: Opened, key: str, owner: int | None) -> dict[str, torch.Tenso
         return tensors
     try:
         blob = read_skeleton(ck, key, owner)
-        return tensors if blob is None else with_real_dtypes(unflatten_state(blob, tensors, key), tensors)
+        return tensors if blob is None else with_real_dtypes(
+            unflatten_state(blob, tensors, key, source=_state_path(ck, key, owner)), tensors)
     except (CheckpointError, OSError):
         return tensors
 

@@ -142,6 +142,8 @@ class _Decoder:
             self.check_depth(path)
             return None, _Frame(path, list(range(len(value))), value, lambda k, v: v)
         if not isinstance(value, _Ext):
+            if value is not None and type(value) not in (bool, int, float, str, bytes):  # a msgpack Timestamp
+                raise self.fail(path, f"holds a {type(value).__name__}, which ckpt does not write")
             return value, None
         if value.code == EXT_TUPLE:
             self.check_depth(path)
