@@ -94,7 +94,7 @@ def test_a_symlinked_checkpoint_folder_outside_the_run_dir_is_refused(tmp_path):
         assert coord.load(comps).step == 7
         for which in (link, 9):
             comps = targets()
-            with pytest.raises(ManifestError, match="is a symlink to .*outside its run dir"):
+            with pytest.raises(ManifestError, match=r"is a symlink to .*outside its run dir"):
                 coord.load(comps, checkpoint=which)
             assert untouched(comps)
     for command in ("inspect", "verify"):
