@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -48,6 +51,7 @@ class Communicator:
         self._seq = 0  # exchanges so far; the same on every rank, since all take the same path
         self._broken: str | None = None  # why this rank can no longer take part in exchanges
         self._arrivals: _Arrivals | None = None
+        self._peers: list[tuple[str, int]] | None = None  # (host, pid) of every rank, from the first exchange
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
             if self.world_size > 1:
@@ -110,9 +114,19 @@ class Communicator:
     def _collective_error(self, phase: str, exc: Exception) -> CheckpointError:
         text = str(exc)
         underlying = f"{type(exc).__name__}: {_first_sentence(text) or repr(exc)}"
+        if self._arrivals is not None:  # before anything else: a survivor that exits is not named as dead
+            self._arrivals.saw_failure(self._seq)
         late = self._arrivals.missing(self._seq, self.world_size) if self._arrivals is not None else {}
         late.pop(self.rank, None)
         named = _describe_missing(late, phase)
+        why = {r: f"did not reach the '{phase}' step (the last step it reached: {seen})" for r, seen in late.items()}
+        # A rank that died inside the exchange arrived like the others: only its gone process names it.
+        saw = self._arrivals.saw_it(self._seq, self.world_size) if self._arrivals is not None else set()
+        dead = dead_peers(self._peers or [], self.rank, skip=saw | set(late), wait_s=0.5 if late else 2.0)
+        if dead:
+            why.update({r: f"died during the '{phase}' step (its process is gone)" for r in dead})
+            late.update(dict.fromkeys(dead, f"'{phase}'"))
+            named = "; ".join(filter(None, [named, _describe_dead(dead)]))
         if "timed out" in text.lower() or "timeout" in text.lower():
             return CollectiveTimeoutError(
                 f"rank {self.rank}: timed out after {self.timeout.total_seconds():.0f}s at the '{phase}' step "
@@ -122,10 +136,7 @@ class Communicator:
             )
         return CheckpointError(
             f"rank {self.rank}: lost contact with other ranks during the '{phase}' step: "
-            f"{named + ', and has probably died' if named else 'a rank has probably died'}. ({underlying})",
-            failures={r: f"did not reach the '{phase}' step (the last step it reached: {seen})"
-                      for r, seen in late.items()},
-        )
+            f"{_probably_dead(named)}. ({underlying})", failures=why)
 
     def run_phase(self, phase: str, local: Callable[[], T], *, what: str) -> list[T]:
         """Run `local` on this rank, then exchange outcomes; raise on every rank if any rank failed.
@@ -144,7 +155,11 @@ class Communicator:
             local_exc: Exception | None = exc
         else:
             local_exc = None
+        if self._peers is None:  # once: who each rank is, so a rank that dies later can be named without the store
+            outcome["who"] = [socket.gethostname(), os.getpid()]
         outcomes = self.all_gather(outcome, phase)
+        if self._peers is None:
+            self._peers = [(str(o["who"][0]), int(o["who"][1])) for o in outcomes]
         failures = {rank: o["error"] for rank, o in enumerate(outcomes) if not o["ok"]}
         if failures:
             raise _combined_error(what, phase, failures, outcomes) from local_exc
@@ -212,6 +227,50 @@ def _describe_missing(late: dict[int, str], phase: str) -> str:
     return f"{names} never reached it (the last step reached: {seen})"
 
 
+def _describe_dead(dead: list[int]) -> str:
+    if not dead:
+        return ""
+    return ("rank " if len(dead) == 1 else "ranks ") + ", ".join(map(str, dead)) + " died (the process is gone)"
+
+
+def _probably_dead(named: str) -> str:
+    if not named:
+        return ("a rank on another host has probably died (no rank's process here is gone, and the arrival records "
+                "name none)")
+    return named if "(the process is gone)" in named else named + ", and has probably died"
+
+
+def dead_peers(peers: list[tuple[str, int]], me: int, skip: set[int] = frozenset(),  # type: ignore[assignment]
+               wait_s: float = 2.0) -> list[int]:
+    """The ranks on this host whose process is gone (or a zombie), looked at for up to `wait_s` seconds: a
+    peer killed mid-exchange closes its sockets as it exits, a moment before its process is reaped. `skip`:
+    ranks known to have seen the failure themselves (survivors, which may exit once they raised)."""
+    host = socket.gethostname()
+    local = [(r, pid) for r, (h, pid) in enumerate(peers) if r != me and r not in skip and h == host]
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = [r for r, pid in local if not _alive(pid)]
+        if dead or not local or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
 def _first_sentence(text: str) -> str:
     """The gist of a backend error: its first line, without gloo's generic advice."""
     first = text.splitlines()[0] if text else ""
@@ -256,6 +315,28 @@ class _Arrivals:
                 log.debug("rank %d: activity record failed (%s); switching it off", self.rank, exc)
                 self.store = None
 
+    def saw_failure(self, seq: int) -> None:
+        """Record that this rank saw exchange `seq` fail (so it is a survivor, not the dead one)."""
+        with self._lock:
+            if self.store is None:
+                return
+            try:
+                self.store.set(f"{self.rank}.failed", str(seq))
+            except Exception as exc:
+                log.debug("rank %d: failure record failed (%s); switching it off", self.rank, exc)
+                self.store = None
+
+    def saw_it(self, seq: int, world_size: int) -> set[int]:
+        """The ranks that recorded seeing exchange `seq` fail."""
+        if self.store is None:
+            return set()
+        try:
+            keys = [f"{r}.failed" for r in range(world_size)]
+            return {r for r, key in enumerate(keys) if self.store.check([key]) and int(self.store.get(key)) == seq}
+        except Exception as exc:
+            log.debug("rank %d: could not read failure records (%s)", self.rank, exc)
+            return set()
+
     def _doing(self, rank: int, since: int) -> str:
         key = f"{rank}.doing"
         if not self.store.check([key]):
@@ -287,6 +368,7 @@ class _Arrivals:
             try:
                 self.store.delete_key(str(self.rank))
                 self.store.delete_key(f"{self.rank}.doing")
+                self.store.delete_key(f"{self.rank}.failed")
             except Exception as exc:
                 log.debug("rank %d: could not remove its arrival record (%s)", self.rank, exc)
             self.store = None
