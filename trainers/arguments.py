@@ -116,6 +116,11 @@ class TrainingArguments:
     checkpoint_timeout_s: float = field(default=1800.0, metadata={
         "help": "How long a rank waits for the others at one step of a save or load before failing with "
                 "an error."})
+    step_timeout_s: float = field(default=300.0, metadata={
+        "help": "How long one training step may run before the rank decides it is hung (it, or a rank it waits "
+                "for), logs the step and exits with code 75 for torchrun --max-restarts to restart the job. On "
+                "with or without a recovery policy (with one, its health_check_timeout_s notices hangs first); "
+                "0 turns it off. Evaluation and saves are not timed by it."})
     progress_bar: bool | None = field(default=None, metadata={
         "help": "Show a progress bar on rank 0; None shows it when stderr is a terminal."})
     recovery: str | os.PathLike | RecoveryPolicy | None = field(default=None, metadata={
@@ -171,6 +176,9 @@ class TrainingArguments:
         timeout = self.checkpoint_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             _fail("checkpoint_timeout_s", timeout, "must be a number of seconds > 0")
+        step = self.step_timeout_s
+        if isinstance(step, bool) or not isinstance(step, int | float) or not step >= 0:
+            _fail("step_timeout_s", step, "must be a number of seconds > 0, or 0 to turn the step watchdog off")
 
     def _check_schedule(self) -> None:
         for name in ("eval_on_save", "save_on_train_end", "preserve_best_model", "shuffle", "dispatch_batches",

@@ -26,6 +26,7 @@ from .callbacks import TrainerControl
 from .checkpointing import SAVE_ERROR_KIND, load_components, resume_target, save_failure_entry, tolerates
 from .data import eval_batches
 from .keys import CALLBACK_PREFIX, EVAL_PREFIX, TRAIN_LOSS
+from .liveness import StepWatchdog, die_with_parent, under_launcher
 from .metrics_log import MetricsLogger
 from .outcomes import StepConsensus, StepOutput, TrainingError
 from .recovery.guard import guard_save
@@ -91,6 +92,11 @@ class Trainer:
         self._diverged = False  # a callback reported divergence (without a recovery policy)
         self._saving_step = 0  # the step of the last save handed to the coordinator
         self.recovery = self._build_recovery()
+        self.step_in_progress: int | None = None  # the step being computed (1-based), between its start and end
+        if under_launcher():
+            die_with_parent()  # a rank never outlives torchrun (nor keeps the run dir's lock)
+        self.watchdog = StepWatchdog(self.rank, self._step_timeout_s(), watch_parent=under_launcher(),
+                                     on_hang=self._record_hang)
 
     # ---- what a concrete trainer provides ---------------------------------------------------------
 
@@ -130,6 +136,19 @@ class Trainer:
     def run_dir(self) -> str:
         return str(self.args.output_dir)
 
+    def _step_timeout_s(self) -> float:
+        """args.step_timeout_s, made longer than recovery's own hang detection (which names the missing ranks)
+        when that is on, so that it gets the first word."""
+        timeout = float(self.args.step_timeout_s)
+        health = getattr(self.recovery, "watchdog", None)
+        if timeout <= 0 or health is None:
+            return timeout
+        return max(timeout, health.timeout_s + health.follow_up_s + 5.0)
+
+    def _record_hang(self, step: int, elapsed: float) -> None:
+        if self.recovery is not None:
+            self.recovery.record_hang(step, elapsed, self.watchdog.timeout_s)
+
     def _build_coordinator(self) -> CheckpointCoordinator:
         return CheckpointCoordinator(self.run_dir, process_groups=self.get_process_groups() or None,
                                      timeout=timedelta(seconds=self.args.checkpoint_timeout_s),
@@ -168,14 +187,21 @@ class Trainer:
         self.model.train()
         self._call("on_train_begin", resumed_from=resumed_from)
         self._clock = (time.perf_counter(), self.state.tokens_seen, self.state.global_step)
+        self.watchdog.start()
         try:
             while self.state.global_step < args.max_steps:
-                stop = self._after_step(self._run_step())
+                self.step_in_progress = self.state.global_step + 1
+                with self.watchdog.step(self.step_in_progress):
+                    plan = self._run_step()
+                self.step_in_progress = None
+                stop = self._after_step(plan)
                 if self.recovery is not None:  # rollback, a signal's save, liveness checks
                     stop = self.recovery.at_step_boundary(stop)
                 if stop:
                     break
         finally:
+            self.step_in_progress = None
+            self.watchdog.stop()
             self.metrics_logger.close()
             if self.recovery is not None:
                 self.recovery.end()

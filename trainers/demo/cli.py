@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 
+from ckpt import CheckpointError
 from trainers import DDPTrainer, SimpleTrainer, Trainer, TrainerCallback, TrainingArguments, TrainingError
 from trainers.ddp import cuda_device_for_local_rank
 from trainers.recovery import init_process_group_for_restarts
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="rank 0 draws each global batch and scatters slices (default: a sampler per rank)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                      help="cpu: train on the CPU, ranks joined by gloo; cuda: rank r on cuda:LOCAL_RANK, joined by nccl")
+    run.add_argument("--debug", action="store_true", help="on an error, show the traceback (default: one line)")
     run.add_argument("--threads", type=int, default=None,
                      help="torch threads per rank (default: CPU cores / ranks on this node, at least 1)")
     model = p.add_argument_group("model and data")
@@ -127,7 +129,7 @@ def build_trainer(opts: argparse.Namespace, distributed: bool) -> Trainer:
         preserve_best_model=opts.preserve_n_best > 0, preserve_n_best=max(1, opts.preserve_n_best),
         best_model_metric="loss", resume_from_checkpoint="latest" if opts.resume else None, seed=opts.seed,
         dispatch_batches=opts.dispatch_batches, full_determinism=True, max_grad_norm=1.0,
-        recovery=recovery_option(opts), device=device, ddp_backend=backend)
+        recovery=recovery_option(opts), step_timeout_s=opts.step_timeout, device=device, ddp_backend=backend)
     torch.manual_seed(opts.seed)  # the initial weights (the same on every rank; DDP checks it)
     model = TinyGPT(cfg)
     callbacks = [StopAtStep(opts.stop_at_step)] if opts.stop_at_step else []
@@ -187,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             sys.stderr.write(f"trainers.demo: training failed: {exc}\n")
             sys.stderr.write(recovery_report(opts.run_dir))
+        return 1
+    except CheckpointError as exc:  # raised on every rank with the same message: say it once, on one line
+        if opts.debug:
+            raise
+        if rank == 0:
+            sys.stderr.write(f"trainers.demo: checkpoint error: {type(exc).__name__}: {' '.join(str(exc).split())}\n"
+                             "(pass --debug for the traceback)\n")
         return 1
     finally:
         if dist.is_initialized():

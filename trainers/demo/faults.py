@@ -18,6 +18,9 @@ def add_recovery_flags(p: argparse.ArgumentParser) -> None:
                    help="a recovery policy file with a [recovery] table (default: trainers/demo/recovery.toml: roll "
                         "back on divergence and NaN streaks, skip gradient spikes, retry out-of-memory, health checks)")
     g.add_argument("--no-recovery", action="store_true", help="train without a recovery policy")
+    g.add_argument("--step-timeout", type=float, default=300.0, metavar="S",
+                   help="a rank whose training step runs longer than S seconds is hung: it exits with code 75 so "
+                        "torchrun --max-restarts restarts the job (with or without recovery; 0: off)")
     g.add_argument("--inject-divergence", type=int, default=None, metavar="STEP",
                    help="multiply the learning rate by --inject-lr-factor at STEP so the run truly diverges")
     g.add_argument("--inject-lr-factor", type=float, default=100.0, help="the factor of --inject-divergence")

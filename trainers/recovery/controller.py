@@ -357,9 +357,19 @@ class RecoveryController:
                 self._health_failed(exc)
         return False if rolled else stop  # a rollback undoes the steps a stop at max_steps counted
 
+    def record_hang(self, step: int, elapsed: float, timeout_s: float) -> None:
+        """The trainer's step watchdog found step `step` running past its timeout (from its thread; the process
+        exits next): recorded as a failed health check seen by this rank."""
+        self.events.record(RecoveryEvent(ev.HEALTH_CHECK_FAILED, step, "exit",
+                                         f"step {step} did not finish within {timeout_s:g}s", ranks=(),
+                                         values={"during": "step watchdog", "cause": f"{elapsed:.0f}s in the step",
+                                                 "timeout_s": timeout_s, "seen_by_rank": self.rank}), write=True)
+
     def _health_failed(self, exc: HealthCheckFailure) -> None:
         """Record who did not answer, tell the callbacks, and exit non-zero (torchrun restarts the job)."""
-        event = RecoveryEvent(ev.HEALTH_CHECK_FAILED, self.trainer.state.global_step, "exit", str(exc),
+        # Inside a step (its agreements), the step being computed; between steps, the one that just ended.
+        step = self.trainer.step_in_progress or self.trainer.state.global_step
+        event = RecoveryEvent(ev.HEALTH_CHECK_FAILED, step, "exit", str(exc),
                               ranks=exc.missing, values={"during": exc.during, "cause": exc.cause,
                                                          "timeout_s": self.policy.health_check_timeout_s,
                                                          "seen_by_rank": self.rank})

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 HEALTH_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", which is what a restart does
+FOLLOW_UP_S = 5.0  # the check that names the missing ranks after a timed-out agreement waits at most this
 # The groups' own timeout also bounds connecting them, when ranks may arrive far apart (a restart under load):
 # keep it long, and time each operation out on its own.
 GROUP_TIMEOUT = timedelta(minutes=30)
@@ -43,6 +44,9 @@ class HealthWatchdog:
     def __init__(self, rank: int, world_size: int, interval: int, timeout_s: float):
         self.rank, self.world_size, self.interval, self.timeout_s = rank, world_size, interval, timeout_s
         self.timeout = timedelta(seconds=timeout_s)
+        # After the agreement timed out, the live ranks reach the check within about a step of each other:
+        # waiting the full timeout again would double the time to notice a hang.
+        self.follow_up_s = min(FOLLOW_UP_S, max(1.0, float(timeout_s) / 2))
         self.group = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT)  # the per-step agreement
         self.probe_group = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT)  # checks, untouched by a failure
 
@@ -56,15 +60,17 @@ class HealthWatchdog:
             return values
         except Exception as exc:
             first = _first_line(exc)
-            self.check(during=what, cause=first)
+            self.check(during=what, cause=first, timeout_s=self.follow_up_s)
             # Everyone answered the check: the agreement failed for another reason; the group is unusable anyway.
             raise HealthCheckFailure(f"rank {self.rank}: the {what} failed ({first}), yet every rank answered the "
                                      "check after it", missing=(), during=what, cause=first) from exc
 
-    def check(self, during: str = "health check", cause: str = "") -> None:
-        """Every rank must reach this within the timeout; raises HealthCheckFailure naming the missing ranks."""
+    def check(self, during: str = "health check", cause: str = "", timeout_s: float | None = None) -> None:
+        """Every rank must reach this within the timeout (`timeout_s`, default the watchdog's); raises
+        HealthCheckFailure naming the missing ranks."""
+        waited = self.timeout_s if timeout_s is None else timeout_s
         try:
-            dist.monitored_barrier(group=self.probe_group, timeout=self.timeout, wait_all_ranks=True)
+            dist.monitored_barrier(group=self.probe_group, timeout=timedelta(seconds=waited), wait_all_ranks=True)
         except Exception as exc:
             text = str(exc)
             found = _FAILED_RANKS.search(text)
