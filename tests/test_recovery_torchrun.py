@@ -52,6 +52,7 @@ def test_a_hung_rank_exits_the_job_and_a_torchrun_restart_resumes(tmp_path):
     assert proc.returncode == 0, out[-5000:]
     failed = [e for e in read_events(str(tmp_path / "run")) if e["kind"] == "health_check_failed"]
     assert any(e["ranks"] == [1] and e["values"]["seen_by_rank"] == 0 for e in failed), failed
+    assert {e["step"] for e in failed} == {11}, "the step the hang happened in (it was recorded one early)"
     assert re.search(r"resumed from \S*checkpoint-00000008 at step 8", out), out[-5000:]
     assert "final parameters at step 20" in out and "Recovery events" in out
 
