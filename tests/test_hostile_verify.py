@@ -144,3 +144,9 @@ def test_damage_found_before_a_deletion_is_still_damage(tmp_path):
     shutil.rmtree(ckpt_dir)
     with pytest.raises(CheckpointNotFoundError, match="does not exist"):  # gone before it was opened
         open_checkpoint(ckpt_dir)
+
+
+def test_ckpt_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    plain, debug = _ckpt("inspect", str(tmp_path / "nope")), _ckpt("inspect", str(tmp_path / "nope"), "--debug")
+    assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "does not exist" in plain.stderr
+    assert "Traceback" in debug.stderr and "CheckpointNotFoundError" in debug.stderr

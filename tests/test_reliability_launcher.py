@@ -139,3 +139,19 @@ def test_killing_the_launcher_ends_hung_workers_and_frees_the_lock(tmp_path):
         for pid in workers:  # only if the test failed: never leave them running
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_the_demo_prints_a_ckpt_error_as_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    held = RunDirLock.acquire(str(run_dir))  # another job owns the run dir
+    try:
+        cmd = [sys.executable, "-m", "trainers.demo", "--run-dir", str(run_dir), "--max-steps", "2", *TINY]
+        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        debug = subprocess.run([*cmd, "--debug"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    finally:
+        held.release()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "checkpoint error" in line]
+    assert len(errors) == 1 and "RunDirInUseError" in errors[0] and f"pid {os.getpid()}" in errors[0], proc.stderr
+    assert "Traceback" in debug.stderr and "RunDirInUseError" in debug.stderr
