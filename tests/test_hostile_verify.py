@@ -7,14 +7,17 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
+import torch
 
 from ckpt import CheckpointCoordinator, CheckpointError, CheckpointNotFoundError, ManifestError
 from ckpt.cli import inspection
 from ckpt.cli.inspection import open_checkpoint, verify
 from ckpt.cli.main import main
-from ckpt.format.layout import MANIFEST_NAME
+from ckpt.format.layout import MANIFEST_NAME, list_checkpoints
 from ckpt.io.storage import LocalStorage
 from ckpt.retention.catalog import delete_checkpoint
 from tests.test_hostile_manifest import _file, load, make_checkpoint, rewrite_manifest, targets, untouched
@@ -150,3 +153,45 @@ def test_ckpt_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     plain, debug = _ckpt("inspect", str(tmp_path / "nope")), _ckpt("inspect", str(tmp_path / "nope"), "--debug")
     assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "does not exist" in plain.stderr
     assert "Traceback" in debug.stderr and "CheckpointNotFoundError" in debug.stderr
+
+
+def _save_and_rotate(run_dir: str, stop: threading.Event, saved: list[int]) -> None:
+    from ckpt import RetentionPolicy, SharingPattern, StateComponent
+    from tests.workers import Box
+
+    with CheckpointCoordinator(run_dir, retention=RetentionPolicy(save_total_limit=1)) as coord:
+        step = 1
+        while not stop.is_set():
+            coord.save(step, [StateComponent("model", Box({f"w{i}": torch.ones(256) for i in range(8)}),
+                                             SharingPattern.REPLICATED),
+                              StateComponent("extra", Box({"step": step}), SharingPattern.GLOBAL)])
+            saved.append(step)
+            step += 1
+
+
+@pytest.mark.slow
+def test_verify_racing_retention_never_reports_corruption(tmp_path, capsys):
+    """The issue's race (20 false alarms in 3,371 calls): verify the newest checkpoint while a job saves and
+    retention deletes the one before, many times over. Every answer is OK, deleted (3) or gone before it was
+    opened (2, 'does not exist'), never a bad file (1)."""
+    run_dir = str(tmp_path)
+    stop, saved = threading.Event(), []
+    saver = threading.Thread(target=_save_and_rotate, args=(run_dir, stop, saved), daemon=True)
+    saver.start()
+    codes: dict[int, int] = {}
+    try:
+        while len(saved) < 1:
+            time.sleep(0.01)
+        for _ in range(400):
+            refs = list_checkpoints(LocalStorage(), run_dir)
+            if not refs:
+                continue
+            code = main(["verify", refs[-1].path])
+            codes[code] = codes.get(code, 0) + 1
+            out = capsys.readouterr()
+            assert code != 1 and "FAILED" not in out.out, out
+            assert code == 0 or "was deleted while" in out.err or "does not exist" in out.err, out.err
+    finally:
+        stop.set()
+        saver.join(timeout=60)
+    assert codes.get(0, 0) > 0, codes

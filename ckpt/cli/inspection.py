@@ -57,6 +57,8 @@ def open_checkpoint(path: str | os.PathLike, storage: Storage | None = None) -> 
     if not storage.is_dir(path) and not os.path.islink(path):
         raise CheckpointNotFoundError(f"{path} is a file, not a checkpoint folder", path=path)
     if not storage.exists(os.path.join(path, MANIFEST_NAME)):
+        if not storage.exists(path):  # it was there a moment ago
+            raise CheckpointDeletedError(f"{path} was deleted while it was being opened", path=path)
         if path.endswith(PARTIAL_SUFFIX):
             raise CheckpointNotFoundError(f"{path} is an unfinished save (no {MANIFEST_NAME}); it cannot be read",
                                           path=path)
