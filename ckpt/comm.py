@@ -15,8 +15,10 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -39,6 +41,27 @@ def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
+@dataclass
+class PhaseStats:
+    """What one phase cost this rank so far: exchanges, collective calls, payload bytes and seconds.
+
+    Bytes are the logical payload: `sent` counts this rank's bytes once per rank they are delivered to,
+    `received` the bytes delivered to this rank by the others (an all-gather of m bytes each: (W-1)*m both ways;
+    a broadcast of m: (W-1)*m sent by the root, m received by each other rank). Always on: a few additions
+    per collective.
+    """
+
+    exchanges: int = 0
+    collectives: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+    def to_plain(self) -> dict[str, int | float]:
+        return {"exchanges": self.exchanges, "collectives": self.collectives, "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received, "seconds": self.seconds}
+
+
 class Communicator:
     """Collectives for coordination. Without torch.distributed initialised it is a world of one."""
 
@@ -48,6 +71,7 @@ class Communicator:
         self._seq = 0  # exchanges so far; the same on every rank, since all take the same path
         self._broken: str | None = None  # why this rank can no longer take part in exchanges
         self._arrivals: _Arrivals | None = None
+        self.stats: dict[str, PhaseStats] = {}  # by phase name; see `PhaseStats`, `reset_stats`
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
             if self.world_size > 1:
@@ -71,6 +95,9 @@ class Communicator:
         self._seq += 1
         if self._arrivals is not None:
             self._arrivals.arrive(self._seq, phase)
+        stats = self.stats.setdefault(phase, PhaseStats())
+        stats.exchanges += 1
+        started = time.perf_counter()
         try:
             size = torch.tensor([len(data)], dtype=torch.int64)
             sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
@@ -85,6 +112,12 @@ class Communicator:
             error = self._collective_error(phase, exc)
             self._broken = f"'{phase}': {error}"
             raise error from exc
+        finally:
+            stats.seconds += time.perf_counter() - started
+        others = self.world_size - 1
+        stats.collectives += 2
+        stats.bytes_sent += others * (8 + mine.numel())
+        stats.bytes_received += others * (8 + mine.numel())
         return [bytes(buf[: int(s.item())].numpy()) for buf, s in zip(bufs, sizes, strict=True)]
 
     @property
@@ -95,6 +128,11 @@ class Communicator:
     def all_gather(self, obj: Any, phase: str) -> list[Any]:
         """Every rank's `obj` (msgpack-able plain data), in rank order."""
         return [_unpack(b) for b in self.all_gather_bytes(_pack(obj), phase)]
+
+    def reset_stats(self) -> dict[str, PhaseStats]:
+        """Return the counters so far (by phase) and start new ones."""
+        stats, self.stats = self.stats, {}
+        return stats
 
     def note(self, activity: str) -> None:
         """Record what this rank is doing between exchanges, so a timeout on the others can name it."""
