@@ -55,6 +55,13 @@ class Piece:
     start: int | None = None
     stop: int | None = None
 
+    def to_wire(self) -> list:
+        return [self.name, self.start, self.stop]
+
+    @classmethod
+    def from_wire(cls, w: list) -> Piece:
+        return cls(str(w[0]), w[1], w[2])
+
 
 @dataclass(frozen=True)
 class FileAssignment:
@@ -66,6 +73,15 @@ class FileAssignment:
     owner: int | None
     pieces: tuple[Piece, ...] | None
 
+    def to_wire(self) -> list:
+        return [self.relpath, self.kind, self.writer, self.owner,
+                None if self.pieces is None else [p.to_wire() for p in self.pieces]]
+
+    @classmethod
+    def from_wire(cls, w: list) -> FileAssignment:
+        pieces = None if w[4] is None else tuple(Piece.from_wire(p) for p in w[4])
+        return cls(str(w[0]), str(w[1]), int(w[2]), w[3], pieces)
+
 
 @dataclass(frozen=True)
 class ComponentPlan:
@@ -76,6 +92,19 @@ class ComponentPlan:
     validation: ValidationLevel
     replica_sets: tuple[tuple[int, ...], ...]
     files: tuple[FileAssignment, ...]
+
+    def to_wire(self) -> list:
+        return [self.key, self.pattern.value, self.process_group, self.required, self.validation.value,
+                [list(m) for m in self.replica_sets], [f.to_wire() for f in self.files]]
+
+    @classmethod
+    def from_wire(cls, w: list) -> ComponentPlan:
+        return cls(str(w[0]), SharingPattern(w[1]), w[2], bool(w[3]), ValidationLevel(w[4]),
+                   tuple(tuple(int(r) for r in m) for m in w[5]), tuple(FileAssignment.from_wire(f) for f in w[6]))
+
+    def writes_of(self, rank: int) -> tuple[FileAssignment, ...]:
+        """The files `rank` writes."""
+        return tuple(f for f in self.files if f.writer == rank)
 
 
 def split(sizes: Sequence[tuple[str, int, int]], bins: int) -> list[tuple[Piece, int]]:
