@@ -1,8 +1,14 @@
 """Talking between ranks during a save or load, on a gloo group of the coordinator's own.
 
 Every step of a save or load is a *phase*: each rank runs its local part, catches what it raises, and
-all ranks exchange an outcome. If any rank failed, every rank raises the same error naming the failed
-ranks, so nobody is left waiting in a collective. Payloads are plain data packed with msgpack.
+the outcome is exchanged. If any rank failed, every rank raises the same error naming the failed ranks,
+so nobody is left waiting in a collective. Payloads are plain data, as messages (ckpt/messages.py).
+
+A save or load talks through rank 0, so that what a rank sends and receives does not grow with the world
+size: `gather_phase` gathers every rank's result to rank 0, which decides (a plan, a verdict) and sends
+every rank the same decision, plus each rank its own part; `broadcast_phase` runs a step on rank 0 alone
+and hands every rank its outcome. `run_phase` (every rank gets every rank's result) remains for debugging
+steps that need it. Each phase's exchanges, collectives, bytes and seconds are counted (`stats`).
 
 Before each exchange a rank records its arrival in the job's c10d store (one `set`), so a rank whose
 exchange times out or loses a peer can name the ranks that never arrived, and where they were last seen.
@@ -98,7 +104,7 @@ class Communicator:
             if gathered is not None:
                 verdict, parts, kept = self._decide(what, phase, [decode(Outcome, b) for b in gathered], decide)
                 data = encode(verdict)
-            longest = max((len(p) for p in parts), default=0) if parts else 0
+            longest = max((len(p) for p in parts[1:]), default=0) if parts else 0  # rank 0 keeps its own
             received, longest = self._broadcast(data, longest, stats)
             verdict = decode(Verdict, received)
             if verdict.scattered:
@@ -243,8 +249,11 @@ class Communicator:
         """Every rank's `data` on rank 0 (None elsewhere)."""
         if self.group is None:
             return [data]
-        longest = self._all_reduce_max([len(data)], stats)[0]
-        mine = _padded(data, longest)
+        # Rank 0 keeps its own data: the others pad only to the longest of theirs (rank 0's may be far longer,
+        # e.g. the tensor sizes of a replicated component it plans).
+        outgoing = b"" if self.rank == 0 else data
+        longest = self._all_reduce_max([len(outgoing)], stats)[0]
+        mine = _padded(outgoing, longest)
         bufs = [torch.empty_like(mine) for _ in range(self.world_size)] if self.rank == 0 else None
         self._wait(dist.gather(mine, gather_list=bufs, dst=0, group=self.group, async_op=True))
         stats.collectives += 1
@@ -252,7 +261,7 @@ class Communicator:
             stats.bytes_sent += mine.numel()
             return None
         stats.bytes_received += (self.world_size - 1) * mine.numel()
-        return [_unpadded(b) for b in bufs]
+        return [data, *(_unpadded(b) for b in bufs[1:])]
 
     def _broadcast(self, data: bytes | None, extra: int, stats: PhaseStats) -> tuple[bytes, int]:
         """Rank 0's `data` and `extra` (a number) on every rank."""
@@ -271,17 +280,19 @@ class Communicator:
         return _unpadded(buf), extra
 
     def _scatter(self, parts: list[bytes] | None, longest: int, stats: PhaseStats) -> bytes:
-        """Rank r gets `parts[r]` from rank 0; `longest` is the longest part (known to every rank)."""
+        """Rank r gets `parts[r]` from rank 0; `longest` is the longest part but rank 0's (known to every rank)."""
         if self.group is None:
             return parts[0] if parts else b""
         buf = torch.empty(8 + longest, dtype=torch.uint8)
-        bufs = [_padded(p, longest) for p in parts] if self.rank == 0 and parts is not None else None
+        bufs = None
+        if self.rank == 0 and parts is not None:  # rank 0 keeps its own part; `longest` is the others' longest
+            bufs = [_padded(b"", longest), *(_padded(p, longest) for p in parts[1:])]
         self._wait(dist.scatter(buf, scatter_list=bufs, src=0, group=self.group, async_op=True))
         stats.collectives += 1
         if self.rank == 0:
             stats.bytes_sent += (self.world_size - 1) * buf.numel()
-        else:
-            stats.bytes_received += buf.numel()
+            return parts[0] if parts else b""
+        stats.bytes_received += buf.numel()
         return _unpadded(buf)
 
     def _collective_error(self, phase: str, exc: Exception) -> CheckpointError:

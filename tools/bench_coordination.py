@@ -1,16 +1,18 @@
 """How much talking between ranks a save and a load of a tiny state cost, as the world size grows.
 
 Spawns W gloo ranks on this machine for each W asked for, and on every rank: builds a coordinator, saves a
-tiny state twice (the second save declares the same components, so a plan can be reused), then loads it.
+tiny state (a REPLICATED model of `--tensors` tensors of 8 floats, a PER_RANK and a GLOBAL value) twice
+(the second save declares the same components, so a plan can be reused), then loads it.
 The communicator's counters (ckpt/comm.py `PhaseStats`) give, per phase and rank, the collective calls, the
 payload bytes sent and received, and the seconds spent in exchanges. Printed per operation and phase:
 collectives per rank, bytes received by rank 0 and by the busiest other rank, bytes over all ranks, and the
 slowest rank's seconds. The state is tiny on purpose: what is left is coordination.
 
-    python tools/bench_coordination.py --ranks 1,2,4,8,16 [--json out.json]
+    python tools/bench_coordination.py --ranks 1,2,4,8,16 [--tensors 4] [--json out.json]
 
 The ranks share this machine's cores, so seconds grow with W for reasons a real cluster does not have; the
-message and byte counts are exact and do not depend on the machine.
+message and byte counts are exact and do not depend on the machine. Bytes are the logical payload
+(ckpt/comm.py `PhaseStats`), not what the backend's algorithm puts on the wire.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OPS = ("save (new plan)", "save (same declarations)", "load")
 
 
-def _rank(rank: int, world: int, init_file: str, run_dir: str, queue: Any) -> None:
+def _rank(rank: int, world: int, init_file: str, run_dir: str, tensors: int, queue: Any) -> None:
     import torch
     import torch.distributed as dist
 
@@ -54,7 +56,7 @@ def _rank(rank: int, world: int, init_file: str, run_dir: str, queue: Any) -> No
         coord.comm.reset_stats()
 
         def components() -> list[StateComponent]:
-            return [StateComponent("model", Box({f"w{i}": torch.ones(8) * i for i in range(4)}),
+            return [StateComponent("model", Box({f"w{i}": torch.ones(8) * i for i in range(tensors)}),
                                    SharingPattern.REPLICATED),
                     StateComponent("rng", Box({"seed": rank}), SharingPattern.PER_RANK),
                     StateComponent("data", Box({"epoch": 1}), SharingPattern.GLOBAL)]
@@ -75,12 +77,13 @@ def _rank(rank: int, world: int, init_file: str, run_dir: str, queue: Any) -> No
     os._exit(0)
 
 
-def run_world(world: int) -> list[dict]:
+def run_world(world: int, tensors: int) -> list[dict]:
     """Every rank's counters for each operation, at `world` ranks."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_rank, args=(r, world, os.path.join(tmp, "rdv"), os.path.join(tmp, "run"), queue))
+        procs = [ctx.Process(target=_rank, args=(r, world, os.path.join(tmp, "rdv"), os.path.join(tmp, "run"), tensors,
+                                                    queue))
                  for r in range(world)]
         for p in procs:
             p.start()
@@ -123,13 +126,14 @@ def summarize(world: int, per_rank: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", default="1,2,4,8,16", help="world sizes, comma-separated")
+    parser.add_argument("--tensors", type=int, default=4, help="tensors in the replicated model (8 floats each)")
     parser.add_argument("--json", help="also write every row to this file")
     args = parser.parse_args(argv)
     rows: list[dict] = []
     print(f"{'W':>3} {'operation':<25} {'phase':<14} {'coll':>5} {'recv r0':>9} {'sent r0':>9} "
           f"{'recv oth':>9} {'sent oth':>9} {'all ranks':>10} {'exch s':>7} {'wall s':>7}")
     for world in (int(w) for w in args.ranks.split(",")):
-        for row in summarize(world, run_world(world)):
+        for row in summarize(world, run_world(world, args.tensors)):
             rows.append(row)
             print(f"{world:>3} {row['op']:<25} {row['phase']:<14} {row['collectives']:>5} {row['recv_rank0']:>9} "
                   f"{row['sent_rank0']:>9} {row['recv_other_max']:>9} {row['sent_other_max']:>9} "
