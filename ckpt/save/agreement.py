@@ -89,13 +89,15 @@ def decide_plan(messages: Sequence[Declaration], cache: PlanCache, topology: Ran
         decls = tuple(_decls_of(r, m, cache) for r, m in enumerate(messages))
         plans = build_plan(decls, topology)
         generation = cache.generation + 1
-    checks = find_suspects(plans, [m.digests for m in messages])
-    verdict = PrepareVerdict(generation, not reuse, checks)
-    files = [[f for p in plans.values() for f in p.files if f.writer == r] for r in range(len(messages))]
-    kept = PlanCache(generation, messages[0].shape, tuple(files[0]), decls, plans)
-    per_rank = None if reuse else [[m.shape, [f.to_wire() for f in mine]] for m, mine in zip(messages, files,
-                                                                                               strict=True)]
-    return Decision(verdict.to_wire(), per_rank, kept)
+    verdict = PrepareVerdict(generation, not reuse, find_suspects(plans, [m.digests for m in messages]))
+    if reuse:
+        return Decision(verdict.to_wire(), None, cache)
+    files: list[list[FileAssignment]] = [[] for _ in messages]
+    for plan in plans.values():  # one pass over the plan: it holds files for every rank
+        for f in plan.files:
+            files[f.writer].append(f)
+    per_rank = [[m.shape, [f.to_wire() for f in mine]] for m, mine in zip(messages, files, strict=True)]
+    return Decision(verdict.to_wire(), per_rank, PlanCache(generation, messages[0].shape, tuple(files[0]), decls, plans))
 
 
 def _decls_of(rank: int, m: Declaration, cache: PlanCache) -> dict[str, ComponentDecl]:
