@@ -1,7 +1,7 @@
 """How much a background (async) save slows the training steps running beside it, and how long it blocks.
 
     python tools/bench_async_impact.py                  # the demo model, then a ~1 GB model (params + AdamW)
-    python tools/bench_async_impact.py --models demo --rounds 5 --json out.json
+    python tools/bench_async_impact.py --models demo --rounds 5 --threads 2 --json out.json
 
 For each model, on one process on this machine's CPU: the median training step (forward, backward, AdamW)
 with no save running; a synchronous save's time; then, `--rounds` times, an async save followed by training
@@ -126,8 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="demo,1gb", help=f"comma-separated, of {sorted(MODELS)}")
     parser.add_argument("--steps", type=int, default=8, help="training steps per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="async saves per model")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads for the training step (on a machine shared with other jobs, "
+                             "more threads than free cores make every step wait for the slowest)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.threads} training thread(s), "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
     results = []
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
