@@ -103,3 +103,43 @@ def test_bytes_per_rank_stay_bounded_as_the_world_grows(tmp_path):
             # Collectives per rank do not depend on the world size.
             counts = {w: {r[op][phase]["collectives"] for r in at[w]} for w in (2, 4)}
             assert counts[2] == counts[4] and len(counts[2]) == 1, (op, phase, counts)
+
+
+class _FailsOnLoad(Box):
+    def load_state_dict(self, state: dict) -> None:
+        raise ValueError("refused (injected)")
+
+
+def _apply_fails_on_last_rank(rank: int, world: int, run_dir: str) -> dict:
+    coord = CheckpointCoordinator(run_dir, timeout=60)
+    coord.save(1, [StateComponent(k, Box({"v": k}), SharingPattern.GLOBAL) for k in "ab"])
+    b = _FailsOnLoad({}) if rank == world - 1 else Box({})
+    try:
+        coord.load([StateComponent("a", Box({}), SharingPattern.GLOBAL), StateComponent("b", b, SharingPattern.GLOBAL)])
+    except Exception as exc:
+        return {"type": type(exc).__name__, "message": str(exc), "applied": getattr(exc, "applied", None),
+                "failures": getattr(exc, "failures", None)}
+    return {"type": None}
+
+
+def test_a_load_state_dict_failing_on_one_rank_is_one_error_on_every_rank(tmp_path):
+    results = expect_ok(run_ranks(2, _apply_fails_on_last_rank, str(tmp_path)))
+    assert results[0] == results[1], results  # rank 0 decided it; every rank raises the same
+    res = results[0]
+    assert res["type"] == "PartialLoadError", res
+    assert res["applied"] == {0: ("a", "b"), 1: ("a",)} and list(res["failures"]) == [1], res
+    assert "rank 1: component 'b': load_state_dict() raised ValueError: refused (injected)" in res["message"]
+
+
+def _groups_disagree(rank: int, world: int, run_dir: str) -> str:
+    try:  # rank 0 says the group is [0, 1]; rank 1 says it is alone
+        CheckpointCoordinator(run_dir, timeout=60, process_groups={"dp": [0, 1] if rank == 0 else [1]})
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def test_ranks_disagreeing_on_their_groups_get_one_error(tmp_path):
+    results = expect_ok(run_ranks(2, _groups_disagree, str(tmp_path)))
+    assert results[0] == results[1], results
+    assert results[0].startswith("CheckpointError: process groups named 'dp' overlap or leave ranks out"), results
