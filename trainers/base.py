@@ -90,6 +90,7 @@ class Trainer:
                                             progress_bar=args.progress_bar)
         self._diverged = False  # a callback reported divergence (without a recovery policy)
         self._saving_step = 0  # the step of the last save handed to the coordinator
+        self._late_errors: list[BaseException] = []  # from on_step_agreed, agreed on at the next step
         self.recovery = self._build_recovery()
 
     # ---- what a concrete trainer provides ---------------------------------------------------------
@@ -180,11 +181,15 @@ class Trainer:
             if self.recovery is not None:
                 self.recovery.end()
         self._wait_for_save()  # the last checkpoint is committed before train() returns
+        if self._late_errors:  # on_step_agreed failed after the last step's agreement: no step left to agree on it
+            raise TrainingError(f"rank {self.rank}: callback on_step_agreed failed at step {self.state.global_step}: "
+                                f"{self._late_errors[0]!r}", ranks=(self.rank,),
+                                step=self.state.global_step) from self._late_errors[0]
         self._call("on_train_end")
         return self.state
 
     def _run_step(self) -> StepPlan:
-        errors: list[BaseException] = []
+        errors, self._late_errors = self._late_errors, []  # on_step_agreed's, of the step before
         self._call_guarded("on_step_begin", errors)
         batch = next(self.train_loader)
         tokens = self.count_tokens(batch)
@@ -207,6 +212,10 @@ class Trainer:
             self.state.window_grad_norm_sum += out.grad_norm
             self.state.window_steps += 1
             self._last_loss = agreed.loss
+        # The agreed loss is identical on every rank: a per-step DivergenceDetector decides alike everywhere.
+        # Errors here are agreed on with the next step's flags, so no rank is left waiting.
+        self._call_guarded("on_step_agreed", self._late_errors, loss=agreed.loss, grad_norm=out.grad_norm,
+                           skipped=out.skipped)
         return plan_step(self.args, self.state.global_step, has_eval=self.eval_dataset is not None,
                          want_eval=agreed.evaluate, want_save=agreed.save, want_stop=agreed.stop,
                          want_abort=agreed.abort)
@@ -400,6 +409,8 @@ class Trainer:
                 raise
             self._record_save_failure(exc)
             return None
+        if self.recovery is not None:
+            self.recovery.after_save(path, recorded)
         self._call("on_save", checkpoint=path, metrics=recorded)
         return path
 
@@ -450,10 +461,14 @@ class Trainer:
     def _reload(self, checkpoint: str | int) -> LoadResult:
         """Load `checkpoint` (a resume, or recovery's rollback) and pick the loop's bookkeeping up from it."""
         result = self._load_checkpoint(checkpoint)
-        loss = result.metrics.get(TRAIN_LOSS)
+        self._after_load(result.metrics)
+        return result
+
+    def _after_load(self, metrics: Mapping[str, Any]) -> None:
+        """The loop's bookkeeping after every component was loaded (from a checkpoint, or recovery's host copy)."""
+        loss = metrics.get(TRAIN_LOSS)
         self._last_loss = float(loss) if isinstance(loss, int | float) else math.nan
         self._clock = (time.perf_counter(), self.state.tokens_seen, self.state.global_step)
-        return result
 
     def report_instability(self, event: Any) -> None:
         """A callback saw the run going bad (DivergenceDetector calls this with a dict: reason, metric, value,

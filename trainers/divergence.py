@@ -61,6 +61,10 @@ class DivergenceDetector(TrainerCallback):
     """Observations ignored at the start (they still warm up the EMA); NaN/Inf trigger even then."""
     action: str = "stop"
     """What the trainer does on a trigger: "stop", "abort" or "rollback"."""
+    per_step: bool = False
+    """Watch every training step's loss (the mean over ranks that each step's agreement already computes, so no
+    extra communication; steps recovery skipped are left out) instead of one value per log line; warmup and
+    patience then count steps, and smoothing applies per step. Only for the train loss."""
     use_eval_loss: bool = False
     """Watch the evaluation loss (from on_evaluate) instead of the train loss (from on_log)."""
     metric_key: str | None = None
@@ -105,6 +109,9 @@ class DivergenceDetector(TrainerCallback):
             raise ValueError(f"DivergenceDetector: patience={self.patience!r} must be an int >= 1")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"DivergenceDetector: warmup={self.warmup!r} must be an int >= 0")
+        if self.per_step and (self.use_eval_loss or self.metric_key is not None):
+            raise ValueError("DivergenceDetector: per_step=True watches each step's train loss; it cannot be combined "
+                             "with use_eval_loss or metric_key (set per_step=False to watch those per log line)")
         if self.action not in ACTIONS:
             raise ValueError(f"DivergenceDetector: action={self.action!r} must be one of {ACTIONS}")
         if self.greater_is_better is None:
@@ -242,8 +249,13 @@ class DivergenceDetector(TrainerCallback):
 
     # ---- trainer hooks --------------------------------------------------------------------------
 
+    def on_step_agreed(self, args, state, control: TrainerControl, **kwargs: Any) -> None:
+        if self.per_step and not kwargs.get("skipped", False):
+            self._from_eval = False  # step s's loss was computed on the weights of step s - 1
+            self._feed(float(kwargs["loss"]), state, control, kwargs)
+
     def on_log(self, args, state, control: TrainerControl, **kwargs: Any) -> None:
-        if self.use_eval_loss:
+        if self.use_eval_loss or self.per_step:
             return
         logs = kwargs.get("logs") or {}
         if self.monitored in logs:
