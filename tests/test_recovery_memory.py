@@ -128,3 +128,23 @@ def test_a_copy_larger_than_the_whole_budget_is_not_kept():
     copies = HostCopies(MIB // 1024, rank=0)
     assert not copies.keep(5, "ckpt-5", components, {}, vouched_bound=None)
     assert copies.steps() == []
+
+
+class Uncopyable:
+    """A stateful whose state cannot be deep-copied (it holds a lock)."""
+
+    def state_dict(self) -> dict:
+        import threading
+
+        return {"lock": threading.Lock()}
+
+    def load_state_dict(self, state: dict) -> None:
+        del state
+
+
+def test_a_state_that_cannot_be_copied_is_not_kept_and_nothing_raises(caplog):
+    components = [StateComponent("box", Box(4), SharingPattern.GLOBAL),
+                  StateComponent("odd", Uncopyable(), SharingPattern.GLOBAL)]
+    copies = HostCopies(MIB, rank=0)
+    assert not copies.keep(5, "ckpt-5", components, {}, vouched_bound=None)
+    assert copies.steps() == [] and "could not keep a host copy of step 5" in caplog.text

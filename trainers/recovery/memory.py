@@ -90,6 +90,10 @@ class HostCopies:
             self._warn_once(f"the state holds {exc} tensors, which a host copy does not restore faithfully; "
                             "rollbacks read the checkpoint from the disk")
             return False
+        except Exception as exc:  # a state that cannot be copied: the disk copy serves (the ranks agree on it)
+            self._warn_once(f"could not keep a host copy of step {step} ({exc!r}); rollbacks read the checkpoint "
+                            "from the disk")
+            return False
         new = HostCopy(step, path, states, copy.deepcopy(dict(metrics)), sum(sizes))
         if new.nbytes > self.budget_bytes:
             self._warn_once(f"one checkpoint's state takes {new.nbytes / MIB:.1f} MiB on this rank, more than "
