@@ -28,7 +28,8 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trainers.divergence import DivergenceDetector
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "step_losses.json")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "tools", "data", "step_losses.json")
 
 
 def healthy(seed: int, entries: int, log_every: int) -> list[float]:
@@ -215,7 +216,7 @@ def _real(args: argparse.Namespace) -> dict:
         hit = _step_trigger(run["losses"], detector)
         recorded.append({"run": name, "inject_step": run["inject_step"], "trigger_step": hit,
                          "first_bad_step": detector.first_bad_step, "checked_through": detector.checked_through()})
-    return {"source": args.data, "healthy_runs": len(healthy), "false_positives": fps, "injected": cases,
+    return {"source": os.path.relpath(args.data, ROOT), "healthy_runs": len(healthy), "false_positives": fps, "injected": cases,
             "recorded_divergent": recorded}
 
 
