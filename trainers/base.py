@@ -181,10 +181,7 @@ class Trainer:
             if self.recovery is not None:
                 self.recovery.end()
         self._wait_for_save()  # the last checkpoint is committed before train() returns
-        if self._late_errors:  # on_step_agreed failed after the last step's agreement: no step left to agree on it
-            raise TrainingError(f"rank {self.rank}: callback on_step_agreed failed at step {self.state.global_step}: "
-                                f"{self._late_errors[0]!r}", ranks=(self.rank,),
-                                step=self.state.global_step) from self._late_errors[0]
+        self._agree_on_late_errors()
         self._call("on_train_end")
         return self.state
 
@@ -264,6 +261,17 @@ class Trainer:
         self._absorb_requests(summed[6:6 + len(requests)])
         return StepConsensus(loss=summed[4] / self.world_size, tokens=int(summed[5]), **flags,
                              failed_ranks=tuple(r for r, v in enumerate(summed[6 + len(requests):]) if v > 0))
+
+    def _agree_on_late_errors(self) -> None:
+        """on_step_agreed may have failed after the last step's agreement: one more small agreement, so every
+        rank raises alike."""
+        mask = torch.zeros(self.world_size, dtype=torch.float64)
+        mask[self.rank] = float(bool(self._late_errors))
+        ranks = tuple(r for r, v in enumerate(self._all_reduce_sum(mask).tolist()) if v > 0)
+        if ranks:
+            first = self._late_errors[0] if self._late_errors else None
+            raise TrainingError(f"callback on_step_agreed failed at step {self.state.global_step} on ranks {list(ranks)}"
+                                + (f": {first!r}" if first else ""), ranks=ranks, step=self.state.global_step) from first
 
     def _recovery_requests(self) -> list[float]:
         """Recovery's requests that may start on some ranks only (a report, a signal), agreed with the flags."""
