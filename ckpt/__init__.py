@@ -4,7 +4,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .catalog import RetentionOutcome, pin_checkpoint, unpin_checkpoint
 from .component import SharingPattern, StateComponent, ValidationLevel
 from .coordinator import CheckpointCoordinator, LoadResult
 from .errors import (
@@ -18,10 +17,12 @@ from .errors import (
     RunDirInUseError,
     SerializationError,
 )
-from .layout import CheckpointRef, list_checkpoints
-from .manifest import Manifest, read_manifest
-from .reshard import is_shard_entry, local_piece, needs_reshard, shard_entry
-from .retention import (
+from .format.layout import CheckpointRef, list_checkpoints
+from .format.manifest import Manifest, read_manifest
+from .io.storage import LocalStorage, Storage
+from .load.reshard import is_shard_entry, local_piece, needs_reshard, shard_entry
+from .retention.catalog import RetentionOutcome, pin_checkpoint, unpin_checkpoint
+from .retention.rules import (
     BestCheckpoint,
     CheckpointDecision,
     CheckpointInfo,
@@ -29,7 +30,6 @@ from .retention import (
     RetentionPolicy,
     infer_greater_is_better,
 )
-from .storage import LocalStorage, Storage
 
 __all__ = [
     "BestCheckpoint",

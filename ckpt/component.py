@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from .layout import MANIFEST_NAME, PIN_NAME
+from .format.layout import MANIFEST_NAME, PIN_NAME
 
 
 class SharingPattern(str, enum.Enum):

@@ -6,7 +6,7 @@ A save runs in phases, each ending in an exchange of outcomes between all ranks:
   (check)  replicas are compared at each component's validation level
   write    each rank writes and fsyncs its files
   commit   rank 0 writes the manifest, renames the folder into place, applies retention
-A load resolves the checkpoint on rank 0, reads everything into staging on every rank (ckpt/read_phase.py),
+A load resolves the checkpoint on rank 0, reads everything into staging on every rank (ckpt/load/read_phase.py),
 and only then applies it, so a failure anywhere leaves every rank's live state untouched.
 Rank 0 holds the run dir's lock (ckpt/lock.py) from construction to `close()`, so a second job on the same
 run dir is refused instead of racing this one; a read-only coordinator takes no lock and never writes.
@@ -25,14 +25,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from .applying import apply_failure, apply_staged
-from .background import BackgroundSave
-from .catalog import RetentionOutcome, hold, retain, scan, summary_text
-from .catalog import best as best_checkpoints
 from .comm import Communicator
 from .component import SharingPattern, StateComponent
 from .errors import CheckpointError
-from .layout import (
+from .format.layout import (
     CheckpointRef,
     checkpoint_name,
     list_checkpoints,
@@ -41,10 +37,13 @@ from .layout import (
     removal_name,
     resolve_checkpoint,
 )
-from .lock import RunDirLock, take_run_dir
-from .manifest import Manifest, plain_metrics, read_manifest
-from .planning import ComponentDecl, build_plan
-from .read_phase import (
+from .format.manifest import Manifest, plain_metrics, read_manifest
+from .io.lock import RunDirLock, take_run_dir
+from .io.staging import StagingPool
+from .io.storage import LocalStorage, Storage
+from .io.threads import gc_paused
+from .load.applying import apply_failure, apply_staged
+from .load.read_phase import (
     ReadOptions,
     Staged,
     check_unique,
@@ -52,8 +51,12 @@ from .read_phase import (
     fallback_warning,
     read_or_reject,
 )
-from .retention import BestCheckpoint, RetentionPolicy
-from .saving import (
+from .retention.catalog import RetentionOutcome, hold, retain, scan, summary_text
+from .retention.catalog import best as best_checkpoints
+from .retention.rules import BestCheckpoint, RetentionPolicy
+from .save.background import BackgroundSave
+from .save.planning import ComponentDecl, build_plan
+from .save.saving import (
     PreparedComponent,
     Snapshot,
     build_manifest,
@@ -63,11 +66,8 @@ from .saving import (
     snapshot,
     write_files,
 )
-from .staging import StagingPool
-from .storage import LocalStorage, Storage
-from .threads import gc_paused
+from .save.validation import check_replicas
 from .topology import RankTopology, discover
-from .validation import check_replicas
 
 log = logging.getLogger("ckpt")
 
@@ -391,7 +391,7 @@ class CheckpointCoordinator:
         whose files fail their checks is skipped on every rank (listed in `damaged`) instead of failing the load.
         If a component's `load_state_dict()` raises, PartialLoadError says which components each rank applied.
         `reshard=True` loads PER_RANK, PER_GROUP and PER_NODE components saved under another layout (world size,
-        groups, nodes) by merging every saved copy (ckpt/reshard.py); components this rank has its own copy of
+        groups, nodes) by merging every saved copy (ckpt/load/reshard.py); components this rank has its own copy of
         load as usual. Without it, such components are refused with an error naming both layouts.
         `fallback=True` (with checkpoint="latest", not in place): when the newest committed checkpoint fails
         verification on any rank (a damaged file or manifest), every rank passes it over with a warning naming

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from .storage import LocalStorage, Storage
+from .io.storage import LocalStorage, Storage
 
 # Storage methods a fault can target, plus "fsync": the file's bytes are written, then its fsync fails.
 OPS = ("makedirs", "write_file", "fsync", "open_read", "size", "exists", "is_dir", "list_dir", "rename",

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from .comm import Communicator
 from .errors import CheckpointError
-from .manifest import Topology
+from .format.manifest import Topology
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ckpt import CheckpointCoordinator, CheckpointError, SharingPattern, StateComponent
-from ckpt.storage import LocalStorage
+from ckpt.io.storage import LocalStorage
 from tests.distributed import expect_ok, run_ranks
 from tests.workers import Box, make_model, same, snapshot
 

@@ -5,7 +5,7 @@ Each page is played in order in a temporary working directory:
   numbered file) and run with `python`; the plain ``` block right after it, if any, is its expected output
   (stdout and stderr together, with the `ckpt INFO saved ...` lines left out, as the page says);
 - a block of `$ COMMAND` lines is a terminal session: each command runs in bash, a plain `ckpt ...` one in
-  this process through `ckpt.cli.main` (no torch import per command; the console script itself is tested in
+  this process through `ckpt.cli.main.main` (no torch import per command; the console script itself is tested in
   test_cli.py); `echo $?` prints the last command's status; the lines after a command are its output;
 - `<!-- setup: COMMAND -->` runs COMMAND in bash ($REPO is the checkout) without showing it;
 - `<!-- not run: WHY -->` skips the next block.

@@ -20,7 +20,7 @@ from ckpt import (
     StateComponent,
     ValidationLevel,
 )
-from ckpt.serialization import flatten_state, unflatten_state
+from ckpt.format.serialization import flatten_state, unflatten_state
 from tests.workers import Box, RNGState, draw, make_model, rich_state, same, snapshot
 
 
@@ -209,7 +209,7 @@ def test_truncated_file_is_named(tmp_path):
 
 
 def test_a_dominant_tensor_is_split_across_writers_and_reassembled(tmp_path):
-    from ckpt.planning import MIN_CHUNK_BYTES, balance, split
+    from ckpt.save.planning import MIN_CHUNK_BYTES, balance, split
 
     sizes = [("embed", 8 * MIN_CHUNK_BYTES, 4), ("small", 1000, 4)]
     bins = balance(split(sizes, 4), 4)

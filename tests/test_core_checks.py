@@ -21,9 +21,9 @@ from ckpt import (
     StateComponent,
     ValidationLevel,
 )
-from ckpt.manifest import parse_manifest
-from ckpt.planning import ComponentDecl, build_plan
-from ckpt.serialization import flatten_state, unflatten_state
+from ckpt.format.manifest import parse_manifest
+from ckpt.format.serialization import flatten_state, unflatten_state
+from ckpt.save.planning import ComponentDecl, build_plan
 from ckpt.topology import RankTopology
 from tests.workers import Box
 

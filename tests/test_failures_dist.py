@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ckpt import CheckpointCoordinator, SharingPattern, StateComponent, ValidationLevel
-from ckpt.storage import LocalStorage
+from ckpt.io.storage import LocalStorage
 from tests.distributed import expect_ok, failures, run_ranks
 from tests.workers import Box
 

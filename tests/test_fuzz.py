@@ -30,11 +30,11 @@ from ckpt import (
     SharingPattern,
     StateComponent,
 )
-from ckpt.layout import MANIFEST_NAME
-from ckpt.manifest import DIGEST_FIELD, content_digest, read_manifest
-from ckpt.serialization import escape_segment, flatten_state
-from ckpt.storage import LocalStorage
-from ckpt.tensor_io import DTYPE_TO_ST
+from ckpt.format.layout import MANIFEST_NAME
+from ckpt.format.manifest import DIGEST_FIELD, content_digest, read_manifest
+from ckpt.format.serialization import escape_segment, flatten_state
+from ckpt.format.tensor_io import DTYPE_TO_ST
+from ckpt.io.storage import LocalStorage
 from tests.workers import Box
 
 # CKPT_FUZZ_EXAMPLES raises the count for a deeper local run; CI keeps it small and fast.

@@ -18,10 +18,10 @@ from ckpt import (
     StateComponent,
 )
 from ckpt.cli import main as ckpt_main
-from ckpt.inspection import open_checkpoint, verify
-from ckpt.layout import MANIFEST_NAME
-from ckpt.manifest import read_manifest
-from ckpt.storage import LocalStorage
+from ckpt.cli.inspection import open_checkpoint, verify
+from ckpt.format.layout import MANIFEST_NAME
+from ckpt.format.manifest import read_manifest
+from ckpt.io.storage import LocalStorage
 from tests.distributed import expect_ok, run_ranks
 from tests.test_hostile_manifest import make_checkpoint, saved_state, targets, untouched
 from tests.workers import Box, same

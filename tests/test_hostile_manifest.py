@@ -24,11 +24,11 @@ from ckpt import (
     SharingPattern,
     StateComponent,
 )
-from ckpt.inspection import open_checkpoint, verify
-from ckpt.layout import MANIFEST_NAME
-from ckpt.manifest import DIGEST_FIELD, content_digest
-from ckpt.storage import LocalStorage
-from ckpt.tensor_io import read_safetensors
+from ckpt.cli.inspection import open_checkpoint, verify
+from ckpt.format.layout import MANIFEST_NAME
+from ckpt.format.manifest import DIGEST_FIELD, content_digest
+from ckpt.format.tensor_io import read_safetensors
+from ckpt.io.storage import LocalStorage
 from tests.workers import Box
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

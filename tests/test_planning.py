@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from ckpt.planning import MIN_CHUNK_BYTES, balance, split
+from ckpt.save.planning import MIN_CHUNK_BYTES, balance, split
 
 MB = 1 << 20
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ckpt import read_manifest
-from ckpt.storage import LocalStorage
+from ckpt.io.storage import LocalStorage
 from tests.recovery_support import DETECTOR, BadLoss, Instability, SendSignal, logged, train
 from tests.test_trainer_support import plain, warmup_then_decay
 from trainers import TrainerCallback

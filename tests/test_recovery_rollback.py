@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ckpt import read_manifest
-from ckpt.storage import LocalStorage
+from ckpt.io.storage import LocalStorage
 from tests.recovery_support import DETECTOR, BadLoss, train
 from trainers import TrainerCallback
 from trainers.divergence import DivergenceDetector

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ckpt import CheckpointCoordinator, CorruptCheckpointError, ManifestError, SharingPattern, StateComponent
-from ckpt.layout import MANIFEST_NAME
-from ckpt.manifest import read_manifest
+from ckpt.format.layout import MANIFEST_NAME
+from ckpt.format.manifest import read_manifest
 from tests.distributed import expect_ok, run_ranks
 from tests.workers import Box
 

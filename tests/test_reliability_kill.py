@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ckpt import CheckpointCoordinator, RetentionPolicy, SharingPattern, StateComponent, list_checkpoints
-from ckpt.inspection import open_checkpoint, verify
-from ckpt.layout import is_partial_name
-from ckpt.storage import LocalStorage
+from ckpt.cli.inspection import open_checkpoint, verify
+from ckpt.format.layout import is_partial_name
+from ckpt.io.storage import LocalStorage
 from ckpt.testing import SIGKILL, Fault, FaultyStorage
 from tests.distributed import failures, run_ranks
 from tests.workers import Box

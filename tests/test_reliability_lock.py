@@ -23,10 +23,10 @@ from ckpt import (
     StateComponent,
     list_checkpoints,
 )
-from ckpt.inspection import open_checkpoint, verify
-from ckpt.layout import LOCK_NAME
-from ckpt.lock import RunDirLock
-from ckpt.storage import LocalStorage
+from ckpt.cli.inspection import open_checkpoint, verify
+from ckpt.format.layout import LOCK_NAME
+from ckpt.io.lock import RunDirLock
+from ckpt.io.storage import LocalStorage
 from tests.distributed import failures, run_ranks
 from tests.workers import Box
 

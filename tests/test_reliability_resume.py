@@ -14,9 +14,9 @@ import safetensors.torch
 import torch
 
 from ckpt import list_checkpoints
-from ckpt.inspection import open_checkpoint, verify
-from ckpt.layout import is_partial_name
-from ckpt.storage import LocalStorage
+from ckpt.cli.inspection import open_checkpoint, verify
+from ckpt.format.layout import is_partial_name
+from ckpt.io.storage import LocalStorage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, SAVE_EVERY = 30, 5

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ckpt import CheckpointCoordinator, CheckpointError, SharingPattern, StateComponent
-from ckpt.inspection import open_checkpoint, verify
-from ckpt.storage import LocalStorage
+from ckpt.cli.inspection import open_checkpoint, verify
+from ckpt.io.storage import LocalStorage
 from ckpt.testing import Fault, FaultyStorage
 from tests.distributed import expect_ok, run_ranks
 from tests.workers import Box

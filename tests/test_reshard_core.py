@@ -14,7 +14,7 @@ from ckpt import (
     local_piece,
     shard_entry,
 )
-from ckpt.reshard import merge_copies
+from ckpt.load.reshard import merge_copies
 from tests.distributed import expect_ok, failures, run_ranks
 from tests.workers import Box
 
@@ -105,7 +105,7 @@ def test_per_group_shards_and_per_rank_names_load_at_another_world_size(tmp_path
 
 
 def test_mesh_shapes_for_inspect():
-    from ckpt.reshape import mesh_groups, mesh_picture, parse_shape
+    from ckpt.load.reshape import mesh_groups, mesh_picture, parse_shape
 
     assert mesh_groups([("dp", 2), ("tp", 2)]) == {"dp": [(0, 2), (1, 3)], "tp": [(0, 1), (2, 3)]}
     assert mesh_groups([("dp", 4), ("tp", 2)])["dp"] == [(0, 2, 4, 6), (1, 3, 5, 7)]
@@ -160,8 +160,8 @@ def _load_dp1(rank: int, world: int, run_dir: str) -> dict:
 def test_per_group_reshards_when_a_saved_group_now_means_another(tmp_path, saved_tp, new_tp):
     """(dp=1, tp=2) -> one rank, (dp=1, tp=4) -> (dp=1, tp=2): this rank's dp group is among the saved groups but
     held only one tp shard; the load must merge every group's copy instead of reading that one."""
-    from ckpt.inspection import open_checkpoint
-    from ckpt.reshape import load_plan
+    from ckpt.cli.inspection import open_checkpoint
+    from ckpt.load.reshape import load_plan
 
     expect_ok(run_ranks(saved_tp, _save_dp1, str(tmp_path)))
     for res in expect_ok(run_ranks(new_tp, _load_dp1, str(tmp_path))):

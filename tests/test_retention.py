@@ -23,10 +23,10 @@ from ckpt import (
     pin_checkpoint,
     unpin_checkpoint,
 )
-from ckpt.catalog import POLICY_NAME, hold, read_policy, scan
-from ckpt.manifest import plain_metrics
-from ckpt.retention import infer_greater_is_better, metric_value
-from ckpt.storage import LocalStorage
+from ckpt.format.manifest import plain_metrics
+from ckpt.io.storage import LocalStorage
+from ckpt.retention.catalog import POLICY_NAME, hold, read_policy, scan
+from ckpt.retention.rules import infer_greater_is_better, metric_value
 from tests.workers import Box
 
 NAN, INF = float("nan"), float("inf")
@@ -48,7 +48,7 @@ def _steps_on_disk(run_dir) -> list[int]:
 
 def _oracle(history: dict[int, float | None], limit: int, n: int, greater: bool, every: int | None = None,
             extra: set[int] = frozenset()) -> list[int]:
-    """What the issue's rules say survives, computed independently of ckpt.retention."""
+    """What the issue's rules say survives, computed independently of ckpt.retention.rules."""
     steps = sorted(history)
     keep = set(steps[-limit:]) | set(extra)
     scored = [((-v if greater else v), s) for s, v in history.items() if v is not None and math.isfinite(v)]
@@ -266,7 +266,7 @@ def test_unreadable_manifest_goes_by_age_and_policy_record_round_trips(tmp_path)
 _CRASHING_RUN = textwrap.dedent("""
     import os, signal, sys, torch
     from ckpt import CheckpointCoordinator, RetentionPolicy, SharingPattern, StateComponent
-    from ckpt.storage import LocalStorage
+    from ckpt.io.storage import LocalStorage
     from tests.workers import Box
 
     class DiesMidSave(LocalStorage):

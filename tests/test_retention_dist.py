@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ckpt import CheckpointCoordinator, RetentionPolicy, SharingPattern, StateComponent
-from ckpt.catalog import DELETING_SUFFIX
-from ckpt.storage import LocalStorage
+from ckpt.io.storage import LocalStorage
+from ckpt.retention.catalog import DELETING_SUFFIX
 from tests.distributed import expect_ok, run_ranks
 from tests.workers import Box
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import ckpt.saving
+import ckpt.save.saving
 from ckpt import CheckpointCoordinator, SharingPattern, StateComponent, ValidationLevel
 from tests.distributed import expect_ok, run_ranks
 from tests.workers import Box
@@ -18,8 +18,8 @@ MB = 1 << 20
 @pytest.fixture
 def small_files(monkeypatch):
     """Split at 1 MB instead of 64 MB, so small states exercise the split."""
-    monkeypatch.setattr(ckpt.saving, "MIN_SPLIT_FILE_BYTES", MB)
-    monkeypatch.setattr(ckpt.saving, "MIN_CHUNK_BYTES", MB // 4)
+    monkeypatch.setattr(ckpt.save.saving, "MIN_SPLIT_FILE_BYTES", MB)
+    monkeypatch.setattr(ckpt.save.saving, "MIN_CHUNK_BYTES", MB // 4)
 
 
 def _state(seed: int = 0) -> dict:
@@ -64,7 +64,7 @@ def test_one_io_thread_keeps_one_file(tmp_path, small_files):
 
 
 def _replicated_split(rank: int, world_size: int, run_dir: str) -> bool:
-    ckpt.saving.MIN_SPLIT_FILE_BYTES, ckpt.saving.MIN_CHUNK_BYTES = MB, MB // 4
+    ckpt.save.saving.MIN_SPLIT_FILE_BYTES, ckpt.save.saving.MIN_CHUNK_BYTES = MB, MB // 4
     saved = _state()
     coord = CheckpointCoordinator(run_dir, io_threads=2)
     coord.save(1, [StateComponent("model", Box(saved), SharingPattern.REPLICATED)])

@@ -46,7 +46,7 @@ def _read(path: str) -> Any:
 
 
 def _storage():
-    from ckpt.storage import LocalStorage  # the tests may look inside; the trainers may not
+    from ckpt.io.storage import LocalStorage  # the tests may look inside; the trainers may not
 
     return LocalStorage()
 

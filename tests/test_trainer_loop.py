@@ -22,7 +22,7 @@ from ckpt import (
     CollectiveTimeoutError,
     read_manifest,
 )
-from ckpt.storage import LocalStorage
+from ckpt.io.storage import LocalStorage
 from ckpt.testing import Fault, FaultyStorage
 from tests.distributed import expect_ok, run_ranks
 from tests.test_trainer_support import LossRecorder, Regression, TinyMLP

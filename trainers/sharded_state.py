@@ -1,7 +1,7 @@
 """Model and optimizer state keyed by fully qualified parameter names, with DTensors as shard entries.
 
 A pipeline stage or a tensor-parallel rank holds part of a model. Its state is saved so that a load under
-another layout can find every piece (ckpt/reshard.py): tensors are keyed by the parameter's fully qualified
+another layout can find every piece (ckpt/load/reshard.py): tensors are keyed by the parameter's fully qualified
 name in the whole model (`layers.3.weight`, never a stage-local index), and a DTensor is saved as its local
 shard plus where that shard sits in the full tensor (`ckpt.shard_entry`). On load each rank takes its own
 names, and cuts its shard out of whatever the checkpoint gives: its own shard (same layout) or the full

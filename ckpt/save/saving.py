@@ -10,17 +10,17 @@ from dataclasses import dataclass
 
 import torch
 
-from . import __version__
-from .component import SharingPattern, StateComponent, ValidationLevel
-from .errors import CheckpointError
-from .layout import MANIFEST_NAME, REPLACED_SUFFIX, parse_step
-from .manifest import ComponentEntry, FileEntry, Manifest, plain_metrics
+from .. import __version__
+from ..component import SharingPattern, StateComponent, ValidationLevel
+from ..errors import CheckpointError
+from ..format.layout import MANIFEST_NAME, REPLACED_SUFFIX, parse_step
+from ..format.manifest import ComponentEntry, FileEntry, Manifest, plain_metrics
+from ..format.serialization import FlatState, flatten_state
+from ..format.tensor_io import ChunkInfo, TensorInfo, WrittenFile, write_blob, write_safetensors
+from ..io.staging import StagingPool
+from ..io.storage import Storage
+from ..io.threads import parallel_map
 from .planning import MIN_CHUNK_BYTES, ComponentDecl, ComponentPlan, FileAssignment, Piece, balance
-from .serialization import FlatState, flatten_state
-from .staging import StagingPool
-from .storage import Storage
-from .tensor_io import ChunkInfo, TensorInfo, WrittenFile, write_blob, write_safetensors
-from .threads import parallel_map
 from .validation import summary_digest
 
 

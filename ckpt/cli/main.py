@@ -14,8 +14,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__
-from .catalog import (
+from .. import __version__
+from ..errors import CheckpointError, CheckpointNotFoundError, RunDirInUseError
+from ..format.layout import MANIFEST_NAME, REPLACED_SUFFIX, list_partials, parse_step
+from ..io.lock import RunDirLock
+from ..io.storage import LocalStorage
+from ..load.reshape import load_plan, mesh_picture, parse_shape, saved_mesh
+from ..retention.catalog import (
     AppliedPolicy,
     apply_decision,
     human_size,
@@ -24,14 +29,9 @@ from .catalog import (
     scan,
     unpin_checkpoint,
 )
-from .errors import CheckpointError, CheckpointNotFoundError, RunDirInUseError
+from ..retention.rules import CheckpointInfo, RetentionDecision, RetentionPolicy
 from .export import export_component
 from .inspection import Progress, describe, diff, open_checkpoint, verify
-from .layout import MANIFEST_NAME, REPLACED_SUFFIX, list_partials, parse_step
-from .lock import RunDirLock
-from .reshape import load_plan, mesh_picture, parse_shape, saved_mesh
-from .retention import CheckpointInfo, RetentionDecision, RetentionPolicy
-from .storage import LocalStorage
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 

@@ -14,14 +14,14 @@ from typing import Any
 import torch
 import xxhash
 
-from .component import SharingPattern
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from .layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkpoints
-from .loading import checked_path, read_copy_tensors
-from .manifest import ComponentEntry, FileEntry, Manifest, TensorInfo, read_manifest
-from .serialization import join_path, unflatten_state
-from .storage import LocalStorage, Storage
-from .tensor_io import DTYPE_TO_ST, ST_TO_DTYPE, read_blob
+from ..component import SharingPattern
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ..format.layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkpoints
+from ..format.manifest import ComponentEntry, FileEntry, Manifest, TensorInfo, read_manifest
+from ..format.serialization import join_path, unflatten_state
+from ..format.tensor_io import DTYPE_TO_ST, ST_TO_DTYPE, read_blob
+from ..io.storage import LocalStorage, Storage
+from ..load.loading import checked_path, read_copy_tensors
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 _CHUNK = 8 * 1024 * 1024

@@ -21,7 +21,7 @@ import msgpack
 import numpy as np
 import torch
 
-from .errors import SerializationError
+from ..errors import SerializationError
 from .tensor_io import DTYPE_TO_ST
 
 _EXT_TUPLE = 1

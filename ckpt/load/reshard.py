@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .component import SharingPattern
-from .errors import CheckpointError
+from ..component import SharingPattern
+from ..errors import CheckpointError
+from ..format.manifest import ComponentEntry, Topology
+from ..io.storage import Storage
+from ..topology import RankTopology
 from .loading import read_component
-from .manifest import ComponentEntry, Topology
-from .storage import Storage
-from .topology import RankTopology
 
 SHARD_MARK = "__ckpt_shard__"  # the key that makes a dict a shard entry; its value is the entry's version
 _SHARD_VERSION = 1

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import xxhash
 
-from .errors import CorruptCheckpointError
-from .storage import Storage
+from ..errors import CorruptCheckpointError
+from ..io.storage import Storage
 
 DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.float64: "F64",

@@ -20,10 +20,10 @@ from typing import Any
 
 import xxhash
 
-from .component import SharingPattern, ValidationLevel
-from .errors import ManifestError
+from ..component import SharingPattern, ValidationLevel
+from ..errors import ManifestError
+from ..io.storage import LocalStorage, Storage
 from .layout import MANIFEST_NAME
-from .storage import LocalStorage, Storage
 from .tensor_io import ST_TO_DTYPE, ChunkInfo, TensorInfo
 
 FORMAT_VERSION = 1

@@ -3,7 +3,7 @@
 Each rule looks at the committed checkpoints of a run (oldest first) and says, for the ones it keeps,
 why. The policy keeps a checkpoint when any rule does, and drops the rest. Everything here is a pure
 function of what is on disk (steps, each manifest's metrics, pins), so a resumed run, a run with another
-N and the `ckpt` command all reach the same answer. Deleting is done elsewhere (`ckpt.catalog`).
+N and the `ckpt` command all reach the same answer. Deleting is done elsewhere (`ckpt.retention.catalog`).
 """
 
 from __future__ import annotations

@@ -15,17 +15,17 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CheckpointError
-from .layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkpoints, resolve_checkpoint
-from .manifest import read_manifest
-from .retention import (
+from ..errors import CheckpointError
+from ..format.layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkpoints, resolve_checkpoint
+from ..format.manifest import read_manifest
+from ..io.storage import Storage
+from .rules import (
     BestCheckpoint,
     CheckpointInfo,
     RetentionDecision,
     RetentionPolicy,
     infer_greater_is_better,
 )
-from .storage import Storage
 
 log = logging.getLogger("ckpt")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .component import SharingPattern, ValidationLevel
-from .errors import CheckpointError
-from .topology import RankTopology
+from ..component import SharingPattern, ValidationLevel
+from ..errors import CheckpointError
+from ..topology import RankTopology
 
 SKELETON_EXT = ".msgpack"
 TENSORS_EXT = ".safetensors"

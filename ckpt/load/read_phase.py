@@ -9,15 +9,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .component import SharingPattern, StateComponent
-from .errors import CheckpointError, CorruptCheckpointError, ManifestError
+from ..component import SharingPattern, StateComponent
+from ..errors import CheckpointError, CorruptCheckpointError, ManifestError
+from ..format.manifest import ComponentEntry, Manifest, Topology, read_manifest
+from ..format.serialization import flatten_state
+from ..io.storage import Storage
+from ..save.planning import owner_for_load
+from ..topology import RankTopology
 from .loading import read_component
-from .manifest import ComponentEntry, Manifest, Topology, read_manifest
-from .planning import owner_for_load
 from .reshard import needs_reshard, read_merged
-from .serialization import flatten_state
-from .storage import Storage
-from .topology import RankTopology
 
 log = logging.getLogger("ckpt")
 

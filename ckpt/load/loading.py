@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
-from .errors import CorruptCheckpointError, SerializationError
-from .manifest import ComponentEntry, FileEntry
-from .serialization import unflatten_state
-from .storage import Storage
-from .tensor_io import ST_TO_DTYPE, read_blob, read_safetensors
-from .threads import parallel_map
+from ..errors import CorruptCheckpointError, SerializationError
+from ..format.manifest import ComponentEntry, FileEntry
+from ..format.serialization import unflatten_state
+from ..format.tensor_io import ST_TO_DTYPE, read_blob, read_safetensors
+from ..io.storage import Storage
+from ..io.threads import parallel_map
 
 
 def checked_path(ckpt_dir: str, entry: FileEntry, component: str) -> str:

@@ -13,13 +13,13 @@ from collections.abc import Mapping, Sequence
 import torch
 import xxhash
 
-from .comm import Communicator
-from .component import ValidationLevel
-from .errors import ReplicationError
+from ..comm import Communicator
+from ..component import ValidationLevel
+from ..errors import ReplicationError
+from ..format.serialization import FlatState
+from ..format.tensor_io import tensor_bytes
+from ..io.threads import parallel_map
 from .planning import ComponentPlan
-from .serialization import FlatState
-from .tensor_io import tensor_bytes
-from .threads import parallel_map
 
 NON_TENSOR = "(non-tensor state)"
 WHOLE = "(whole component)"

@@ -6,8 +6,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from .errors import CheckpointNotFoundError
-from .storage import Storage
+from ..errors import CheckpointNotFoundError
+from ..io.storage import Storage
 
 MANIFEST_NAME = "checkpoint_manifest.json"
 CHECKPOINT_PREFIX = "checkpoint-"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .serialization import FlatState
+from ..format.serialization import FlatState
 
 
 class StagingPool:

@@ -20,8 +20,8 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from .errors import RunDirInUseError
-from .layout import LOCK_NAME
+from ..errors import RunDirInUseError
+from ..format.layout import LOCK_NAME
 
 log = logging.getLogger("ckpt")
 _taken: dict[str, _Held] = {}  # lock file (real path) -> this process's hold on it

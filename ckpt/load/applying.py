@@ -7,8 +7,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .component import StateComponent
-from .errors import PartialLoadError
+from ..component import StateComponent
+from ..errors import PartialLoadError
 
 log = logging.getLogger("ckpt")
 

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from .component import SharingPattern
-from .errors import CheckpointError
+from ..component import SharingPattern
+from ..errors import CheckpointError
+from ..format.manifest import ComponentEntry
+from ..format.tensor_io import DTYPE_TO_ST, write_safetensors
+from ..io.storage import LocalStorage
 from .inspection import Opened, Progress, copy_label, leaves, owners, read_real_copy
-from .manifest import ComponentEntry
-from .storage import LocalStorage
-from .tensor_io import DTYPE_TO_ST, write_safetensors
 
 _SINGLE = (SharingPattern.GLOBAL, SharingPattern.REPLICATED)
 

@@ -11,8 +11,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .component import SharingPattern
-from .manifest import ComponentEntry, Manifest
+from ..component import SharingPattern
+from ..format.manifest import ComponentEntry, Manifest
 from .reshard import groups_named, same_groups
 
 
