@@ -1,7 +1,8 @@
 """RecoveryController: a trainer's recovery state and decisions, behind a few small hooks in the loop.
 
-The loop calls it for the training step (`training_step`, see step.py), before each save (`before_save`),
-at each step boundary (`at_step_boundary`), and when a callback reports instability (`report`). Requests
+The loop calls it for the training step (`training_step`, see step.py), before and after each save
+(`before_save`; `after_save` keeps a host copy for rollbacks without a disk read, see memory.py), at each step
+boundary (`at_step_boundary`), and when a callback reports instability (`report`). Requests
 that can start on some ranks only (a report, a signal) ride on the trainer's own per-step agreements
 (`local_requests` / `absorb`), so every rank acts on them at the same boundary. Its state (rollbacks, the
 LR ramp, the micro-batch size, the NaN streak, recent gradient norms) is saved with every checkpoint as
