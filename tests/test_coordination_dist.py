@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -143,3 +144,26 @@ def test_ranks_disagreeing_on_their_groups_get_one_error(tmp_path):
     results = expect_ok(run_ranks(2, _groups_disagree, str(tmp_path)))
     assert results[0] == results[1], results
     assert results[0].startswith("CheckpointError: process groups named 'dp' overlap or leave ranks out"), results
+
+
+class _Stalls(Box):
+    def state_dict(self) -> dict:
+        time.sleep(5)  # past the coordinator's 2 s timeout
+        return self.state
+
+
+def _rank0_stalls_in_a_save(rank: int, world: int, run_dir: str) -> dict:
+    coord = CheckpointCoordinator(run_dir, timeout=2)
+    box = _Stalls({"w": torch.ones(2)}) if rank == 0 else Box({"w": torch.ones(2)})
+    try:
+        coord.save(1, [StateComponent("model", box, SharingPattern.REPLICATED)])
+    except Exception as exc:
+        return {"type": type(exc).__name__, "message": str(exc), "missing": getattr(exc, "missing_ranks", None)}
+    return {"type": None}
+
+
+def test_a_stalled_rank_0_is_named_by_the_others(tmp_path):
+    # Rank 0 decides every phase; when it is the one missing, the others still time out naming it.
+    res = expect_ok(run_ranks(2, _rank0_stalls_in_a_save, str(tmp_path), timeout=90))[1]
+    assert res["type"] == "CollectiveTimeoutError" and list(res["missing"]) == [0], res
+    assert "rank 0 never reached it" in res["message"] and "'prepare' step" in res["message"], res
