@@ -32,6 +32,7 @@ from ..retention.catalog import (
 from ..retention.rules import CheckpointInfo, RetentionDecision, RetentionPolicy
 from .export import export_component
 from .export_formats import add_format_flags, result_lines, run_format
+from .importing import add_import_command
 from .inspection import Progress, describe, diff, open_checkpoint, verify
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
@@ -445,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", type=int, help="PER_NODE: the copy of this node")
     p.add_argument("--concat-dim", type=int, metavar="D", help="concatenate every copy's tensors along dim D")
     add_format_flags(p)
+    add_import_command(command)
     p = command("prune", cmd_prune, "apply a retention policy to a run now")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
