@@ -23,9 +23,16 @@ from .arguments import TrainingArguments, check_eval_dataset
 from .batches import call_model, extract_loss, first_tensor, to_device
 from .callback_handler import CallbackHandler
 from .callbacks import TrainerControl
-from .checkpointing import SAVE_ERROR_KIND, load_components, resume_target, save_failure_entry, tolerates
+from .checkpointing import (
+    SAVE_ERROR_KIND,
+    load_components,
+    resume_target,
+    save_failure_entry,
+    tolerates,
+    warm_start,
+)
 from .data import eval_batches
-from .keys import CALLBACK_PREFIX, EVAL_PREFIX, TRAIN_LOSS
+from .keys import CALLBACK_PREFIX, EVAL_PREFIX, TRAIN_LOSS, TRAINER_STATE
 from .metrics_log import MetricsLogger
 from .outcomes import StepConsensus, StepOutput, TrainingError
 from .recovery.guard import guard_save
@@ -450,6 +457,8 @@ class Trainer:
     def _reload(self, checkpoint: str | int) -> LoadResult:
         """Load `checkpoint` (a resume, or recovery's rollback) and pick the loop's bookkeeping up from it."""
         result = self._load_checkpoint(checkpoint)
+        if TRAINER_STATE not in result.loaded:  # a checkpoint imported from another format
+            warm_start(self, result)
         loss = result.metrics.get(TRAIN_LOSS)
         self._last_loss = float(loss) if isinstance(loss, int | float) else math.nan
         self._clock = (time.perf_counter(), self.state.tokens_seen, self.state.global_step)
