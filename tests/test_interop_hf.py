@@ -4,7 +4,6 @@ logits; `ckpt import` of a Hugging Face folder resumes a trainer with the same w
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 from safetensors import safe_open
@@ -63,7 +62,8 @@ def test_hf_export_converts_floating_tensors_with_dtype(tmp_path):
     assert main(["export", str(tmp_path / "run" / "checkpoint-00000003"), "--format", "hf", "-o", str(out),
                  "--dtype", "bfloat16", "--no-tie"]) == 0
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        assert "lm_head.weight" in f.keys()
+        names = list(f.keys())
+        assert "lm_head.weight" in names
         wte = f.get_tensor("transformer.wte.weight")
     assert wte.dtype == torch.bfloat16
     assert torch.equal(wte, trainer.unwrapped_model.transformer.wte.weight.detach().to(torch.bfloat16))

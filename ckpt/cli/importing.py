@@ -23,6 +23,7 @@ import io
 import json
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -95,8 +96,10 @@ def read_torch(path: str) -> Any:
             raise CheckpointError(f"{path} cannot be read as a torch.save file with weights_only=True: "
                                   f"{str(exc).splitlines()[0]}", path=path) from None
     except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = found.group(1) if found else str(exc).splitlines()[-1]
         raise CheckpointError(f"{path} holds objects torch.load(weights_only=True) refuses (it would have to run "
-                              f"code to rebuild them): {str(exc).splitlines()[0]}. Save plain state dicts, e.g. "
+                              f"code to rebuild them): {what}. Save plain state dicts, e.g. "
                               "torch.save({'model': model.state_dict()}, path)", path=path) from None
     return _safe_load(path)
 
@@ -119,18 +122,14 @@ class _MetadataUnpickler(pickle.Unpickler):
 def read_dcp(path: str) -> dict[str, Any]:
     """Every value of a DCP checkpoint, in this process (no process group), without running pickled code."""
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException as CheckAPIError
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    metadata = _read_dcp_metadata(path)
+
     class Reader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            with open(os.path.join(path, DCP_METADATA), "rb") as f:
-                try:
-                    metadata = _MetadataUnpickler(f).load()
-                except (pickle.UnpicklingError, EOFError, AttributeError) as exc:
-                    raise CheckpointError(f"{path}/{DCP_METADATA} is not DCP metadata this import reads: {exc}",
-                                          path=path) from None
-            metadata.storage_meta = getattr(metadata, "storage_meta", None)
             return metadata
 
     class Planner(_EmptyStateDictLoadPlanner):
@@ -146,8 +145,25 @@ def read_dcp(path: str) -> dict[str, Any]:
     state: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        _load_state_dict(state, storage_reader=Reader(path), planner=Planner(), no_dist=True)
+        try:
+            _load_state_dict(state, storage_reader=Reader(path), planner=Planner(), no_dist=True)
+        except CheckAPIError as exc:  # DCP wraps each rank's error; this process is the only rank
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            raise CheckpointError(f"{path}: DCP could not read it: {lines[-1] if lines else exc}", path=path) from None
     return state
+
+
+def _read_dcp_metadata(path: str) -> Any:
+    with open(os.path.join(path, DCP_METADATA), "rb") as f:
+        try:
+            metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+            raise CheckpointError(f"{path}/{DCP_METADATA} is not DCP metadata this import reads: {exc}",
+                                  path=path) from None
+    if not hasattr(metadata, "state_dict_metadata"):
+        raise CheckpointError(f"{path}/{DCP_METADATA} holds a {type(metadata).__name__}, not DCP metadata", path=path)
+    metadata.storage_meta = getattr(metadata, "storage_meta", None)
+    return metadata
 
 
 def read_hf(path: str) -> dict[str, torch.Tensor]:
