@@ -32,7 +32,7 @@ from .checkpointing import (
     warm_start,
 )
 from .data import eval_batches
-from .keys import CALLBACK_PREFIX, EVAL_PREFIX, TRAIN_LOSS, TRAINER_STATE
+from .keys import CALLBACK_PREFIX, CHECKPOINT_KIND, EVAL_PREFIX, TRAIN_LOSS, TRAINER_STATE
 from .metrics_log import MetricsLogger
 from .outcomes import StepConsensus, StepOutput, TrainingError
 from .recovery.guard import guard_save
@@ -407,6 +407,8 @@ class Trainer:
                 raise
             self._record_save_failure(exc)
             return None
+        # `ckpt report` marks a save that is no longer on disk as deleted by retention.
+        self.metrics_logger.append(CHECKPOINT_KIND, {"step": s.global_step, "checkpoint": path.rsplit("/", 1)[-1]})
         self._call("on_save", checkpoint=path, metrics=recorded)
         return path
 

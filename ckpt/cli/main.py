@@ -34,6 +34,7 @@ from .export import export_component
 from .export_formats import add_format_flags, result_lines, run_format
 from .importing import add_import_command
 from .inspection import Progress, describe, diff, open_checkpoint, verify
+from .report import add_report_command
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 
@@ -447,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concat-dim", type=int, metavar="D", help="concatenate every copy's tensors along dim D")
     add_format_flags(p)
     add_import_command(command)
+    add_report_command(command)
     p = command("prune", cmd_prune, "apply a retention policy to a run now")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
