@@ -195,7 +195,7 @@ h1{font-size:18px;margin:0 0 4px} .sub{color:#555;margin:0 0 12px}
 table{border-collapse:collapse;font-size:13px} th,td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:left}
 th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .kept{color:#1a7f37} .going{color:#b35900} .deleted{color:#888} .abandoned{color:#c62828}
-.events li{margin:2px 0} code{font-size:12px} td.why{max-width:230px;font-size:12px;color:#444}
+.events li{margin:2px 0} code{font-size:12px} td.why{max-width:230px;font-size:12px;color:#444} td.name{white-space:nowrap}
 """
 
 
@@ -224,7 +224,7 @@ def _table(pic: RunPicture) -> str:
     for m in pic.markers:
         tags = [f"best #{m.best_rank}"] * (m.best_rank is not None) + ["pinned"] * m.pinned + ["latest"] * m.latest
         value = "-" if m.value is None else f"{m.value:.4g}"
-        rows.append(f'<tr><td>{esc(m.name)}</td><td class="num">{m.step}</td><td class="num">{value}</td>'
+        rows.append(f'<tr><td class="name">{esc(m.name)}</td><td class="num">{m.step}</td><td class="num">{value}</td>'
                     f'<td class="{m.status}">{esc(m.status)}{" (" + esc(", ".join(tags)) + ")" if tags else ""}</td>'
                     f'<td class="why">{esc(m.detail)}</td></tr>')
     body = "\n".join(rows) or '<tr><td colspan="5">no checkpoints yet</td></tr>'

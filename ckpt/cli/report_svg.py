@@ -86,7 +86,7 @@ def _axes(s: _Scale) -> list[str]:
         out.append(f'<line x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{BOTTOM}" stroke="{COLORS["grid"]}"/>')
         out.append(f'<text x="{x:.1f}" y="{BOTTOM + 14}" text-anchor="middle">{int(step)}</text>')
     if s.log:
-        ticks = [m * 10**k for k in range(math.floor(s.y0), math.ceil(s.y1) + 1) for m in (1, 2, 5)
+        ticks = [m * 10**k for k in range(math.floor(s.y0), math.ceil(s.y1) + 1) for m in (1, 2, 3, 5)
                  if s.y0 <= math.log10(m * 10**k) <= s.y1]
     else:
         ticks = _nice(s.y0, s.y1, 5)
