@@ -1,4 +1,6 @@
-"""The `ckpt` command: list, inspect, verify, diff, export, prune and pin checkpoints (see docs/cli.md).
+"""The `ckpt` command: list, inspect, verify, diff, export, import, prune and pin checkpoints, and report a run
+(see docs/cli.md). Export to other formats, import and report live in their own modules (export_formats.py,
+importing.py, report.py) and are hooked in here.
 
 Every subcommand takes `--json`. Errors are one line on stderr with exit status 2 (`verify` exits 1 when
 files are bad, `diff` exits 1 when the checkpoints differ); with `--json` the error is `{"error": ...}` on
