@@ -183,7 +183,10 @@ def full_state(ck: Opened, component: str | None = None) -> tuple[dict[str, Any]
         except CheckpointError as exc:
             if component is not None:
                 raise
-            left_out[key] = str(exc)
+            copies = len({f.owner for f in entry.files})
+            left_out[key] = (f"its {copies} {entry.pattern.name} copies hold different values, so there is no one "
+                             f"state to write; export a copy with `ckpt export --component {key} --rank R` "
+                             f"({str(exc).split(': ', 1)[-1].split(', so ')[0]})")
     return state, left_out
 
 
