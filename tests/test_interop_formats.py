@@ -91,6 +91,8 @@ def test_export_refuses_what_it_cannot_write(tmp_path, capsys):
     assert "has no component 'nope'" in capsys.readouterr().err
     assert main(["export", ck, "--format", "hf", "-o", str(tmp_path / "hf"), "--max-shard-size", "lots"]) == 2
     assert "--max-shard-size 'lots' is not a size" in capsys.readouterr().err
+    assert main(["export", ck, "--format", "hf", "-o", str(tmp_path / "hf"), "--rank", "1"]) == 2
+    assert "--rank picks a copy for --format safetensors" in capsys.readouterr().err
 
 
 def test_shard_sizes_follow_hugging_face_rules():

@@ -282,6 +282,10 @@ def add_format_flags(p: Any) -> None:
 def run_format(ck: Opened, args: Any) -> dict[str, Any]:
     """`ckpt export --format hf|dcp|torch` with the parsed options."""
     output = os.fspath(args.output)
+    picked = [flag for flag in ("rank", "group", "node", "concat_dim") if getattr(args, flag, None) is not None]
+    if picked:
+        raise CheckpointError(f"--{picked[0].replace('_', '-')} picks a copy for --format safetensors; --format "
+                              f"{args.format} puts every copy together into the full state (leave it out)")
     if args.format == "hf":
         ties = () if args.no_tie else tuple(args.tie or DEFAULT_TIES)
         return export_hf(ck, output, component=args.component or "model", max_shard_size=parse_size(args.max_shard_size),
