@@ -59,7 +59,10 @@ def test_the_report_of_a_demo_run_with_a_divergence_shows_the_plot(tmp_path):
     assert f"wrote {page}" in proc.stdout  # the demo ends by printing the report's path
     text = page.read_text()
     assert "<script" not in text and not re.search(r"\b(src|href)=", text)  # self-contained: nothing to fetch
-    assert "rollback 150 &#8594; 80" in text and "LR x0.5, ramp 200 steps" in text
+    with open(run_dir / EVENTS_FILE) as f:
+        rollback = next(e for e in map(json.loads, f) if e["kind"] == "rollback")["values"]
+    assert f"rollback {rollback['from_step']} &#8594; {rollback['to_step']}" in text
+    assert "LR x0.5, ramp 200 steps" in text
     pic = gather(str(run_dir))
     statuses = {m.status for m in pic.markers}
     assert {"kept", "deleted", "abandoned"} <= statuses
