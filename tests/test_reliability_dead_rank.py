@@ -3,6 +3,7 @@ record when it never reached the phase, by its process being gone when it died i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -27,14 +28,16 @@ def _die_inside_the_commit_exchange(rank: int, world: int, run_dir: str, victim:
     storage = FaultyStorage(faults=[Fault(op="rename", match=".partial -> ", rank=0, error="sleep:3")])
     coord = CheckpointCoordinator(run_dir, timeout=60, storage=storage)
     if rank == victim:
-        real = coord.comm.all_gather_bytes
+        real = coord.comm._exchange  # the one place every exchange starts (after recording the arrival)
 
-        def gather(data: bytes, phase: str) -> list[bytes]:
-            if phase == "commit":
-                threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGKILL)).start()
-            return real(data, phase)
+        @contextlib.contextmanager
+        def exchange(phase: str):
+            with real(phase) as stats:
+                if phase == "commit":
+                    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGKILL)).start()
+                yield stats
 
-        coord.comm.all_gather_bytes = gather
+        coord.comm._exchange = exchange
     coord.save(1, _components(rank))
     return {}
 

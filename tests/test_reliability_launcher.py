@@ -79,7 +79,8 @@ def test_a_hang_without_recovery_is_noticed_at_its_step(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     noticed = re.findall(r"rank (\d): step (\d+) has not finished after (\d+)s \(step_timeout_s=5\)", out)
-    assert {r for r, _, _ in noticed} == {"0", "1"} and {s for _, s, _ in noticed} == {"11"}, out[-3000:]
+    # Each rank times its own step; the first to exit can end the other's wait with a lost connection first.
+    assert noticed and {s for _, s, _ in noticed} == {"11"}, out[-3000:]
     assert "exitcode  : 75" in out
 
 
