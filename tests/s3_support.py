@@ -6,8 +6,10 @@ it, so ranks spawned by the test inherit them; `s3_run` gives each test a fresh 
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -40,6 +42,7 @@ def start_server() -> S3Server:
     server_mod = pytest.importorskip("moto.server", reason="the S3 tests need moto[server] (the test extra)")
     import boto3
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -68,3 +71,42 @@ def restore_env(old: dict[str, str | None]) -> None:
 
 def fresh_url() -> str:
     return f"s3://{BUCKET}/run-{secrets.token_hex(4)}"
+
+
+def killing_storage(part_mb: int = 5, lease_s: float = 60.0, after_bytes: int = 12 << 20, match: str = ""):
+    """An S3Storage whose process SIGKILLs itself once a file matching `match` has streamed `after_bytes`
+    into its upload (parts are in flight: a real mid-upload death)."""
+    from ckpt.io.s3 import S3Options, S3Storage
+
+    class KillMidUpload(S3Storage):
+        def write_file(self, path, chunks):
+            if match not in path:
+                return super().write_file(path, chunks)
+
+            def feed():
+                sent = 0
+                for chunk in chunks:
+                    yield chunk
+                    sent += len(memoryview(chunk).cast("B"))
+                    if sent >= after_bytes:
+                        os.kill(os.getpid(), 9)
+                        time.sleep(60)
+            return super().write_file(path, feed())
+
+    return KillMidUpload(S3Options(part_bytes=part_mb << 20, lock_lease_s=lease_s))
+
+
+def gated_storage(marker_dir: str, match: str):
+    """An S3Storage that, before writing a file matching `match`, says so (a file `ready-<pid>` in
+    `marker_dir`) and waits until `marker_dir/go` exists: the test stops the server in between."""
+    from ckpt.io.s3 import S3Options, S3Storage
+
+    class Gated(S3Storage):
+        def write_file(self, path, chunks):
+            if match in path:
+                open(os.path.join(marker_dir, f"ready-{os.getpid()}"), "w").close()
+                while not os.path.exists(os.path.join(marker_dir, "go")):
+                    time.sleep(0.05)
+            return super().write_file(path, chunks)
+
+    return Gated(S3Options(max_attempts=2, timeout_s=5))

@@ -63,6 +63,8 @@ class S3Options:
     lock_lease_s: float = field(default=60.0, metadata={"help": "seconds the run dir's lock object stays valid "
                                                                 "without renewal (a live job renews it every third)"})
     max_attempts: int = field(default=3, metadata={"help": "tries per request (boto3 standard retry mode)"})
+    timeout_s: float = field(default=60.0, metadata={"help": "seconds to wait to connect, and for each read of a "
+                                                             "response, before a try counts as failed"})
 
     def __post_init__(self) -> None:
         if isinstance(self.part_bytes, bool) or not isinstance(self.part_bytes, int) or self.part_bytes < 5 << 20:
@@ -71,8 +73,10 @@ class S3Options:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"S3Options: {name}={value!r} must be an int >= 1")
-        if not isinstance(self.lock_lease_s, int | float) or not self.lock_lease_s > 0:
-            raise ValueError(f"S3Options: lock_lease_s={self.lock_lease_s!r} must be a positive number of seconds")
+        for name in ("lock_lease_s", "timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"S3Options: {name}={value!r} must be a positive number of seconds")
 
 
 class _Pool:
@@ -124,6 +128,7 @@ class S3Storage:
             config = botocore.config.Config(
                 max_pool_connections=self.options.in_flight + 16,
                 retries={"max_attempts": self.options.max_attempts, "mode": "standard"},
+                connect_timeout=self.options.timeout_s, read_timeout=self.options.timeout_s,
                 # Every file carries its own xxh3 digest, checked on load; skip a second checksum per request.
                 request_checksum_calculation="when_required", response_checksum_validation="when_required")
             client = boto3.session.Session().client("s3", config=config)

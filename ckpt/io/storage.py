@@ -178,6 +178,27 @@ def storage_for(path: str | os.PathLike, storage: Storage | None = None) -> Stor
     return LocalStorage()
 
 
+def walk_files(storage: Storage, root: str) -> list[str]:
+    """Every file under `root`, as `/`-separated paths relative to it."""
+    if not is_url(root):
+        return [os.path.relpath(os.path.join(folder, n), root).replace(os.sep, "/")
+                for folder, _, names in os.walk(root) for n in names]
+    out = []
+    for name in storage.list_dir(root):
+        path = f"{root.rstrip('/')}/{name}"
+        out += [f"{name}/{sub}" for sub in walk_files(storage, path)] if storage.is_dir(path) else [name]
+    return out
+
+
+def tree_bytes(storage: Storage, root: str) -> int:
+    """The bytes of every file under `root` (what is left of an unfinished save, say)."""
+    total = 0
+    for rel in walk_files(storage, root):
+        with contextlib.suppress(FileNotFoundError):  # a file still being uploaded has no size yet
+            total += storage.size(f"{root.rstrip('/')}/{rel}" if is_url(root) else os.path.join(root, rel))
+    return total
+
+
 @contextlib.contextmanager
 def _naming(path: str) -> Iterator[None]:
     """Give OSErrors from write()/fsync(), which carry no file name, the path they happened on."""
