@@ -398,15 +398,16 @@ class _Upload:
 
 
 class _Reader(io.RawIOBase):
-    """A read-only file over one object: small reads from a read-ahead buffer, large ones (`readinto` of a
-    big buffer) as parallel ranged GETs straight into the caller's memory."""
+    """A read-only file over one object. A read of at least a part goes straight into the caller's memory as
+    parallel ranged GETs; smaller ones (headers, small tensors) are served from a window read ahead the same
+    way, so a file of many small tensors still costs a few large requests, not one per tensor."""
 
     def __init__(self, store: S3Storage, path: str, size: int):
         super().__init__()
         self.store, self.path, self.size = store, path, size
         self.name = path
         self._pos = 0
-        self._buf, self._buf_at = b"", 0
+        self._buf, self._buf_at = memoryview(b""), 0
 
     def readable(self) -> bool:
         return True
@@ -423,36 +424,38 @@ class _Reader(io.RawIOBase):
         return self._pos
 
     def readinto(self, b: Any) -> int:
+        """Up to len(b) bytes from here: what the window holds, else one direct or windowed fetch."""
         view = memoryview(b).cast("B")
         n = min(len(view), self.size - self._pos)
         if n <= 0:
             return 0
         at = self._pos - self._buf_at
-        if 0 <= at < len(self._buf):  # served from the read-ahead buffer
-            n = min(n, len(self._buf) - at)
-            view[:n] = self._buf[at: at + n]
-        elif n >= _READ_AHEAD:
-            self.store.get_ranges(self.path, self._pos, view[:n])
-        else:
-            want = min(self.size - self._pos, max(n, _READ_AHEAD))
+        if not 0 <= at < len(self._buf):
+            part = self.store.options.part_bytes
+            if n >= part:  # large: straight into the caller's memory
+                self.store.get_ranges(self.path, self._pos, view[:n])
+                self._pos += n
+                return n
+            want = min(self.size - self._pos, max(_READ_AHEAD, part * 4) if self._pos else _READ_AHEAD)
             buf = bytearray(want)
-            self.store.get_range(self.path, self._pos, memoryview(buf))
-            self._buf, self._buf_at = bytes(buf), self._pos
-            view[:n] = self._buf[:n]
+            self.store.get_ranges(self.path, self._pos, memoryview(buf))
+            self._buf, self._buf_at, at = memoryview(buf), self._pos, 0
+        n = min(n, len(self._buf) - at)
+        view[:n] = self._buf[at: at + n]
         self._pos += n
         return n
 
     def readinto_parallel(self, b: Any) -> int:
-        """Fill as much of `b` as the object holds from here, with parallel ranged GETs; the byte count."""
+        """Fill as much of `b` as the object holds from here; the byte count."""
         view = memoryview(b).cast("B")
-        n = min(len(view), self.size - self._pos)
+        total = max(0, min(len(view), self.size - self._pos))
         done = 0
-        while done < n and 0 <= self._pos - self._buf_at < len(self._buf):
-            done += self.readinto(view[done:n])
-        if n - done > 0:
-            self.store.get_ranges(self.path, self._pos, view[done:n])
-            self._pos += n - done
-        return max(n, 0)
+        while done < total:
+            got = self.readinto(view[done:total])
+            if not got:
+                break
+            done += got
+        return done
 
 
 __all__ = ["S3Options", "S3Storage", "split_url"]
