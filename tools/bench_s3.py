@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ckpt import CheckpointCoordinator, SharingPattern, StateComponent, ValidationLevel
+from ckpt import CheckpointCoordinator, RetentionPolicy, SharingPattern, StateComponent, ValidationLevel
 from ckpt.io.s3 import S3Options, S3Storage
 
 CREDS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -82,7 +82,7 @@ def dcp_case(endpoint: str, bucket: str, s3fs_path: str, size_mb: float, count: 
     code = textwrap.dedent(f"""
         import json, statistics, sys, time, secrets
         sys.path.insert(0, {s3fs_path!r}); sys.path.insert(1, {os.path.dirname(os.path.abspath(__file__))!r})
-        import torch, torch.distributed.checkpoint as dcp
+        import fsspec, torch, torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
         from bench_s3 import make_state
         state = make_state({size_mb}, {count})
@@ -96,6 +96,7 @@ def dcp_case(endpoint: str, bucket: str, s3fs_path: str, size_mb: float, count: 
             t = time.perf_counter()
             dcp.load(state, storage_reader=FsspecReader(path, endpoint_url={endpoint!r}))
             loads.append(time.perf_counter() - t)
+            fsspec.core.url_to_fs(path, endpoint_url={endpoint!r})[0].rm(path, recursive=True)
         print(json.dumps({{"save": statistics.median(saves[1:]), "load": statistics.median(loads[1:])}}))
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **CREDS})
@@ -126,9 +127,10 @@ def run(args: argparse.Namespace) -> dict:
 
         def boto_down() -> None:
             client.download_fileobj(args.bucket, last["boto"], io.BytesIO())
+            client.delete_object(Bucket=args.bucket, Key=last["boto"])  # the server keeps objects in memory
 
         coord = CheckpointCoordinator(f"s3://{args.bucket}/ckpt-{secrets.token_hex(4)}", storage=storage,
-                                      io_threads=args.io_threads)
+                                      io_threads=args.io_threads, retention=RetentionPolicy(save_total_limit=1))
         steps = iter(range(1, 10**6))
 
         def ckpt_save() -> None:
