@@ -91,11 +91,12 @@ def _save_then_die(rank: int, world: int, url: str) -> None:
     with CheckpointCoordinator(url, storage=S3Storage(S3Options(part_bytes=5 << 20, lock_lease_s=2)),
                                timeout=60) as coord:
         coord.save(1, _components(rank, 1))
-    # Every rank kills itself part way through an upload: rank 0 with parts of "big" in flight.
-    dies = killing_storage(lease_s=2, match="big/", after_bytes=7 << 20) if rank == 0 else \
-        killing_storage(lease_s=2, match="per_rank/", after_bytes=1)
-    coord = CheckpointCoordinator(url, storage=dies, timeout=60)
-    coord.save(2, _components(rank, 2))
+    # Every rank kills itself part way through uploading its own large file, with parts in flight.
+    coord = CheckpointCoordinator(url, storage=killing_storage(lease_s=2, match="own/", after_bytes=7 << 20),
+                                  timeout=60)
+    own = StateComponent("own", Box({"w": torch.randn(BIG, generator=torch.Generator().manual_seed(rank))}),
+                         SharingPattern.PER_RANK)
+    coord.save(2, [*_components(rank, 2), own])
 
 
 def _resume(rank: int, world: int, url: str) -> dict:
@@ -119,7 +120,7 @@ def test_sigkill_during_upload_keeps_latest_and_the_next_job_cleans_up(s3_server
     assert sorted(dead) == [0, 1] and all(f.type_name == "RankDied" for f in dead.values()), dead
     left = [k for k in s3_server.keys(s3_run) if k.startswith("checkpoint-00000002/")]
     uploads = s3_server.uploads(s3_run)
-    assert uploads, "the kill was meant to land mid-upload"
+    assert len(uploads) >= 2, "every rank was meant to die mid-upload"
     assert "checkpoint-00000002/checkpoint_manifest.json" not in left
     for r in expect_ok(run_ranks(2, _resume, s3_run, timeout=240)):
         assert r["step"] == 1 and all(r["matched"].values()), r
