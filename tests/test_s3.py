@@ -16,7 +16,7 @@ from ckpt import CheckpointCoordinator, CheckpointError, RetentionPolicy, Sharin
 from ckpt.cli import main
 from ckpt.format.layout import MANIFEST_NAME
 from ckpt.io.s3 import S3Storage
-from ckpt.io.storage import is_inside, norm_path
+from ckpt.io.storage import LocalStorage, is_inside, norm_path
 from ckpt.testing import Fault, FaultyStorage
 from tests.s3_support import BUCKET
 from tests.workers import Box
@@ -156,3 +156,15 @@ def test_without_boto3_the_error_names_the_extra(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "pip install 'ckpt[s3]'" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_local_storage_has_the_same_create_only_and_replace_operations(tmp_path):
+    storage = LocalStorage()
+    target = str(tmp_path / MANIFEST_NAME)
+    storage.write_new(target, b"first")
+    with pytest.raises(FileExistsError):
+        storage.write_new(target, b"second")
+    assert (tmp_path / MANIFEST_NAME).read_bytes() == b"first"
+    storage.replace_file(target, b"third")
+    assert (tmp_path / MANIFEST_NAME).read_bytes() == b"third"
+    assert os.listdir(tmp_path) == [MANIFEST_NAME]  # no temporary files left behind
