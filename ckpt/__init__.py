@@ -20,6 +20,7 @@ from .errors import (
 )
 from .format.layout import CheckpointRef, list_checkpoints
 from .format.manifest import Manifest, read_manifest
+from .io.s3 import S3Options, S3Storage
 from .io.storage import LocalStorage, Storage
 from .load.reshard import is_shard_entry, local_piece, needs_reshard, shard_entry
 from .retention.catalog import RetentionOutcome, pin_checkpoint, unpin_checkpoint
@@ -53,6 +54,8 @@ __all__ = [
     "RetentionOutcome",
     "RetentionPolicy",
     "RunDirInUseError",
+    "S3Options",
+    "S3Storage",
     "SerializationError",
     "SharingPattern",
     "StateComponent",

@@ -8,8 +8,10 @@ A save runs in phases, each ending in an exchange of outcomes between all ranks:
   commit   rank 0 writes the manifest, renames the folder into place, applies retention
 A load resolves the checkpoint on rank 0, reads everything into staging on every rank (ckpt/load/read_phase.py),
 and only then applies it, so a failure anywhere leaves every rank's live state untouched.
-Rank 0 holds the run dir's lock (ckpt/lock.py) from construction to `close()`, so a second job on the same
+Rank 0 holds the run dir's lock (ckpt/io/lock.py) from construction to `close()`, so a second job on the same
 run dir is refused instead of racing this one; a read-only coordinator takes no lock and never writes.
+On object storage (`s3://bucket/prefix`, ckpt/io/s3.py) there is no rename: a save writes under the checkpoint's
+own name and commits by creating its manifest, create-only; the lock is an object with a lease.
 """
 
 from __future__ import annotations
@@ -31,16 +33,18 @@ from .errors import CheckpointError
 from .format.layout import (
     CheckpointRef,
     checkpoint_name,
+    is_committed,
     list_checkpoints,
     list_partials,
-    partial_name,
     removal_name,
     resolve_checkpoint,
+    save_dir,
 )
 from .format.manifest import Manifest, plain_metrics, read_manifest
+from .io.lease import LeaseLock
 from .io.lock import RunDirLock, take_run_dir
 from .io.staging import StagingPool
-from .io.storage import LocalStorage, Storage
+from .io.storage import Storage, is_url, norm_path, storage_for
 from .io.threads import gc_paused
 from .load.agreement import ReadVerdict, decide_apply, decide_read
 from .load.applying import apply_staged
@@ -52,7 +56,7 @@ from .load.read_phase import (
     fallback_warning,
     read_or_reject,
 )
-from .retention.catalog import RetentionOutcome, hold, retain, scan, summary_text
+from .retention.catalog import RetentionOutcome, delete_checkpoint, hold, retain, scan, summary_text
 from .retention.catalog import best as best_checkpoints
 from .retention.rules import BestCheckpoint, RetentionPolicy
 from .save.agreement import PlanCache, agree_plan
@@ -98,11 +102,12 @@ class CheckpointCoordinator:
     """Saves and loads a job's state components in `run_dir`. Construct it on every rank (collective).
 
     Args:
-        run_dir: folder holding this run's checkpoints (shared by all ranks).
+        run_dir: folder holding this run's checkpoints (shared by all ranks), or `s3://bucket/prefix` on object
+            storage (the `ckpt[s3]` extra; endpoint and credentials from the standard AWS settings).
         process_groups: name -> ProcessGroup (or a list of member ranks) for PER_GROUP components;
             each rank passes the group it belongs to.
         timeout: how long any rank waits for the others at one step of a save or load.
-        storage: where bytes go; the local filesystem by default.
+        storage: where bytes go; by default the local filesystem, or S3Storage for an s3:// run_dir.
         verify_on_load: check every file's digest while reading it.
         local_world_size: ranks per node; defaults to torchrun's LOCAL_WORLD_SIZE.
         after_commit: called on rank 0 after each commit.
@@ -134,11 +139,11 @@ class CheckpointCoordinator:
         force: bool = False,
         read_only: bool = False,
     ):
-        self.run_dir = os.fspath(run_dir)
+        self.run_dir = norm_path(run_dir) if is_url(os.fspath(run_dir)) else os.fspath(run_dir)
         self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         if self.timeout.total_seconds() <= 0:
             raise ValueError(f"CheckpointCoordinator: timeout={timeout!r} must be positive")
-        self.storage: Storage = storage or LocalStorage()
+        self.storage: Storage = storage_for(self.run_dir, storage)
         self.verify_on_load = verify_on_load
         self.after_commit = after_commit
         if retention is not None and not isinstance(retention, RetentionPolicy):
@@ -163,18 +168,23 @@ class CheckpointCoordinator:
         self.rank = self.comm.rank
         if not read_only:
             self.storage.makedirs(self.run_dir)
-        held: list[RunDirLock] = []
+        held: list[RunDirLock | LeaseLock] = []
         # Rank 0 locks the run dir; every rank learns the tag of its unfinished-save folders (None: locked).
         locks = self.rank == 0 and not read_only
         self._tag: str | None = self.comm.broadcast_phase(
             "lock", lambda: self._take_run_dir(force, held) if locks else None, what="coordinator start-up")
         self._release = weakref.finalize(self, held[0].release) if held else None
 
-    def _take_run_dir(self, force: bool, held: list[RunDirLock]) -> str | None:
+    def _take_run_dir(self, force: bool, held: list[RunDirLock | LeaseLock]) -> str | None:
         """Rank 0: lock the run dir and, first to own it in this process (another coordinator here may be
-        mid-overwrite), put back a checkpoint an overwrite left aside when it died."""
-        tag = take_run_dir(self.run_dir, force, held)
+        mid-overwrite), put back a checkpoint an overwrite left aside when it died; on object storage, remove
+        what saves that died before their manifest left."""
+        tag = take_run_dir(self.storage, self.run_dir, force, held)
         if tag is None and held and held[0].first:
+            if not self.storage.renames:
+                for stale in list_partials(self.storage, self.run_dir):
+                    self._remove_stale(stale)
+                return tag
             for path in restore_replaced(self.storage, self.run_dir):
                 log.warning("restored %s: an overwrite of it was interrupted before the new copy was in place", path)
         return tag
@@ -284,7 +294,7 @@ class CheckpointCoordinator:
     def _write_checkpoint(self, step: int, snapshots: Mapping[str, Snapshot], error: Exception | None,
                           metrics: Mapping[str, Any], overwrite: bool) -> str:
         final = os.path.join(self.run_dir, checkpoint_name(step))
-        partial = os.path.join(self.run_dir, partial_name(step, self._tag))
+        partial = save_dir(self.storage, self.run_dir, step, self._tag)
         what = f"save of step {step}"
         started = time.perf_counter()
         prepared: dict[str, PreparedComponent] = {}
@@ -320,9 +330,12 @@ class CheckpointCoordinator:
         if error is not None:
             raise error
         if self.rank == 0:
-            if self.storage.exists(final) and not overwrite:
+            committed = self.storage.exists(final) if self.storage.renames else is_committed(self.storage, final)
+            if committed and not overwrite:
                 raise CheckpointError(f"{final} already exists; pass overwrite=True to replace it, or save "
                                       "another step", path=final)
+            if committed and not self.storage.renames:  # written in place: the old copy goes first
+                delete_checkpoint(self.storage, final)
             # Unfinished saves are stale only when this job owns the run dir; forced, they may be another job's.
             for stale in list_partials(self.storage, self.run_dir) if self._tag is None else []:
                 self._remove_stale(stale)
@@ -333,7 +346,12 @@ class CheckpointCoordinator:
 
     def _remove_stale(self, stale: str) -> None:
         """Move an unfinished save aside, then remove it: if a forced job commits it meanwhile, one of the two
-        renames fails cleanly, and the committed checkpoint is never emptied from under its name."""
+        renames fails cleanly, and the committed checkpoint is never emptied from under its name. (Object
+        storage has no rename, and no forced second job: the lock owner removes it in place.)"""
+        if not self.storage.renames:
+            log.info("removing unfinished save %s", stale)
+            self.storage.remove_tree(stale)
+            return
         doomed = os.path.join(self.run_dir, removal_name(os.path.basename(stale), secrets.token_hex(4)))
         try:
             self.storage.rename(stale, doomed)
@@ -372,6 +390,8 @@ class CheckpointCoordinator:
 
     def _discard(self, partial: str) -> None:
         try:
+            if not self.storage.renames and is_committed(self.storage, partial):
+                return  # written in place and committed before a later step failed: it stays
             self.storage.remove_tree(partial)
         except OSError as exc:  # the next save removes it
             log.warning("could not remove %s after a failed save: %s", partial, exc)

@@ -22,7 +22,7 @@ import xxhash
 
 from ..component import SharingPattern, ValidationLevel
 from ..errors import ManifestError
-from ..io.storage import LocalStorage, Storage
+from ..io.storage import Storage, is_inside, is_url, resolved, storage_for
 from .layout import MANIFEST_NAME, parse_step
 from .tensor_io import ST_TO_DTYPE, ChunkInfo, TensorInfo
 
@@ -173,7 +173,8 @@ def read_manifest(storage: Storage | str | os.PathLike, checkpoint_dir: str | os
     """A checkpoint's manifest, checked: `read_manifest(path)` on the local filesystem, or
     `read_manifest(storage, path)` through a given Storage."""
     if checkpoint_dir is None:
-        storage, checkpoint_dir = LocalStorage(), os.fspath(storage)  # type: ignore[arg-type]
+        checkpoint_dir = os.fspath(storage)  # type: ignore[arg-type]
+        storage = storage_for(checkpoint_dir)
     checkpoint_dir = os.fspath(checkpoint_dir)
     path = os.path.join(checkpoint_dir, MANIFEST_NAME)
     refuse_linked_folder(checkpoint_dir)
@@ -200,7 +201,7 @@ def read_manifest(storage: Storage | str | os.PathLike, checkpoint_dir: str | os
 def refuse_linked_folder(checkpoint_dir: str) -> None:
     """Refuse a checkpoint folder that is a symlink (or reached through one) leading outside the folder that
     lists it (its run dir): a run dir vouches only for what it holds, and a load must not read elsewhere."""
-    if "://" in checkpoint_dir:  # object storage has no symlinks
+    if is_url(checkpoint_dir):  # object storage has no symlinks
         return
     parent = os.path.realpath(os.path.dirname(os.path.abspath(checkpoint_dir)))
     real = os.path.realpath(checkpoint_dir)
@@ -212,10 +213,9 @@ def refuse_linked_folder(checkpoint_dir: str) -> None:
 def _refuse_outside(checkpoint_dir: str, path: str) -> None:
     """Refuse a manifest that resolves outside its checkpoint (a symlink, say), as data files are refused:
     its bytes would describe, and vouch for, a checkpoint it is not part of."""
-    root = os.path.realpath(checkpoint_dir)
-    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+    if not is_inside(checkpoint_dir, path):
         raise ManifestError(f"{path} leads outside the checkpoint {checkpoint_dir} (a symlink to "
-                            f"{os.path.realpath(path)}); refusing to read it", path=path)
+                            f"{resolved(path)}); refusing to read it", path=path)
 
 
 def _no_constant(name: str) -> Any:

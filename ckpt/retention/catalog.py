@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import CheckpointError
 from ..format.layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkpoints, resolve_checkpoint
 from ..format.manifest import read_manifest
-from ..io.storage import Storage
+from ..io.storage import Storage, norm_path, parent_of
 from .rules import (
     BestCheckpoint,
     CheckpointInfo,
@@ -39,7 +39,7 @@ _held_lock = threading.Lock()
 @contextlib.contextmanager
 def hold(path: str, why: str) -> Iterator[None]:
     """Protect `path` from deletion by retention in this process while the block runs."""
-    key = os.path.normpath(os.path.abspath(path))
+    key = norm_path(path)
     with _held_lock:
         _held.setdefault(key, []).append(why)
     try:
@@ -85,7 +85,7 @@ def best(storage: Storage, run_dir: str, policy: RetentionPolicy, n: int | None 
 
 def committed_dir(storage: Storage, path: str) -> str:
     """`path` if it is a committed checkpoint; an error naming what it is otherwise."""
-    return resolve_checkpoint(storage, os.path.dirname(os.path.abspath(path)), os.path.abspath(path)).path
+    return resolve_checkpoint(storage, parent_of(path), norm_path(path)).path
 
 
 def pin_checkpoint(storage: Storage, path: str) -> bool:
@@ -124,14 +124,12 @@ def read_policy(storage: Storage, run_dir: str) -> RetentionPolicy | None:
 
 
 def write_policy(storage: Storage, run_dir: str, policy: RetentionPolicy) -> None:
-    """Record the policy for offline tools (temp + rename); nothing is written when it is unchanged."""
+    """Record the policy for offline tools (in one step: `replace_file`); nothing is written when it is unchanged."""
     path = os.path.join(run_dir, POLICY_NAME)
     with contextlib.suppress(CheckpointError):
         if read_policy(storage, run_dir) == policy:
             return
-    tmp = path + ".tmp"
-    storage.write_file(tmp, [(json.dumps(policy.to_plain(), indent=1) + "\n").encode()])
-    storage.rename(tmp, path)
+    storage.replace_file(path, (json.dumps(policy.to_plain(), indent=1) + "\n").encode())
 
 
 # ---- a policy given in part (the `ckpt` command's flags) ----------------------------------------
@@ -221,8 +219,13 @@ class RetentionOutcome:
 
 
 def delete_checkpoint(storage: Storage, path: str) -> None:
-    """Uncommit first (an atomic rename to a name that is never loaded), then remove the files, so a
-    crash part way never leaves a committed checkpoint with files missing."""
+    """Uncommit first (an atomic rename to a name that is never loaded; on a store without rename, deleting
+    the manifest), then remove the files, so a crash part way never leaves a committed checkpoint with files
+    missing (what is left is an unfinished save, which the run dir's next owner removes)."""
+    if not storage.renames:
+        storage.remove_file(os.path.join(path, MANIFEST_NAME))
+        storage.remove_tree(path)
+        return
     doomed = os.path.normpath(path) + DELETING_SUFFIX
     storage.remove_tree(doomed)
     storage.rename(path, doomed)
@@ -237,7 +240,7 @@ def apply_decision(storage: Storage, decision: RetentionDecision, dry_run: bool 
     """
     deleted, failed = [], []
     for c in decision.dropped:
-        busy = held().get(os.path.normpath(os.path.abspath(c.path)))
+        busy = held().get(norm_path(c.path))
         if busy or storage.exists(os.path.join(c.path, PIN_NAME)) or not storage.exists(
                 os.path.join(c.path, MANIFEST_NAME)):
             log.info("retention: keeping %s after all (%s)", c.path, busy or "pinned or already gone")
