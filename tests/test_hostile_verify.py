@@ -130,7 +130,7 @@ def test_a_checkpoint_deleted_while_verified_is_reported_deleted_not_corrupt(tmp
     report = verify(inspection.Opened(DeletingStorage(), ck.path, ck.manifest))
     assert report["deleted"] and not report["ok"] and not os.path.exists(ckpt_dir)
     # The command: exit 3 and a message saying it was deleted, never "FAILED"/"corrupt".
-    monkeypatch.setattr(inspection, "LocalStorage", DeletingStorage)
+    monkeypatch.setattr(inspection, "storage_for", lambda path, storage=None: storage or DeletingStorage())
     for command, trigger in (("verify", "replicated.part-0-of-1.safetensors"), ("inspect", MANIFEST_NAME)):
         ckpt_dir = make_checkpoint(tmp_path)
         DeletingStorage.trigger = trigger
