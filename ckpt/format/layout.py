@@ -112,6 +112,12 @@ def resolve_checkpoint(storage: Storage, run_dir: str, checkpoint: str | int | o
         return resolve_checkpoint(storage, run_dir, int(checkpoint))  # "40" from a command line is step 40
     if not os.path.isabs(path) and not storage.exists(path):
         path = os.path.join(run_dir, path)
+    if os.path.basename(os.path.normpath(path)) == MANIFEST_NAME and storage.exists(path):
+        raise CheckpointNotFoundError(f"{path} is a checkpoint's manifest file; pass the checkpoint's folder, "
+                                      f"{os.path.dirname(os.path.normpath(path))}", path=path)
+    if not storage.exists(path):
+        raise CheckpointNotFoundError(f"{path} does not exist (checkpoints are given as \"latest\", a step, or the "
+                                      f"path of a {CHECKPOINT_PREFIX}<step> folder)", path=path)
     if not storage.exists(os.path.join(path, MANIFEST_NAME)):
         what = "an unfinished save" if path.rstrip("/").endswith(PARTIAL_SUFFIX) else "not a committed checkpoint"
         raise CheckpointNotFoundError(f"{path} is {what}: it holds no {MANIFEST_NAME}", path=path)
