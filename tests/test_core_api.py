@@ -137,7 +137,7 @@ def test_non_strict_lists_missing_and_unexpected_keys_per_component(tmp_path):
 
 def test_an_optimizer_is_checked_against_its_parameters(tmp_path):
     coord = CheckpointCoordinator(tmp_path)
-    model, opt = make_model()
+    _, opt = make_model()
     coord.save(1, [StateComponent("optimizer", opt, SharingPattern.REPLICATED)])
     other = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
     fresh = torch.optim.AdamW(other.parameters())
@@ -162,7 +162,7 @@ def test_an_evaluation_load_takes_only_the_model_and_stays_strict_for_it(tmp_pat
     result = coord.load([StateComponent("model", evaluator, SharingPattern.REPLICATED)])
     assert result.loaded == ("model",) and result.not_requested == ("optimizer", "rng")
     assert same(snapshot(model), evaluator.state_dict())
-    with pytest.raises(CheckpointError, match="'0.weight' is F32 \\[32, 16\\] in the checkpoint"):
+    with pytest.raises(CheckpointError, match=r"'0.weight' is F32 \[32, 16\] in the checkpoint"):
         coord.load([StateComponent("model", _model(width=4), SharingPattern.REPLICATED)])
 
 
@@ -248,7 +248,7 @@ def test_a_step_as_a_digit_string_is_that_step(tmp_path):
     live = Box({})
     assert coord.load([StateComponent("c", live, SharingPattern.GLOBAL)], checkpoint="4").step == 4
     assert live.state["v"].item() == 4.0
-    with pytest.raises(CheckpointNotFoundError, match="no committed checkpoint for step 5 .* committed steps: \\[4, 40\\]"):
+    with pytest.raises(CheckpointNotFoundError, match=r"no committed checkpoint for step 5 .* committed steps: \[4, 40\]"):
         coord.load([StateComponent("c", live, SharingPattern.GLOBAL)], checkpoint="5")
 
 

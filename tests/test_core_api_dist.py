@@ -10,7 +10,14 @@ import sys
 import pytest
 import torch
 
-from ckpt import CheckpointCoordinator, CheckpointError, SaveHandle, SharingPattern, StateComponent, rng_component
+from ckpt import (
+    CheckpointCoordinator,
+    CheckpointError,
+    SaveHandle,
+    SharingPattern,
+    StateComponent,
+    rng_component,
+)
 from ckpt.io.storage import LocalStorage
 from tests.distributed import expect_ok, run_ranks
 from tests.workers import Box, same, snapshot

@@ -71,11 +71,17 @@ def check_components(manifest: Manifest, path: str, components: Sequence[StateCo
             if c.required and strict:
                 refusals.append(f"component {c.key!r} is required but the checkpoint does not have it")
             continue
-        if needs_reshard(entry, manifest.topology, topo):
-            if not reshard:
-                layout.append(layout_issue(c.key, entry, manifest.topology, topo))
+        if reshard and needs_reshard(entry, manifest.topology, topo):
+            continue  # merged from every saved copy; its load_state_dict takes what it needs
+        try:  # a group that is one of the saved groups loads its copy even when the others changed
+            owner = owner_for_load(entry.pattern, topo, entry.replica_sets, entry.process_group, c.key)
+        except CheckpointError:
+            owner, fits = None, False
+        else:
+            fits = entry.pattern is SharingPattern.PER_GROUP or not needs_reshard(entry, manifest.topology, topo)
+        if not fits:
+            layout.append(layout_issue(c.key, entry, manifest.topology, topo))
             continue
-        owner = owner_for_load(entry.pattern, topo, entry.replica_sets, entry.process_group, c.key)
         saved = saved_tensors(entry, owner)
         if isinstance(c.stateful, torch.optim.Optimizer):
             refusals += _optimizer_differences(c.key, c.stateful, saved)
