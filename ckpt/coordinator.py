@@ -21,7 +21,6 @@ import secrets
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -53,6 +52,7 @@ from .load.read_phase import (
     fallback_warning,
     read_or_reject,
 )
+from .load.result import LoadResult, check_fallback, check_missing_ok
 from .retention.catalog import RetentionOutcome, hold, retain, scan, summary_text
 from .retention.catalog import best as best_checkpoints
 from .retention.rules import BestCheckpoint, RetentionPolicy
@@ -76,32 +76,6 @@ log = logging.getLogger("ckpt")
 
 # Called by rank 0 after each commit with the run dir and the new checkpoint; retention plugs in here.
 AfterCommit = Callable[[str, CheckpointRef, Manifest], None]
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    """What a load did."""
-
-    path: str | None  # None: nothing was loaded (missing_ok=True in a run dir without a checkpoint)
-    step: int
-    loaded: tuple[str, ...]
-    skipped: tuple[str, ...]  # asked for, absent from the checkpoint (or damaged, below), and allowed to be
-    not_requested: tuple[str, ...]  # in the checkpoint, passed by no rank (left as they are on disk)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    manifest: Manifest | None = None
-    damaged: tuple[str, ...] = ()  # optional components skipped because their files failed checks (strict=False)
-    resharded: tuple[str, ...] = ()  # components this rank assembled from every saved copy (reshard=True)
-    # fallback=True: newer committed checkpoints that failed verification and were passed over, newest first
-    fallback_from: tuple[str, ...] = ()
-    # strict=False: tensor keys per component that the live object has and the checkpoint lacks (left as they
-    # were), and that the checkpoint has and the live object lacks (not applied to modules; added to dicts)
-    missing_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    unexpected_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
-
-    @property
-    def found(self) -> bool:
-        """Whether a checkpoint was loaded (False only for missing_ok=True with nothing to load)."""
-        return self.path is not None
 
 
 class CheckpointCoordinator:
@@ -445,10 +419,8 @@ class CheckpointCoordinator:
         Nothing of a checkpoint that failed is applied.
         """
         self._check_open("load()")
-        _check_fallback(checkpoint, fallback, in_place)
-        if missing_ok and not (isinstance(checkpoint, str) and checkpoint == "latest"):
-            raise ValueError(f"load(checkpoint={checkpoint!r}, missing_ok=True): missing_ok applies to "
-                             "checkpoint='latest' only (a checkpoint asked for by name must exist)")
+        check_fallback(checkpoint, fallback, in_place)
+        check_missing_ok(checkpoint, missing_ok)
         self.wait()
         candidates = self.comm.run_phase(
             "resolve", lambda: self._resolve(checkpoint, fallback, missing_ok) if self.rank == 0 else None,
@@ -520,14 +492,3 @@ class CheckpointCoordinator:
                 following = candidates[i + 1][0] if i + 1 < len(candidates) else None
                 log.warning(fallback_warning(path, bad, following))
         raise every_checkpoint_failed(self.run_dir, rejected)
-
-
-def _check_fallback(checkpoint: str | int | os.PathLike, fallback: bool, in_place: bool) -> None:
-    if not isinstance(fallback, bool):
-        raise TypeError(f"load(fallback={fallback!r}): fallback must be a bool")
-    if fallback and not (isinstance(checkpoint, str) and checkpoint == "latest"):
-        raise ValueError(f"load(checkpoint={checkpoint!r}, fallback=True): fallback applies to "
-                         "checkpoint='latest' only (a checkpoint asked for by name is loaded as asked, or not at all)")
-    if fallback and in_place:
-        raise ValueError("load(in_place=True, fallback=True): an in-place read changes live tensors before the "
-                         "checkpoint is known to verify; pass one of the two")
