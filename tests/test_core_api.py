@@ -195,6 +195,21 @@ def test_the_rng_component_restores_every_generator(tmp_path):
     assert rng_component().sharing_pattern is SharingPattern.PER_RANK
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_rng_component_restores_cuda_generators_and_tensors_load_into_the_device(tmp_path):
+    coord = CheckpointCoordinator(tmp_path)
+    torch.cuda.init()
+    torch.cuda.manual_seed_all(1)
+    on_gpu = torch.arange(4.0, device="cuda")
+    coord.save(1, [rng_component(), StateComponent("t", on_gpu, SharingPattern.GLOBAL)])
+    expected = torch.rand(3, device="cuda").tolist()
+    torch.cuda.manual_seed_all(2)
+    target = torch.zeros(4, device="cuda")
+    coord.load([rng_component(), StateComponent("t", target, SharingPattern.GLOBAL)])
+    assert torch.rand(3, device="cuda").tolist() == expected
+    assert target.device.type == "cuda" and torch.equal(target.cpu(), torch.arange(4.0))
+
+
 def _loader() -> torch.utils.data.DataLoader:
     # shuffle=True: a RandomSampler, which (like a StatefulDataLoader's) draws from torch's global generator
     # when an iterator is made and started.
