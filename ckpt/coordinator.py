@@ -403,7 +403,8 @@ class CheckpointCoordinator:
         accepts missing components and missing or unexpected tensor keys (listed in `missing_keys` and
         `unexpected_keys`). Everything is read and checked before any component's `load_state_dict` is called,
         so a failed load changes nothing. `missing_ok=True` (with checkpoint="latest"): a run dir without a
-        committed checkpoint gives a result with `found == False` instead of an error. `in_place=True` is the fast path: tensors are read straight into the components'
+        committed checkpoint gives a result with `found == False` instead of an error.
+        `in_place=True` is the fast path: tensors are read straight into the components'
         existing CPU tensors of the same name, dtype and shape (no new memory, no copy); if it fails (damaged
         bytes, or a storage error), the error names the components whose live tensors may already hold bytes
         from the checkpoint.
@@ -442,7 +443,8 @@ class CheckpointCoordinator:
         if any(r["failed"] is not None for r in reports):
             raise apply_failure(path, reports)
         self.resumed_from = path
-        self._went_back_to = step if step >= 0 else manifest.step
+        if _same_dir(os.path.dirname(os.path.normpath(path)), self.run_dir):  # one of this run's own checkpoints
+            self._went_back_to = step if step >= 0 else manifest.step
         if self.rank == 0:
             log.info("loaded %s (%d components)", path, len(staged.state))
         return LoadResult(path=path, step=step, loaded=tuple(c.key for c in components if c.key in staged.state),
@@ -492,3 +494,7 @@ class CheckpointCoordinator:
                 following = candidates[i + 1][0] if i + 1 < len(candidates) else None
                 log.warning(fallback_warning(path, bad, following))
         raise every_checkpoint_failed(self.run_dir, rejected)
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))

@@ -72,6 +72,17 @@ def test_loading_the_latest_sets_nothing_aside(tmp_path):
         _save_steps(coord, [30])  # the same step again, without going back, is still refused
 
 
+def test_loading_another_runs_checkpoint_sets_nothing_aside_here(tmp_path):
+    other = CheckpointCoordinator(tmp_path / "base")
+    _save_steps(other, [5])
+    coord = CheckpointCoordinator(tmp_path / "run")
+    _save_steps(coord, [10, 20])
+    coord.load([StateComponent("c", Box({}), SharingPattern.GLOBAL)], checkpoint=str(tmp_path / "base" /
+                                                                                      "checkpoint-00000005"))
+    _save_steps(coord, [30])  # weights from elsewhere are not a step back in this run's timeline
+    assert [r.step for r in coord.checkpoints()] == [10, 20, 30]
+
+
 def test_retention_removes_abandoned_checkpoints_unless_pinned(tmp_path):
     coord = CheckpointCoordinator(tmp_path, retention=RetentionPolicy(save_total_limit=3))
     _save_steps(coord, [10, 20, 30, 40])
