@@ -1,7 +1,7 @@
 """The `ckpt` command: list, inspect, verify, diff, export, prune and pin checkpoints (see docs/cli.md).
 
 Every subcommand takes `--json`. Errors are one line on stderr with exit status 2 (`verify` exits 1 when
-files are bad, `diff` exits 1 when the checkpoints differ); with `--json` the error is `{"error": ...}` on
+files are bad, `diff` exits 1 when the checkpoints differ, `ls --check` exits 1 when a manifest is unreadable); with `--json` the error is `{"error": ...}` on
 stdout instead, with the same status. Set CKPT_DEBUG=1 to see a traceback instead.
 """
 
