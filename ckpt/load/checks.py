@@ -43,7 +43,7 @@ class CheckReport:
     that strict=False lets through; `layout` are components whose saved layout does not fit this job."""
 
     refusals: tuple[str, ...] = ()
-    layout: tuple[str, ...] = ()
+    layout: tuple[tuple[str, str], ...] = ()  # (component, what does not fit)
     missing: dict[str, tuple[str, ...]] = field(default_factory=dict)
     unexpected: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -54,7 +54,7 @@ class CheckReport:
     @classmethod
     def from_wire(cls, wire: Sequence) -> CheckReport:
         refusals, layout, missing, unexpected = wire
-        return cls(tuple(refusals), tuple(layout), {k: tuple(v) for k, v in missing.items()},
+        return cls(tuple(refusals), tuple((k, t) for k, t in layout), {k: tuple(v) for k, v in missing.items()},
                    {k: tuple(v) for k, v in unexpected.items()})
 
 
@@ -62,7 +62,7 @@ def check_components(manifest: Manifest, path: str, components: Sequence[StateCo
                      strict: bool, reshard: bool) -> CheckReport:
     """This rank's findings for `components` against the checkpoint at `path` (whose manifest is given)."""
     refusals: list[str] = []
-    layout: list[str] = []
+    layout: list[tuple[str, str]] = []
     missing: dict[str, tuple[str, ...]] = {}
     unexpected: dict[str, tuple[str, ...]] = {}
     for c in components:
@@ -80,7 +80,7 @@ def check_components(manifest: Manifest, path: str, components: Sequence[StateCo
         else:
             fits = entry.pattern is SharingPattern.PER_GROUP or not needs_reshard(entry, manifest.topology, topo)
         if not fits:
-            layout.append(layout_issue(c.key, entry, manifest.topology, topo))
+            layout.append((c.key, layout_issue(c.key, entry, manifest.topology, topo)))
             continue
         saved = saved_tensors(entry, owner)
         if isinstance(c.stateful, torch.optim.Optimizer):
@@ -203,8 +203,10 @@ def refusal(path: str, reports: Sequence[CheckReport]) -> CheckpointError | None
     world = len(reports)
     layout: dict[str, list[int]] = {}
     other: dict[str, list[int]] = {}
+    affected: set[str] = set()
     for rank, report in enumerate(reports):
-        for text in report.layout:
+        for key, text in report.layout:
+            affected.add(key)
             layout.setdefault(text, []).append(rank)
         for text in report.refusals:
             other.setdefault(text, []).append(rank)
@@ -212,8 +214,7 @@ def refusal(path: str, reports: Sequence[CheckReport]) -> CheckpointError | None
         return None
     parts = []
     if layout:
-        affected = sorted({t.split("'")[1] for t in layout})
-        parts.append(f"the job's layout changed since the save, for components {affected}: "
+        parts.append(f"the job's layout changed since the save, for components {sorted(affected)}: "
                      + "; ".join(f"{t}{_ranks(r, world)}" for t, r in list(layout.items())[:SHOWN])
                      + (f"; and {len(layout) - SHOWN} more" if len(layout) > SHOWN else "") + f". {LAYOUT_ADVICE}")
     if other:
