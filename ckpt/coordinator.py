@@ -199,6 +199,10 @@ class CheckpointCoordinator:
         """Committed checkpoints in the run dir, oldest first."""
         return list_checkpoints(self.storage, self.run_dir)
 
+    def path_for(self, step: int) -> str:
+        """The folder checkpoint `step` of this run is committed as (it may not exist yet, or ever)."""
+        return os.path.join(self.run_dir, checkpoint_name(step))
+
     def latest(self) -> CheckpointRef | None:
         refs = self.checkpoints()
         return refs[-1] if refs else None
