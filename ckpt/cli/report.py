@@ -149,13 +149,17 @@ def _markers(storage: Storage, run_dir: str, policy: RetentionPolicy | None, lin
     on_disk = {m.step for m in out}
     abandoned = _abandoned(storage, run_dir)
     out += abandoned
+    set_aside = {m.step for m in abandoned}
     for line, gone in zip(lines, flags, strict=True):
         step = line["step"]
-        if line.get("kind") != CHECKPOINT_KIND or step in on_disk or gone:
+        if line.get("kind") != CHECKPOINT_KIND or step in (set_aside if gone else on_disk):
             continue
-        on_disk.add(step)
-        out.append(Marker(str(line.get("checkpoint") or f"step {step}"), step, "deleted",
-                          "deleted by retention", value=eval_at.get(step)))
+        (set_aside if gone else on_disk).add(step)
+        name = str(line.get("checkpoint") or f"step {step}")
+        if gone:  # set aside by a rollback, then removed by retention (it was not pinned)
+            out.append(Marker(name, step, "abandoned", "abandoned by a rollback, then deleted by retention"))
+            continue
+        out.append(Marker(name, step, "deleted", "deleted by retention", value=eval_at.get(step)))
     return sorted(out, key=lambda m: (m.step, m.status))
 
 
