@@ -19,6 +19,7 @@ from .errors import (
 )
 from .format.layout import CheckpointRef, list_checkpoints
 from .format.manifest import Manifest, read_manifest
+from .io.s3 import S3Options, S3Storage
 from .io.storage import LocalStorage, Storage
 from .load.reshard import is_shard_entry, local_piece, needs_reshard, shard_entry
 from .plain_state import RNGState
@@ -54,6 +55,8 @@ __all__ = [
     "RetentionOutcome",
     "RetentionPolicy",
     "RunDirInUseError",
+    "S3Options",
+    "S3Storage",
     "SaveHandle",
     "SerializationError",
     "SharingPattern",

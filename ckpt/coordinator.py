@@ -8,8 +8,10 @@ A save runs in phases, each ending in an exchange of outcomes between all ranks:
   commit   rank 0 writes the manifest, renames the folder into place, applies retention
 A load resolves the checkpoint on rank 0, reads everything into staging on every rank (ckpt/load/read_phase.py),
 and only then applies it, so a failure anywhere leaves every rank's live state untouched.
-Rank 0 holds the run dir's lock (ckpt/lock.py) from construction to `close()`, so a second job on the same
+Rank 0 holds the run dir's lock (ckpt/io/lock.py) from construction to `close()`, so a second job on the same
 run dir is refused instead of racing this one; a read-only coordinator takes no lock and never writes.
+On object storage (`s3://bucket/prefix`, ckpt/io/s3.py) there is no rename: a save writes under the checkpoint's
+own name and commits by creating its manifest, create-only; the lock is an object with a lease.
 """
 
 from __future__ import annotations
@@ -30,19 +32,22 @@ from .errors import CheckpointError
 from .format.layout import (
     CheckpointRef,
     checkpoint_name,
+    is_committed,
     list_checkpoints,
     list_partials,
     parse_step,
-    partial_name,
     removal_name,
     resolve_checkpoint,
+    save_dir,
 )
 from .format.manifest import Manifest, plain_metrics, read_manifest
+from .io.lease import LeaseLock
 from .io.lock import RunDirLock, take_run_dir
 from .io.staging import StagingPool
-from .io.storage import LocalStorage, Storage
+from .io.storage import Storage, is_url, norm_path, storage_for
 from .io.threads import gc_paused
-from .load.applying import apply_failure, apply_staged
+from .load.agreement import ReadVerdict, decide_apply, decide_read
+from .load.applying import apply_staged
 from .load.checks import CheckReport, merged_keys, precheck, refusal
 from .load.read_phase import (
     ReadOptions,
@@ -53,12 +58,13 @@ from .load.read_phase import (
     read_or_reject,
 )
 from .load.result import LoadResult, check_fallback, check_missing_ok
-from .retention.catalog import RetentionOutcome, hold, retain, scan, summary_text
+from .retention.catalog import RetentionOutcome, delete_checkpoint, hold, retain, scan, summary_text
 from .retention.catalog import best as best_checkpoints
 from .retention.rules import BestCheckpoint, RetentionPolicy
 from .retention.timeline import set_aside_newer, went_back_label
+from .save.agreement import PlanCache, agree_plan
 from .save.background import BackgroundSave, SaveHandle
-from .save.planning import ComponentDecl, build_plan
+from .save.planning import ComponentDecl
 from .save.saving import (
     PreparedComponent,
     Snapshot,
@@ -82,11 +88,12 @@ class CheckpointCoordinator:
     """Saves and loads a job's state components in `run_dir`. Construct it on every rank (collective).
 
     Args:
-        run_dir: folder holding this run's checkpoints (shared by all ranks).
+        run_dir: folder holding this run's checkpoints (shared by all ranks), or `s3://bucket/prefix` on object
+            storage (the `ckpt[s3]` extra; endpoint and credentials from the standard AWS settings).
         process_groups: name -> ProcessGroup (or a list of member ranks) for PER_GROUP components;
             each rank passes the group it belongs to.
         timeout: how long any rank waits for the others at one step of a save or load.
-        storage: where bytes go; the local filesystem by default.
+        storage: where bytes go; by default the local filesystem, or S3Storage for an s3:// run_dir.
         verify_on_load: check every file's digest while reading it.
         local_world_size: ranks per node; defaults to torchrun's LOCAL_WORLD_SIZE.
         after_commit: called on rank 0 after each commit.
@@ -118,19 +125,19 @@ class CheckpointCoordinator:
         force: bool = False,
         read_only: bool = False,
     ):
-        self.run_dir = os.fspath(run_dir)
+        self.run_dir = norm_path(run_dir) if is_url(os.fspath(run_dir)) else os.fspath(run_dir)
         self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         if self.timeout.total_seconds() <= 0:
             raise ValueError(f"CheckpointCoordinator: timeout={timeout!r} must be positive")
-        self.storage: Storage = storage or LocalStorage()
+        self.storage: Storage = storage_for(self.run_dir, storage)
         self.verify_on_load = verify_on_load
         self.after_commit = after_commit
         if retention is not None and not isinstance(retention, RetentionPolicy):
             raise TypeError(f"CheckpointCoordinator: retention={retention!r} must be a ckpt.RetentionPolicy or None")
         self.retention = retention
         self.resumed_from: str | None = None  # the last checkpoint loaded; retention never deletes it
-        # The step of the last checkpoint loaded, until the next save: that save sets aside every newer checkpoint
-        # as an abandoned timeline (ckpt/retention/timeline.py).
+        # The step of the last checkpoint of this run loaded, until the next save: that save sets aside every newer
+        # checkpoint as an abandoned timeline (ckpt/retention/timeline.py).
         self._went_back_to: int | None = None
         self.last_retention: RetentionOutcome | None = None  # rank 0's outcome of the last save, on every rank
         self.async_save = async_save
@@ -143,24 +150,30 @@ class CheckpointCoordinator:
         self.read_only = read_only
         self._staging = StagingPool()
         self._pending: BackgroundSave | None = None
+        self._plan = PlanCache()  # the last save's plan, reused while no rank's declarations change
         self._closed = False
         self.comm = Communicator(self.timeout)
         self.topology: RankTopology = discover(self.comm, process_groups, local_world_size)
         self.rank = self.comm.rank
         if not read_only:
             self.storage.makedirs(self.run_dir)
-        held: list[RunDirLock] = []
+        held: list[RunDirLock | LeaseLock] = []
         # Rank 0 locks the run dir; every rank learns the tag of its unfinished-save folders (None: locked).
         locks = self.rank == 0 and not read_only
-        self._tag: str | None = self.comm.run_phase(
-            "lock", lambda: self._take_run_dir(force, held) if locks else None, what="coordinator start-up")[0]
+        self._tag: str | None = self.comm.broadcast_phase(
+            "lock", lambda: self._take_run_dir(force, held) if locks else None, what="coordinator start-up")
         self._release = weakref.finalize(self, held[0].release) if held else None
 
-    def _take_run_dir(self, force: bool, held: list[RunDirLock]) -> str | None:
+    def _take_run_dir(self, force: bool, held: list[RunDirLock | LeaseLock]) -> str | None:
         """Rank 0: lock the run dir and, first to own it in this process (another coordinator here may be
-        mid-overwrite), put back a checkpoint an overwrite left aside when it died."""
-        tag = take_run_dir(self.run_dir, force, held)
+        mid-overwrite), put back a checkpoint an overwrite left aside when it died; on object storage, remove
+        what saves that died before their manifest left."""
+        tag = take_run_dir(self.storage, self.run_dir, force, held)
         if tag is None and held and held[0].first:
+            if not self.storage.renames:
+                for stale in list_partials(self.storage, self.run_dir):
+                    self._remove_stale(stale)
+                return tag
             for path in restore_replaced(self.storage, self.run_dir):
                 log.warning("restored %s: an overwrite of it was interrupted before the new copy was in place", path)
         return tag
@@ -292,60 +305,68 @@ class CheckpointCoordinator:
     def _write_checkpoint(self, step: int, snapshots: Mapping[str, Snapshot], error: Exception | None,
                           metrics: Mapping[str, Any], overwrite: bool, went_back: int | None) -> str:
         final = os.path.join(self.run_dir, checkpoint_name(step))
-        partial = os.path.join(self.run_dir, partial_name(step, self._tag))
+        partial = save_dir(self.storage, self.run_dir, step, self._tag)
         what = f"save of step {step}"
         started = time.perf_counter()
         prepared: dict[str, PreparedComponent] = {}
         try:
-            wires = self.comm.run_phase(
-                "prepare", lambda: self._declare(snapshots, error, prepared, final, partial, overwrite, went_back),
-                what=what)
-            decls = [{w[0]: ComponentDecl.from_wire(w) for w in per_rank} for per_rank in wires]
-            plans = build_plan(decls, self.topology)
-            check_replicas(self.comm, plans, [{k: d.digest for k, d in per.items()} for per in decls],
-                           {k: p.table for k, p in prepared.items()}, {k: p.flat for k, p in prepared.items()})
-            mine = [a for p in plans.values() for a in p.files if a.writer == self.rank]
-            records = self.comm.run_phase(
-                "write", lambda: write_files(self.storage, partial, mine, prepared, self.rank, self.io_threads,
-                                            on_file=lambda rel: self.comm.note(f"writing {rel}")),
-                what=what)
-            manifest = build_manifest(step, plans, records, self.topology.describe(), metrics)
-            outcome = self.comm.run_phase("commit", lambda: self._commit(partial, final, manifest, overwrite),
-                                          what=what)[0]
+            # Rank 0 plans (or reuses its last plan) and checks the replica digests; each rank learns its files.
+            verdict, self._plan = agree_plan(
+                self.comm, lambda: self._declare(snapshots, error, prepared, final, partial, overwrite, went_back),
+                self._plan, self.topology, what)
+            check_replicas(self.comm, verdict.checks, {k: p.table for k, p in prepared.items()},
+                           {k: p.flat for k, p in prepared.items()})
+            records = self.comm.gather_phase(
+                "write", lambda: write_files(self.storage, partial, self._plan.mine, prepared, self.rank,
+                                            self.io_threads, on_file=lambda rel: self.comm.note(f"writing {rel}")),
+                what=what).kept  # every rank's file records, on rank 0
+            manifest = None
+            if self.rank == 0:
+                manifest = build_manifest(step, self._plan.plans, records, self.topology.describe(), metrics)
+            outcome = self.comm.broadcast_phase("commit", lambda: self._commit(partial, final, manifest, overwrite),
+                                                what=what)
             self.last_retention = None if outcome is None else RetentionOutcome.from_plain(outcome)
         except BaseException:
             if self.rank == 0:
                 self._discard(partial)
             raise
-        if self.rank == 0:
+        if manifest is not None:
             total = sum(f.nbytes for c in manifest.components.values() for f in c.files)
-            log.info("saved %s: %d components, %.1f MB in %.2fs", final, len(plans), total / 1e6,
+            log.info("saved %s: %d components, %.1f MB in %.2fs", final, len(manifest.components), total / 1e6,
                      time.perf_counter() - started)
         return final
 
     def _declare(self, snapshots: Mapping[str, Snapshot], error: Exception | None,
                  out: dict[str, PreparedComponent], final: str, partial: str, overwrite: bool,
-                 went_back: int | None) -> list[list]:
+                 went_back: int | None) -> list[ComponentDecl]:
         if error is not None:
             raise error
         if self.rank == 0:
             if went_back is not None:  # newer checkpoints are another timeline's: moved out of this one's way
                 set_aside_newer(self.storage, self.run_dir, went_back,
                                 went_back_label(went_back, parse_step(os.path.basename(final)) or 0))
-            if self.storage.exists(final) and not overwrite:
+            committed = self.storage.exists(final) if self.storage.renames else is_committed(self.storage, final)
+            if committed and not overwrite:
                 raise CheckpointError(f"{final} already exists; pass overwrite=True to replace it, or save "
                                       "another step", path=final)
+            if committed and not self.storage.renames:  # written in place: the old copy goes first
+                delete_checkpoint(self.storage, final)
             # Unfinished saves are stale only when this job owns the run dir; forced, they may be another job's.
             for stale in list_partials(self.storage, self.run_dir) if self._tag is None else []:
                 self._remove_stale(stale)
             self.storage.makedirs(partial)
         for key, snap in snapshots.items():
             out[key] = declare(snap, self._plans_split(snap.component, snap.pattern), self.io_threads)
-        return [p.decl.to_wire() for p in out.values()]
+        return [p.decl for p in out.values()]
 
     def _remove_stale(self, stale: str) -> None:
         """Move an unfinished save aside, then remove it: if a forced job commits it meanwhile, one of the two
-        renames fails cleanly, and the committed checkpoint is never emptied from under its name."""
+        renames fails cleanly, and the committed checkpoint is never emptied from under its name. (Object
+        storage has no rename, and no forced second job: the lock owner removes it in place.)"""
+        if not self.storage.renames:
+            log.info("removing unfinished save %s", stale)
+            self.storage.remove_tree(stale)
+            return
         doomed = os.path.join(self.run_dir, removal_name(os.path.basename(stale), secrets.token_hex(4)))
         try:
             self.storage.rename(stale, doomed)
@@ -366,8 +387,6 @@ class CheckpointCoordinator:
         return False
 
     def _commit(self, partial: str, final: str, manifest: Manifest, overwrite: bool) -> dict | None:
-        if self.rank != 0:
-            return None
         commit(self.storage, partial, final, manifest, overwrite)
         if self.after_commit is not None:
             try:  # the checkpoint is committed; a failing hook must not make the save look failed
@@ -386,6 +405,8 @@ class CheckpointCoordinator:
 
     def _discard(self, partial: str) -> None:
         try:
+            if not self.storage.renames and is_committed(self.storage, partial):
+                return  # written in place and committed before a later step failed: it stays
             self.storage.remove_tree(partial)
         except OSError as exc:  # the next save removes it
             log.warning("could not remove %s after a failed save: %s", partial, exc)
@@ -427,25 +448,22 @@ class CheckpointCoordinator:
         check_fallback(checkpoint, fallback, in_place)
         check_missing_ok(checkpoint, missing_ok)
         self.wait()
-        candidates = self.comm.run_phase(
-            "resolve", lambda: self._resolve(checkpoint, fallback, missing_ok) if self.rank == 0 else None,
-            what="load")[0]
+        candidates = self.comm.broadcast_phase("resolve", lambda: self._resolve(checkpoint, fallback, missing_ok),
+                                               what="load")
         if not candidates:
             return LoadResult(path=None, step=-1, loaded=(), skipped=tuple(c.key for c in components), not_requested=())
         opts = ReadOptions(strict, in_place, reshard, self.verify_on_load, self.io_threads)
-        staged, step, declared, rejected, checks = self._read_first_good(candidates, components, opts, fallback)
+        staged, step, read, rejected, checks = self._read_first_good(candidates, components, opts, fallback)
         path, manifest = staged.path, staged.manifest
         # A component damaged on any rank is dropped on every rank, so replicas never end up loaded on some.
-        damaged = sorted({k for d in declared for k in d["damaged"]})
+        damaged = list(read.damaged)
         for key in damaged:
             staged.state.pop(key, None)
         asked = {c.key for c in components}
         skipped = staged.skipped + [k for k in damaged if k not in staged.skipped and k in asked]
-        unused = sorted(set(manifest.components) - {k for d in declared for k in d["keys"]})
-        reports = self.comm.run_phase("apply", lambda: apply_staged(components, staged.state, self.rank, strict),
-                                      what=f"load of {path}")
-        if any(r["failed"] is not None for r in reports):
-            raise apply_failure(path, reports)
+        unused = sorted(set(manifest.components) - set(read.keys))
+        self.comm.gather_phase("apply", lambda: apply_staged(components, staged.state, self.rank, strict),
+                               what=f"load of {path}", decide=lambda reports: decide_apply(path, reports))
         self.resumed_from = path
         if _same_dir(os.path.dirname(os.path.normpath(path)), self.run_dir):  # one of this run's own checkpoints
             self._went_back_to = step if step >= 0 else manifest.step
@@ -471,28 +489,30 @@ class CheckpointCoordinator:
 
     def _read_first_good(self, candidates: Sequence[Sequence], components: Sequence[StateComponent],
                          opts: ReadOptions, fallback: bool
-                         ) -> tuple[Staged, int, list[dict], list, list[CheckReport]]:
+                         ) -> tuple[Staged, int, ReadVerdict, list, list[CheckReport]]:
         """The check and read phases, on each candidate in turn until one verifies on every rank. Returns what
-        this rank staged, the step, every rank's declarations, the (path, failures by rank) of those passed
-        over, and every rank's check report."""
+        this rank staged, the step, what every rank read (rank 0's summary), the (path, failures by rank) of
+        those passed over, and every rank's check report."""
         rejected: list[tuple[str, dict[int, str]]] = []
         for i, (path, step) in enumerate(candidates):
             box: list[Staged] = []
             read = functools.partial(read_or_reject, self.storage, path, components, self.topology, opts,
                                      fallback, box)
             check = functools.partial(precheck, self.storage, path, components, self.topology, opts, fallback)
+            reports: list[CheckReport] = []
             with hold(path, "being loaded"):
-                checked = self.comm.run_phase("check", check, what=f"load of {path}")
+                checked = self.comm.run_phase("check", check, what=f"load of {path}")  # before anything is read
                 bad = {r: d["bad"] for r, d in enumerate(checked) if d["bad"] is not None}
-                reports = [CheckReport.from_wire(d["report"]) for d in checked if d["bad"] is None]
                 if not bad:
+                    reports = [CheckReport.from_wire(d["report"]) for d in checked]
                     refused = refusal(path, reports)
                     if refused is not None:
                         raise refused
-                    declared = self.comm.run_phase("read", read, what=f"load of {path}")
-                    bad = {r: d["bad"] for r, d in enumerate(declared) if d["bad"] is not None}
+                    verdict = ReadVerdict.from_wire(
+                        self.comm.gather_phase("read", read, what=f"load of {path}", decide=decide_read).common)
+                    bad = verdict.bad
             if not bad:
-                return box[0], step, declared, rejected, reports
+                return box[0], step, verdict, rejected, reports
             rejected.append((path, bad))
             if self.rank == 0:
                 following = candidates[i + 1][0] if i + 1 < len(candidates) else None

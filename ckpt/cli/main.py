@@ -19,8 +19,9 @@ from typing import Any
 from .. import __version__
 from ..errors import CheckpointError, CheckpointNotFoundError, RunDirInUseError
 from ..format.layout import MANIFEST_NAME, REPLACED_SUFFIX, list_partials, parse_step
-from ..io.lock import RunDirLock
-from ..io.storage import LocalStorage
+from ..io.lease import LeaseLock
+from ..io.lock import RunDirLock, acquire
+from ..io.storage import is_url, norm_path, storage_for, tree_bytes
 from ..load.reshape import load_plan, mesh_picture, parse_shape, saved_mesh
 from ..retention.catalog import (
     AppliedPolicy,
@@ -119,10 +120,18 @@ def _policy(args: argparse.Namespace, run_dir: str) -> AppliedPolicy:
     given = {"save_total_limit": args.save_total_limit, "preserve_n_best": args.preserve_n_best,
              "best_model_metric": args.metric, "best_model_greater_is_better": args.greater,
              "keep_every_n_steps": args.keep_every_n_steps}
-    return layer_policy(LocalStorage(), run_dir, {k: v for k, v in given.items() if v is not None}, _FLAGS)
+    return layer_policy(storage_for(run_dir), run_dir, {k: v for k, v in given.items() if v is not None}, _FLAGS)
 
 
 def _run_dir(path: str) -> str:
+    if is_url(path):
+        path, storage = norm_path(path), storage_for(path)
+        if not storage.is_dir(path):
+            raise CheckpointNotFoundError(f"{path} does not exist (no objects under that prefix)", path=path)
+        if storage.exists(f"{path}/{MANIFEST_NAME}"):
+            raise CheckpointNotFoundError(f"{path} is a checkpoint, not a run directory; use `ckpt inspect {path}`",
+                                          path=path)
+        return path
     path = os.path.normpath(path)
     if os.path.basename(path) == MANIFEST_NAME and os.path.isfile(path):
         run = os.path.dirname(os.path.dirname(os.path.abspath(path)))
@@ -139,7 +148,7 @@ def _run_dir(path: str) -> str:
 
 def _decide(run_dir: str, policy: RetentionPolicy | None) -> tuple[list[CheckpointInfo], RetentionDecision, set]:
     """The decision now, and which kept checkpoints the next save (without a new best) would drop."""
-    infos = scan(LocalStorage(), run_dir, abandoned=True)
+    infos = scan(storage_for(run_dir), run_dir, abandoned=True)
     decision = (policy or RetentionPolicy()).decide(infos)
     next_to_go: set[str] = set()
     if policy is not None and infos:
@@ -165,10 +174,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
                      "pinned": info.pinned, "partial": False, "keep": d.keep, "reasons": list(d.reasons),
                      "drop_reason": d.drop_reason, "next_to_go": info.path in next_to_go, "error": info.error,
                      "damaged": info.error is not None, "abandoned": info.abandoned})
-    for path in sorted(list_partials(LocalStorage(), run_dir)):
+    for path in sorted(list_partials(storage_for(run_dir), run_dir)):
         name = os.path.basename(path)
         rows.append({"name": name, "path": path, "step": parse_step(name.split(".", 1)[0]), "created_utc": None,
-                     "nbytes": _du(path), "metrics": {}, "pinned": False, "partial": True, "keep": False,
+                     "nbytes": tree_bytes(storage_for(path), path), "metrics": {}, "pinned": False, "partial": True, "keep": False,
                      "reasons": [], "drop_reason": _partial_status(name),
                      "next_to_go": False, "error": None, "damaged": False, "abandoned": False})
     damaged = [r["name"] for r in rows if r["damaged"]]
@@ -204,15 +213,11 @@ def _status(r: dict) -> str:
     return prefix + "keep: " + ", ".join(r["reasons"]) + (" (next to go)" if r["next_to_go"] else "")
 
 
-def _du(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
-
-
-def _lock_run_dir(run_dir: str, args: argparse.Namespace) -> tuple[RunDirLock | None, dict | None]:
+def _lock_run_dir(run_dir: str, args: argparse.Namespace) -> tuple[RunDirLock | LeaseLock | None, dict | None]:
     """Take the run dir's lock, as a live job's coordinator holds it: (our hold, None), or (None, the holder)
     when another process holds it and this is a dry run or --force. Otherwise an error naming the holder."""
     try:
-        return RunDirLock.acquire(run_dir), None
+        return acquire(storage_for(run_dir), run_dir), None
     except RunDirInUseError as exc:
         if args.dry_run or args.force:
             return None, exc.holder or {"pid": None}
@@ -243,7 +248,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     lock, holder = _lock_run_dir(run_dir, args)
     try:
         _, decision, _ = _decide(run_dir, policy)
-        outcome = apply_decision(LocalStorage(), decision, dry_run=args.dry_run)
+        outcome = apply_decision(storage_for(run_dir), decision, dry_run=args.dry_run)
     finally:
         if lock is not None:
             lock.release()
@@ -422,7 +427,7 @@ def _export_lines(result: dict[str, Any]) -> None:
 def _pin_command(pin: bool) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         ck = open_checkpoint(args.checkpoint)
-        changed = (pin_checkpoint if pin else unpin_checkpoint)(LocalStorage(), ck.path)
+        changed = (pin_checkpoint if pin else unpin_checkpoint)(ck.storage, ck.path)
         if args.json:
             _json({"path": ck.path, "pinned": pin, "changed": changed})
         else:

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import CheckpointNotFoundError
-from ..io.storage import Storage
+from ..io.storage import Storage, is_url
 
 MANIFEST_NAME = "checkpoint_manifest.json"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -87,7 +87,26 @@ def list_abandoned(storage: Storage, run_dir: str) -> list[CheckpointRef]:
 
 
 def list_partials(storage: Storage, run_dir: str) -> list[str]:
-    return [os.path.join(run_dir, n) for n in storage.list_dir(run_dir) if is_partial_name(n)]
+    """Unfinished saves in `run_dir`. On a store without rename a save writes under its final name, so a
+    step-named folder without a manifest is one too."""
+    names = storage.list_dir(run_dir)
+    out = [os.path.join(run_dir, n) for n in names if is_partial_name(n)]
+    if not storage.renames:
+        out += [os.path.join(run_dir, n) for n in names
+                if parse_step(n) is not None and not storage.exists(os.path.join(run_dir, n, MANIFEST_NAME))]
+    return out
+
+
+def save_dir(storage: Storage, run_dir: str, step: int, tag: str | None) -> str:
+    """Where a save of `step` writes its files: `<name>.partial/`, renamed into place at commit; or, on a store
+    without rename, the checkpoint's own folder (committed when its manifest is created there)."""
+    name = partial_name(step, tag) if storage.renames else checkpoint_name(step)
+    return os.path.join(run_dir, name)
+
+
+def is_committed(storage: Storage, path: str) -> bool:
+    """Whether the checkpoint folder `path` is committed (holds its manifest)."""
+    return storage.exists(os.path.join(path, MANIFEST_NAME))
 
 
 def resolve_checkpoint(storage: Storage, run_dir: str, checkpoint: str | int | os.PathLike) -> CheckpointRef:
@@ -110,7 +129,7 @@ def resolve_checkpoint(storage: Storage, run_dir: str, checkpoint: str | int | o
     if isinstance(checkpoint, str) and checkpoint.isdigit() and not storage.exists(path) and not storage.exists(
             os.path.join(run_dir, path)):
         return resolve_checkpoint(storage, run_dir, int(checkpoint))  # "40" from a command line is step 40
-    if not os.path.isabs(path) and not storage.exists(path):
+    if not os.path.isabs(path) and not is_url(path) and (is_url(run_dir) or not storage.exists(path)):
         path = os.path.join(run_dir, path)
     if os.path.basename(os.path.normpath(path)) == MANIFEST_NAME and storage.exists(path):
         raise CheckpointNotFoundError(f"{path} is a checkpoint's manifest file; pass the checkpoint's folder, "

@@ -25,7 +25,7 @@ from ..format.layout import (
     resolve_checkpoint,
 )
 from ..format.manifest import read_manifest
-from ..io.storage import Storage
+from ..io.storage import Storage, norm_path, parent_of
 from .rules import (
     BestCheckpoint,
     CheckpointInfo,
@@ -46,7 +46,7 @@ _held_lock = threading.Lock()
 @contextlib.contextmanager
 def hold(path: str, why: str) -> Iterator[None]:
     """Protect `path` from deletion by retention in this process while the block runs."""
-    key = os.path.normpath(os.path.abspath(path))
+    key = norm_path(path)
     with _held_lock:
         _held.setdefault(key, []).append(why)
     try:
@@ -96,7 +96,7 @@ def best(storage: Storage, run_dir: str, policy: RetentionPolicy, n: int | None 
 
 def committed_dir(storage: Storage, path: str) -> str:
     """`path` if it is a committed checkpoint; an error naming what it is otherwise."""
-    return resolve_checkpoint(storage, os.path.dirname(os.path.abspath(path)), os.path.abspath(path)).path
+    return resolve_checkpoint(storage, parent_of(path), norm_path(path)).path
 
 
 def pin_checkpoint(storage: Storage, path: str) -> bool:
@@ -135,14 +135,12 @@ def read_policy(storage: Storage, run_dir: str) -> RetentionPolicy | None:
 
 
 def write_policy(storage: Storage, run_dir: str, policy: RetentionPolicy) -> None:
-    """Record the policy for offline tools (temp + rename); nothing is written when it is unchanged."""
+    """Record the policy for offline tools (in one step: `replace_file`); nothing is written when it is unchanged."""
     path = os.path.join(run_dir, POLICY_NAME)
     with contextlib.suppress(CheckpointError):
         if read_policy(storage, run_dir) == policy:
             return
-    tmp = path + ".tmp"
-    storage.write_file(tmp, [(json.dumps(policy.to_plain(), indent=1) + "\n").encode()])
-    storage.rename(tmp, path)
+    storage.replace_file(path, (json.dumps(policy.to_plain(), indent=1) + "\n").encode())
 
 
 # ---- a policy given in part (the `ckpt` command's flags) ----------------------------------------
@@ -232,8 +230,13 @@ class RetentionOutcome:
 
 
 def delete_checkpoint(storage: Storage, path: str) -> None:
-    """Uncommit first (an atomic rename to a name that is never loaded), then remove the files, so a
-    crash part way never leaves a committed checkpoint with files missing."""
+    """Uncommit first (an atomic rename to a name that is never loaded; on a store without rename, deleting
+    the manifest), then remove the files, so a crash part way never leaves a committed checkpoint with files
+    missing (what is left is an unfinished save, which the run dir's next owner removes)."""
+    if not storage.renames:
+        storage.remove_file(os.path.join(path, MANIFEST_NAME))
+        storage.remove_tree(path)
+        return
     doomed = os.path.normpath(path) + DELETING_SUFFIX
     storage.remove_tree(doomed)
     storage.rename(path, doomed)
@@ -248,7 +251,7 @@ def apply_decision(storage: Storage, decision: RetentionDecision, dry_run: bool 
     """
     deleted, failed = [], []
     for c in decision.dropped:
-        busy = held().get(os.path.normpath(os.path.abspath(c.path)))
+        busy = held().get(norm_path(c.path))
         if busy or storage.exists(os.path.join(c.path, PIN_NAME)) or not storage.exists(
                 os.path.join(c.path, MANIFEST_NAME)):
             log.info("retention: keeping %s after all (%s)", c.path, busy or "pinned or already gone")

@@ -9,11 +9,12 @@ N and the `ckpt` command all reach the same answer. Deleting is done elsewhere (
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from ..io.storage import norm_path
 
 # Words that give a metric's direction away. Long words match anywhere in the name; short ones
 # only as a whole word (so "acc" is not found in "accumulated_steps").
@@ -51,7 +52,7 @@ def metric_value(metrics: Mapping[str, Any], metric: str) -> tuple[str, float] |
 
 
 def _norm(path: str) -> str:
-    return os.path.normpath(os.path.abspath(path))
+    return norm_path(path)
 
 
 # Why a damaged checkpoint is kept, and why an abandoned one is dropped (as `ckpt ls` shows them).

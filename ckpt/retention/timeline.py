@@ -47,6 +47,12 @@ def set_aside_newer(storage: Storage, run_dir: str, step: int, label: str,
     doomed = newer_than(storage, run_dir, step, before_step)
     if not doomed:
         return []
+    if not getattr(storage, "renames", True):
+        # Object storage has no rename, and copying every file of a checkpoint is not one atomic step: the newer
+        # checkpoints stay where they are (a save at one of their steps then needs overwrite=True).
+        log.warning("%d checkpoint(s) newer than step %d belong to an abandoned timeline, but %s cannot rename "
+                    "them aside; they stay in the run's timeline: %s", len(doomed), step, run_dir, doomed)
+        return []
     root = os.path.join(run_dir, ABANDONED_DIR)
     dest = os.path.join(root, _free_label(storage, root, label))
     storage.makedirs(dest)

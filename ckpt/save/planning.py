@@ -7,6 +7,7 @@ REPLICATED and PER_GROUP tensors are spread over a replica set's members, balanc
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,6 +56,13 @@ class Piece:
     start: int | None = None
     stop: int | None = None
 
+    def to_wire(self) -> list:
+        return [self.name, self.start, self.stop]
+
+    @classmethod
+    def from_wire(cls, w: list) -> Piece:
+        return cls(str(w[0]), w[1], w[2])
+
 
 @dataclass(frozen=True)
 class FileAssignment:
@@ -66,6 +74,15 @@ class FileAssignment:
     owner: int | None
     pieces: tuple[Piece, ...] | None
 
+    def to_wire(self) -> list:
+        return [self.relpath, self.kind, self.writer, self.owner,
+                None if self.pieces is None else [p.to_wire() for p in self.pieces]]
+
+    @classmethod
+    def from_wire(cls, w: list) -> FileAssignment:
+        pieces = None if w[4] is None else tuple(Piece.from_wire(p) for p in w[4])
+        return cls(str(w[0]), str(w[1]), int(w[2]), w[3], pieces)
+
 
 @dataclass(frozen=True)
 class ComponentPlan:
@@ -76,6 +93,19 @@ class ComponentPlan:
     validation: ValidationLevel
     replica_sets: tuple[tuple[int, ...], ...]
     files: tuple[FileAssignment, ...]
+
+    def to_wire(self) -> list:
+        return [self.key, self.pattern.value, self.process_group, self.required, self.validation.value,
+                [list(m) for m in self.replica_sets], [f.to_wire() for f in self.files]]
+
+    @classmethod
+    def from_wire(cls, w: list) -> ComponentPlan:
+        return cls(str(w[0]), SharingPattern(w[1]), w[2], bool(w[3]), ValidationLevel(w[4]),
+                   tuple(tuple(int(r) for r in m) for m in w[5]), tuple(FileAssignment.from_wire(f) for f in w[6]))
+
+    def writes_of(self, rank: int) -> tuple[FileAssignment, ...]:
+        """The files `rank` writes."""
+        return tuple(f for f in self.files if f.writer == rank)
 
 
 def split(sizes: Sequence[tuple[str, int, int]], bins: int) -> list[tuple[Piece, int]]:
@@ -98,20 +128,25 @@ def split(sizes: Sequence[tuple[str, int, int]], bins: int) -> list[tuple[Piece,
 def balance(pieces: Sequence[tuple[Piece, int]], bins: int) -> list[list[Piece]]:
     """Spread pieces over `bins` writers so each writes about the same bytes (largest first, to the
     least loaded writer; ties go to the lower index). Deterministic for the same input."""
-    loads = [0] * bins
     out: list[list[Piece]] = [[] for _ in range(bins)]
     holds: list[set[str]] = [set() for _ in range(bins)]
+    # Writers by (bytes so far, index): the least loaded first, in log time (thousands of writers are common).
+    heap = [(0, i) for i in range(bins)]
     for piece, nbytes in sorted(pieces, key=lambda item: (-item[1], item[0].name, item[0].start or 0)):
         # Two pieces of one tensor in one file would share a name there; `split` cuts a tensor into at most
         # `bins` pieces, so a writer without one is always left.
-        free = [i for i in range(bins) if piece.name not in holds[i]]
-        if not free:
+        skipped = []
+        while heap and piece.name in holds[heap[0][1]]:
+            skipped.append(heapq.heappop(heap))
+        if not heap:
             raise CheckpointError(f"internal planning error: tensor {piece.name!r} was cut into more pieces than "
                                   f"there are writers ({bins}); please report this")
-        target = min(free, key=lambda i: (loads[i], i))
+        load, target = heapq.heappop(heap)
         out[target].append(piece)
         holds[target].add(piece.name)
-        loads[target] += nbytes
+        heapq.heappush(heap, (load + nbytes, target))
+        for item in skipped:
+            heapq.heappush(heap, item)
     return out
 
 
