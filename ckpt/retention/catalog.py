@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CheckpointError
-from ..format.layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkpoints, resolve_checkpoint
+from ..format.layout import (
+    MANIFEST_NAME,
+    PARTIAL_SUFFIX,
+    PIN_NAME,
+    list_abandoned,
+    list_checkpoints,
+    resolve_checkpoint,
+)
 from ..format.manifest import read_manifest
 from ..io.storage import Storage, norm_path, parent_of
 from .rules import (
@@ -57,20 +64,24 @@ def held() -> dict[str, str]:
         return {path: whys[0] for path, whys in _held.items()}
 
 
-def read_info(storage: Storage, step: int, path: str) -> CheckpointInfo:
+def read_info(storage: Storage, step: int, path: str, abandoned: bool = False) -> CheckpointInfo:
     """A committed checkpoint's step, metrics, time and size; an unreadable manifest gives `error`."""
     pinned = storage.exists(os.path.join(path, PIN_NAME))
     try:
         m = read_manifest(storage, path)
     except (CheckpointError, OSError) as exc:
-        return CheckpointInfo(step, path, pinned=pinned, error=str(exc))
+        return CheckpointInfo(step, path, pinned=pinned, error=str(exc), abandoned=abandoned)
     nbytes = sum(f.nbytes for c in m.components.values() for f in c.files)
-    return CheckpointInfo(step, path, dict(m.metrics), m.created_utc, nbytes, pinned)
+    return CheckpointInfo(step, path, dict(m.metrics), m.created_utc, nbytes, pinned, abandoned=abandoned)
 
 
-def scan(storage: Storage, run_dir: str) -> list[CheckpointInfo]:
-    """Every committed checkpoint of the run, oldest first. Folders with other names are not looked at."""
-    return [read_info(storage, ref.step, ref.path) for ref in list_checkpoints(storage, run_dir)]
+def scan(storage: Storage, run_dir: str, *, abandoned: bool = False) -> list[CheckpointInfo]:
+    """Every committed checkpoint of the run, oldest first (with `abandoned`, those of abandoned timelines too).
+    Folders with other names are not looked at."""
+    infos = [read_info(storage, ref.step, ref.path) for ref in list_checkpoints(storage, run_dir)]
+    if abandoned:
+        infos += [read_info(storage, ref.step, ref.path, True) for ref in list_abandoned(storage, run_dir)]
+    return infos
 
 
 def best(storage: Storage, run_dir: str, policy: RetentionPolicy, n: int | None = None) -> list[BestCheckpoint]:
@@ -280,7 +291,7 @@ def summary_text(run_dir: str, policy: RetentionPolicy | None, decision: Retenti
         lines.append(f"Best by {policy.best_model_metric if policy else decision.best[0].metric}:")
         lines += [f"  #{b.rank}  {os.path.basename(b.path)}  step {b.step}  {b.metric}={b.value:.6g}"
                   for b in decision.best]
-    latest = decision.checkpoints[-1]
+    latest = next((c for c in reversed(decision.checkpoints) if "latest" in c.reasons), decision.checkpoints[-1])
     lines.append(f"Latest: {os.path.basename(latest.path)} (step {latest.step})")
     size = sum(i.nbytes or 0 for i in infos if i.path in {c.path for c in decision.kept})
     lines.append(f"Kept: {len(decision.kept)} checkpoints, {human_size(size)}")
@@ -292,5 +303,5 @@ def summary_text(run_dir: str, policy: RetentionPolicy | None, decision: Retenti
 def retain(storage: Storage, run_dir: str, policy: RetentionPolicy, protected: Mapping[str, str]) -> RetentionOutcome:
     """Apply `policy` to the run after a commit: record it, decide from disk, then delete what it drops."""
     write_policy(storage, run_dir, policy)
-    decision = policy.decide(scan(storage, run_dir), {**held(), **protected})
+    decision = policy.decide(scan(storage, run_dir, abandoned=True), {**held(), **protected})
     return apply_decision(storage, decision)

@@ -48,7 +48,7 @@ def snapshot(component: StateComponent, staging: StagingPool | None) -> Snapshot
     training may change the live state while the copies are written."""
     pattern = component.resolve_pattern()
     try:
-        state = component.stateful.state_dict()
+        state = component.state_dict()
     except Exception as exc:
         raise CheckpointError(f"component {component.key!r}: state_dict() raised {type(exc).__name__}: {exc}") from exc
     flat = flatten_state(state, component.key)
