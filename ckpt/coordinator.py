@@ -291,7 +291,8 @@ class CheckpointCoordinator:
             decls = [{w[0]: ComponentDecl.from_wire(w) for w in per_rank} for per_rank in wires]
             plans = build_plan(decls, self.topology)
             check_replicas(self.comm, plans, [{k: d.digest for k, d in per.items()} for per in decls],
-                           {k: p.table for k, p in prepared.items()}, {k: p.flat for k, p in prepared.items()})
+                           {k: p.table for k, p in prepared.items()},
+                           {k: p.replicated or p.flat for k, p in prepared.items()})
             mine = [a for p in plans.values() for a in p.files if a.writer == self.rank]
             records = self.comm.run_phase(
                 "write", lambda: write_files(self.storage, partial, mine, prepared, self.rank, self.io_threads,

@@ -14,6 +14,7 @@ from ..errors import CheckpointError, CorruptCheckpointError, ManifestError
 from ..format.manifest import ComponentEntry, Manifest, Topology, read_manifest
 from ..format.serialization import flatten_state
 from ..io.storage import Storage
+from ..patterns.sharded import live_tensors, read_sharded
 from ..save.planning import owner_for_load
 from ..topology import RankTopology
 from .loading import read_component
@@ -92,6 +93,10 @@ def read_share(storage: Storage, path: str, components: Sequence[StateComponent]
                     f"component {c.key!r} is required but {path} does not have it (it has "
                     f"{sorted(manifest.components)}); pass strict=False, or mark it required=False", path=path)
             out.skipped.append(c.key)
+            continue
+        if entry.pattern is SharingPattern.SHARDED:  # any layout: each rank reads the ranges it needs
+            _read_guarded(out, c, topo.rank, opts, lambda c=c, entry=entry: read_sharded(
+                storage, path, c.key, entry, live_tensors(c.stateful, c.key), opts.verify, opts.threads))
             continue
         if opts.reshard and needs_reshard(entry, manifest.topology, topo):
             if _read_guarded(out, c, topo.rank, opts, lambda c=c, entry=entry: read_merged(
