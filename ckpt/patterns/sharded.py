@@ -25,6 +25,7 @@ from ..format.serialization import FlatState, flatten_state, unflatten_state
 from ..format.tensor_io import ST_TO_DTYPE, read_blob, st_dtype
 from ..io.storage import Storage
 from ..io.threads import parallel_map
+from ..load.loading import checked_path
 from .boxes import Box, piece_overlaps, whole
 from .dtensor import is_dtensor, like, local_box, unsupported_placement
 
@@ -150,8 +151,6 @@ def targets_for(key: str, saved: Mapping[str, ShardedTensor], live: Mapping[str,
 def read_targets(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, targets: Mapping[str, Target],
                  threads: int = 1) -> dict[str, torch.Tensor]:
     """Each target's local tensor, filled from only the byte ranges of the saved pieces that overlap it."""
-    from ..load.loading import checked_path  # the load package owns the path checks
-
     saved = entry.tensors or {}
     locals_ = {n: torch.empty(t.box.lengths, dtype=ST_TO_DTYPE[saved[n].dtype]) for n, t in targets.items()}
     files = {f.path: f for f in entry.files}
@@ -178,8 +177,6 @@ def read_sharded(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntr
                  verify: bool, threads: int = 1) -> Any:
     """The state of a SHARDED component for this rank: its skeleton, with each tensor read from only the
     byte ranges that overlap its target (`live`: the component's current tensors by name)."""
-    from ..load.loading import checked_path
-
     targets = targets_for(key, entry.tensors or {}, live)
     locals_ = read_targets(storage, ckpt_dir, key, entry, targets, threads)
     tensors = {n: like(locals_[n], t.like) if t.like is not None else locals_[n] for n, t in targets.items()}
@@ -223,5 +220,39 @@ def full_tensors(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntr
         yield name, read_targets(storage, ckpt_dir, key, entry, {name: Target(whole(t.shape))}, threads)[name]
 
 
+def _fsdp_box(shape: tuple[int, ...], rank: int, world: int) -> Box:
+    """Rank `rank`'s box of a tensor of `shape` under Shard(0) over `world` ranks (torch.chunk's split, as
+    FSDP2 uses)."""
+    if not shape:
+        return whole(shape)
+    per = -(-shape[0] // world)
+    lo = min(rank * per, shape[0])
+    return Box((lo,) + (0,) * (len(shape) - 1), (min(per, shape[0] - lo), *shape[1:]))
+
+
+def reads_at_world(key: str, entry: ComponentEntry, world: int) -> list[dict[str, Any]]:
+    """What each rank of a job of `world` ranks would read of a SHARDED component, assuming the common layout:
+    tensors saved in shards become Shard(0) over the new world (FSDP2), tensors saved whole stay whole.
+    Per rank: the byte ranges by file, the bytes read, and the bytes of its target shards."""
+    saved = entry.tensors or {}
+    out = []
+    for rank in range(world):
+        targets = {}
+        for name, t in saved.items():
+            sharded = any(p.lengths != t.shape for p in t.pieces)
+            targets[name] = Target(_fsdp_box(t.shape, rank, world) if sharded else whole(t.shape))
+        ranges: dict[str, list[list[int]]] = {}
+        for r in sorted(plan_reads(key, saved, targets), key=lambda r: (r.file, r.begin)):
+            spans = ranges.setdefault(r.file, [])
+            if spans and spans[-1][1] == r.begin:  # adjacent ranges are one read
+                spans[-1][1] = r.end
+            else:
+                spans.append([r.begin, r.end])
+        need = sum(t.box.numel * ST_TO_DTYPE[saved[n].dtype].itemsize for n, t in targets.items())
+        out.append({"rank": rank, "ranges": ranges, "read_bytes": sum(e - b for v in ranges.values() for b, e in v),
+                    "target_bytes": need})
+    return out
+
+
 __all__ = ["STATE_FILE", "RangeRead", "ShardMeta", "Target", "full_tensors", "live_tensors", "plan_reads",
-           "read_sharded", "read_targets", "refuse_dtensors", "replicated_view", "shard_file", "take_shards", "targets_for"]
+           "read_sharded", "read_targets", "reads_at_world", "refuse_dtensors", "replicated_view", "shard_file", "take_shards", "targets_for"]
