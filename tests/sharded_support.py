@@ -127,3 +127,17 @@ def refuse_worker(rank: int, world: int, run_dir: str) -> None:
     model = build("fsdp", seed=0)
     with CheckpointCoordinator(run_dir, timeout=60) as coord:
         coord.save(1, [StateComponent("model", model, SharingPattern.REPLICATED)])
+
+
+def killed_worker(rank: int, world: int, run_dir: str, fault: Any) -> None:
+    """Save step 10 of an FSDP2 model, then step 20 with `fault` injected (one rank dies in it)."""
+    from ckpt.testing import FaultyStorage
+
+    model = build("fsdp", seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    storage = FaultyStorage()
+    coord = CheckpointCoordinator(run_dir, timeout=30, storage=storage)
+    coord.save(10, [StateComponent("model", model, SharingPattern.SHARDED)])
+    train_step(model, opt, seed=1)
+    storage.inject(fault)
+    coord.save(20, [StateComponent("model", model, SharingPattern.SHARDED)])

@@ -129,3 +129,23 @@ def test_cli_export_diff_and_inspect_across_shardings(tmp_path, capsys):
     assert len(reads) == 4 and all(r["read_bytes"] == r["target_bytes"] for r in reads)
     assert main(["inspect", ca, "--at", "world=1"]) == 0
     assert "bytes each rank reads" in capsys.readouterr().out
+
+
+def test_sigkill_during_a_sharded_save_leaves_the_previous_latest(tmp_path):
+    from ckpt import CheckpointCoordinator, LocalStorage, SharingPattern, StateComponent, list_checkpoints
+    from ckpt.testing import SIGKILL, Fault
+    from tests.distributed import failures
+    from tests.sharded_support import build, full_values, killed_worker
+
+    run_dir = str(tmp_path / "run")
+    fault = Fault(op="write_file", match="shards-rank-00001", rank=1, error=SIGKILL)
+    bad = failures(run_ranks(2, killed_worker, run_dir, fault, timeout=120))
+    assert bad[1].type_name == "RankDied" and "SIGKILL" in bad[1].message
+    assert "rank 1" in bad[0].message
+    assert [r.step for r in list_checkpoints(LocalStorage(), run_dir)] == [10]
+    # The previous latest loads exactly into a plain model in one process.
+    model = build("plain", seed=5)
+    with CheckpointCoordinator(run_dir) as coord:
+        assert coord.load([StateComponent("model", model, SharingPattern.SHARDED)]).step == 10
+    expected = full_values(build("plain", seed=0), None)
+    assert all(np.array_equal(v, expected[k]) for k, v in full_values(model, None).items())
