@@ -163,7 +163,7 @@ def run_reads(args: argparse.Namespace) -> dict[str, Any]:
     comps = [StateComponent("model", model, SharingPattern.SHARDED),
              StateComponent("optim", OptimByName(model, opt), SharingPattern.SHARDED)]
     target = local_bytes({"m": model.state_dict(), "o": get_optimizer_state_dict(model, opt)})
-    with CheckpointCoordinator(os.path.join(args.root, "ckpt-0"), timeout=600, storage=storage, read_only=True) as c:
+    with CheckpointCoordinator(os.path.join(args.root, f"ckpt-{args.repeats - 1}"), timeout=600, storage=storage, read_only=True) as c:
         c.load(comps)
     mine = {"rank": dist.get_rank(), "read_bytes": storage.read, "target_bytes": target}
     out: list[Any] = [None] * world
