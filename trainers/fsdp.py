@@ -1,7 +1,7 @@
 """FSDPTrainer: fully sharded data parallelism (FSDP2's `fully_shard`) over the "dp" dimension of the mesh.
 
-Every module that holds parameters directly (a block: a Linear, an embedding, a norm) is wrapped with
-`fully_shard`, then the root: each rank keeps 1/dp of every parameter, gradient and AdamW moment, and FSDP2
+Every block (each element of the model's `nn.ModuleList`s, a transformer's layers) is wrapped with
+`fully_shard`, then the root (which takes the remaining parameters): each rank keeps 1/dp of every parameter, gradient and AdamW moment, and FSDP2
 gathers and reduce-scatters around each block. Model and optimizer are SharingPattern.SHARDED: each rank
 writes its own shards, and a load at another world size reads only the byte ranges its new shards need.
 The optimizer is saved keyed by parameter name (torch.distributed.checkpoint.state_dict), so its state does
@@ -42,8 +42,10 @@ class OptimizerByName:
 
 
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules that hold parameters directly, the root excepted: each becomes one FSDP2 unit."""
-    return [m for m in model.modules() if m is not model and any(True for _ in m.parameters(recurse=False))]
+    """The blocks of the model: the elements of its `nn.ModuleList`s (a transformer's layers), each one FSDP2
+    unit; everything else (embeddings, a head tied to them, final norms) belongs to the root's unit, so weights
+    used outside their own module's forward (a tied head) are gathered when they are used."""
+    return [m for lst in model.modules() if isinstance(lst, torch.nn.ModuleList) for m in lst]
 
 
 class FSDPTrainer(ParallelTrainer):
