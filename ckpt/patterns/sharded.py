@@ -163,11 +163,14 @@ def read_targets(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntr
         _check_size(storage, path, files[item[0]].nbytes, key)
         with storage.open_read(path) as f:
             for r in sorted(item[1], key=lambda r: r.begin):
-                dest = locals_[r.name]
-                buf = torch.empty((r.end - r.begin) // dest.element_size(), dtype=dest.dtype)
+                dest = locals_[r.name][r.region.slices(targets[r.name].box.offsets)]
                 f.seek(r.begin)
-                _readinto(f, memoryview(buf.view(torch.uint8).numpy()).cast("B"), path, key)
-                dest[r.region.slices(targets[r.name].box.offsets)] = buf.as_strided(r.region.lengths, r.strides)
+                if dest.is_contiguous() and r.end - r.begin == dest.numel() * dest.element_size():
+                    _readinto(f, _bytes_of(dest), path, key)  # the same elements in the same order: no copy
+                    continue
+                buf = torch.empty((r.end - r.begin) // dest.element_size(), dtype=dest.dtype)
+                _readinto(f, _bytes_of(buf), path, key)
+                dest.copy_(buf.as_strided(r.region.lengths, r.strides))
 
     parallel_map(read_file, sorted(by_file.items()), threads, "ckpt-read")
     return locals_
@@ -202,6 +205,11 @@ def _check_size(storage: Storage, path: str, expected: int, key: str) -> None:
     if size != expected:
         raise CorruptCheckpointError(f"file {path} (component {key!r}) has {size} bytes, the manifest says {expected}; "
                                      "it was truncated or replaced after the save", path=path, component=key)
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's memory, writable, as bytes."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
 
 
 def _readinto(f: Any, view: memoryview, path: str, key: str) -> None:
