@@ -141,3 +141,13 @@ def killed_worker(rank: int, world: int, run_dir: str, fault: Any) -> None:
     train_step(model, opt, seed=1)
     storage.inject(fault)
     coord.save(20, [StateComponent("model", model, SharingPattern.SHARDED)])
+
+
+def drifted_2d_worker(rank: int, world: int, run_dir: str) -> None:
+    """A 2-D model whose replicated shard (0.weight is Replicate() over dp) drifts on rank 2."""
+    model = build("2d", seed=0)
+    if rank == 2:
+        with torch.no_grad():
+            model[0].weight.to_local()[0, 0] += 1e-3
+    with CheckpointCoordinator(run_dir, timeout=60) as coord:
+        coord.save(1, [StateComponent("model", model, SharingPattern.SHARDED)])

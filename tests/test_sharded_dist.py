@@ -149,3 +149,12 @@ def test_sigkill_during_a_sharded_save_leaves_the_previous_latest(tmp_path):
         assert coord.load([StateComponent("model", model, SharingPattern.SHARDED)]).step == 10
     expected = full_values(build("plain", seed=0), None)
     assert all(np.array_equal(v, expected[k]) for k, v in full_values(model, None).items())
+
+
+def test_a_shard_held_by_several_ranks_is_checked_across_them(tmp_path):
+    from tests.sharded_support import drifted_2d_worker
+
+    results = run_ranks(4, drifted_2d_worker, str(tmp_path / "run"))
+    for r in results:
+        assert r.type_name == "ReplicationError", r
+        assert "'0.weight' (ranks [2])" in r.message and "Nothing was saved" in r.message

@@ -39,6 +39,11 @@ def local_box(t: Any) -> Box:
     return Box(tuple(int(o) for o in offsets), tuple(int(n) for n in shape))
 
 
+def is_shared(t: Any) -> bool:
+    """Whether other ranks hold the same shard of `t` (a Replicate() placement over a mesh dimension > 1)."""
+    return any(type(p) is Replicate and t.device_mesh.size(d) > 1 for d, p in enumerate(t.placements))
+
+
 def holds_shard(t: Any) -> bool:
     """Whether this rank is part of the DTensor's mesh (ranks outside it hold nothing)."""
     return t.device_mesh.get_coordinate() is not None
@@ -51,4 +56,4 @@ def like(local: torch.Tensor, target: Any) -> Any:
                               shape=torch.Size(shape), stride=row_major_strides(shape))
 
 
-__all__ = ["holds_shard", "is_dtensor", "like", "local_box", "unsupported_placement"]
+__all__ = ["holds_shard", "is_dtensor", "is_shared", "like", "local_box", "unsupported_placement"]

@@ -14,20 +14,21 @@ overlap them (`boxes.piece_overlaps`) and reads only those byte ranges.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import xxhash
 
 from ..errors import CheckpointError, CorruptCheckpointError, SerializationError
 from ..format.manifest import ComponentEntry, ShardedTensor
 from ..format.serialization import FlatState, flatten_state, unflatten_state
-from ..format.tensor_io import ST_TO_DTYPE, read_blob, st_dtype
+from ..format.tensor_io import ST_TO_DTYPE, read_blob, st_dtype, tensor_bytes
 from ..io.storage import Storage
 from ..io.threads import parallel_map
 from ..load.loading import checked_path
 from .boxes import Box, piece_overlaps, whole
-from .dtensor import is_dtensor, like, local_box, unsupported_placement
+from .dtensor import is_dtensor, is_shared, like, local_box, unsupported_placement
 
 STATE_FILE = "state.msgpack"  # the skeleton of a SHARDED component, in its folder
 
@@ -46,14 +47,16 @@ class ShardMeta:
     shape: tuple[int, ...]
     box: Box
     replicated: bool  # a plain tensor: every rank holds all of it
+    shared: bool = False  # a DTensor shard other ranks hold too (a Replicate() mesh dimension of size > 1)
+    digest: str | None = None  # of a shared shard's bytes, compared across its holders before writing
 
     def to_wire(self) -> list:
         return [self.name, self.dtype, list(self.shape), list(self.box.offsets), list(self.box.lengths),
-                self.replicated]
+                self.replicated, self.shared, self.digest]
 
     @classmethod
     def from_wire(cls, w: list) -> ShardMeta:
-        return cls(w[0], w[1], tuple(w[2]), Box(tuple(w[3]), tuple(w[4])), bool(w[5]))
+        return cls(w[0], w[1], tuple(w[2]), Box(tuple(w[3]), tuple(w[4])), bool(w[5]), bool(w[6]), w[7])
 
 
 def refuse_dtensors(flat: FlatState, key: str, pattern_name: str) -> None:
@@ -76,12 +79,19 @@ def take_shards(flat: FlatState, key: str) -> tuple[FlatState, dict[str, ShardMe
             if why is not None:
                 raise SerializationError(f"component {key!r}, key {name!r} {why}", component=key, key_path=name)
             local = t.to_local().detach()
-            metas[name] = ShardMeta(name, st_dtype(local, name), tuple(t.shape), local_box(t), False)
+            metas[name] = ShardMeta(name, st_dtype(local, name), tuple(t.shape), local_box(t), False,
+                                    is_shared(t))
         else:
             local = t
             metas[name] = ShardMeta(name, st_dtype(t, name), tuple(t.shape), whole(t.shape), True)
         tensors[name] = local
     return FlatState(tensors, flat.skeleton), metas
+
+
+def with_digests(flat: FlatState, metas: Mapping[str, ShardMeta]) -> dict[str, ShardMeta]:
+    """`metas` with a digest of every shared shard, so its holders can be compared before anything is written."""
+    return {n: replace(m, digest=xxhash.xxh3_128_hexdigest(tensor_bytes(flat.tensors[n]))) if m.shared else m
+            for n, m in metas.items()}
 
 
 def replicated_view(flat: FlatState, metas: Mapping[str, ShardMeta]) -> FlatState:
@@ -263,4 +273,4 @@ def reads_at_world(key: str, entry: ComponentEntry, world: int) -> list[dict[str
 
 
 __all__ = ["STATE_FILE", "RangeRead", "ShardMeta", "Target", "full_tensors", "live_tensors", "plan_reads",
-           "read_sharded", "read_targets", "reads_at_world", "refuse_dtensors", "replicated_view", "shard_file", "take_shards", "targets_for"]
+           "read_sharded", "read_targets", "reads_at_world", "refuse_dtensors", "replicated_view", "shard_file", "take_shards", "targets_for", "with_digests"]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..component import SharingPattern, ValidationLevel
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ReplicationError
 from ..format.tensor_io import ST_TO_DTYPE
 from ..patterns.boxes import Box
 from ..patterns.sharded import STATE_FILE, ShardMeta, shard_file
@@ -234,6 +234,7 @@ def plan_sharded(key: str, shards: dict[int, Sequence[ShardMeta]]
         if box.numel or not math.prod(meta[name].shape):
             by_set.setdefault(tuple(ranks), []).append((name, box.numel * itemsize, itemsize))
     _check_cover(key, meta, holders)
+    _check_holders(key, shards, holders)
     per_rank: dict[int, list[Piece]] = {}
     for members, sizes in sorted(by_set.items()):
         for m, pieces in zip(members, balance(split(sizes, len(members)), len(members)), strict=True):
@@ -242,6 +243,28 @@ def plan_sharded(key: str, shards: dict[int, Sequence[ShardMeta]]
     files += [FileAssignment(f"{key}/{shard_file(r)}", "tensors", r, None, tuple(sorted(p)))
               for r, p in sorted(per_rank.items()) if p]
     return files, {n: (m.dtype, m.shape) for n, m in sorted(meta.items())}
+
+
+def _check_holders(key: str, shards: dict[int, Sequence[ShardMeta]], holders: dict[tuple[str, Box], list[int]]
+                   ) -> None:
+    """The ranks holding one shard (a Replicate() mesh dimension) must hold the same bytes: written once, a
+    drifted copy would be saved half from one rank and half from another."""
+    digests = {(r, s.name): s.digest for r, held in shards.items() for s in held}
+    found: dict[str, set[int]] = {}
+    sets = []
+    for (name, _), ranks in sorted(holders.items(), key=lambda item: (item[0][0], item[0][1].offsets)):
+        bad = [r for r in ranks[1:] if digests[(r, name)] != digests[(ranks[0], name)]]
+        if bad:
+            found.setdefault(name, set()).update(bad)
+            sets.append(ranks)
+    if found:
+        shown = ", ".join(f"{n!r} (ranks {sorted(r)})" for n, r in sorted(found.items())[:10])
+        raise ReplicationError(
+            f"component {key!r} (SHARDED): shards that several ranks hold (a Replicate() mesh dimension) differ "
+            f"between their holders {[list(s) for s in sets[:4]]}: {shown} differ from the copy on rank "
+            f"{sets[0][0]}. Nothing was saved. The replicas drifted apart (a missed all-reduce over the replicated "
+            "dimension, or a rank-dependent update); fix the cause",
+            component=key, mismatches={n: sorted(r) for n, r in found.items()}, replica_ranks=sets[0])
 
 
 def _check_cover(key: str, meta: dict[str, ShardMeta], holders: dict[tuple[str, Box], list[int]]) -> None:

@@ -20,7 +20,7 @@ from ..format.tensor_io import ChunkInfo, TensorInfo, WrittenFile, write_blob, w
 from ..io.staging import StagingPool
 from ..io.storage import Storage
 from ..io.threads import parallel_map
-from ..patterns.sharded import ShardMeta, refuse_dtensors, replicated_view, take_shards
+from ..patterns.sharded import ShardMeta, refuse_dtensors, replicated_view, take_shards, with_digests
 from .planning import MIN_CHUNK_BYTES, ComponentDecl, ComponentPlan, FileAssignment, Piece, balance
 from .validation import summary_digest
 
@@ -79,7 +79,10 @@ def declare(snap: Snapshot, is_planner: bool, threads: int = 1) -> PreparedCompo
     if is_planner:
         sizes = tuple((name, t.numel() * t.element_size(), t.element_size()) for name, t in snap.flat.tensors.items())
     c = snap.component
-    shards = None if snap.shards is None else tuple(snap.shards.values())
+    metas = snap.shards
+    if metas is not None and snap.validation is not ValidationLevel.NONE:
+        metas = with_digests(snap.flat, metas)
+    shards = None if metas is None else tuple(metas.values())
     decl = ComponentDecl(c.key, snap.pattern.value, c.process_group_name, c.required, snap.validation.value, sizes,
                          digest, shards)
     return PreparedComponent(decl, snap.flat, table, snap.shards, snap.replicated)
