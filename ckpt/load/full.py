@@ -10,10 +10,9 @@ from typing import Any
 
 import torch
 
-from ..component import SharingPattern
 from ..format.manifest import ComponentEntry
 from ..io.storage import Storage
-from ..patterns import sharded
+from ..patterns import placement_for
 from .loading import read_copy_tensors
 
 
@@ -21,12 +20,13 @@ def full_tensors(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntr
                  verify: bool = True, on_file: Callable[[int], Any] | None = None
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) for every tensor of one copy of component `key` (`owner`: a rank, group or node for
-    the patterns with several copies; ignored for SHARDED, which has one). A SHARDED component is read one
+    the patterns with several copies; ignored by patterns with a placement class, SHARDED among them). A SHARDED component is read one
     tensor at a time, so memory holds one full tensor; names are key paths as in the state dict (a model's
     `0.weight`, an optimizer's `state/0/exp_avg`). Tensors stored as raw bytes (dtypes safetensors lacks) come
     back in that stored form; unflatten the component's skeleton over them for their real dtype."""
-    if entry.pattern is SharingPattern.SHARDED:
-        for name, tensor in sharded.full_tensors(storage, ckpt_dir, key, entry):
+    placement = placement_for(entry.pattern)
+    if placement is not None:
+        for name, tensor in placement.full_tensors(storage, ckpt_dir, key, entry):
             if on_file is not None:
                 on_file(tensor.numel() * tensor.element_size())
             yield name, tensor

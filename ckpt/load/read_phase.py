@@ -14,7 +14,7 @@ from ..errors import CheckpointError, CorruptCheckpointError, ManifestError
 from ..format.manifest import ComponentEntry, Manifest, Topology, read_manifest
 from ..format.serialization import flatten_state
 from ..io.storage import Storage
-from ..patterns.sharded import live_tensors, read_sharded
+from ..patterns import placement_for
 from ..save.planning import owner_for_load
 from ..topology import RankTopology
 from .loading import read_component
@@ -94,9 +94,10 @@ def read_share(storage: Storage, path: str, components: Sequence[StateComponent]
                     f"{sorted(manifest.components)}); pass strict=False, or mark it required=False", path=path)
             out.skipped.append(c.key)
             continue
-        if entry.pattern is SharingPattern.SHARDED:  # any layout: each rank reads the ranges it needs
-            _read_guarded(out, c, topo.rank, opts, lambda c=c, entry=entry: read_sharded(
-                storage, path, c.key, entry, live_tensors(c.stateful, c.key), opts.verify, opts.threads))
+        placement = placement_for(entry.pattern)
+        if placement is not None:  # a pattern with its own placement class reads its share at any layout
+            _read_guarded(out, c, topo.rank, opts, lambda c=c, entry=entry, p=placement: p.read(
+                storage, path, c.key, entry, c.stateful, opts.verify, opts.threads))
             continue
         if opts.reshard and needs_reshard(entry, manifest.topology, topo):
             if _read_guarded(out, c, topo.rank, opts, lambda c=c, entry=entry: read_merged(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..component import SharingPattern
 from ..format.manifest import ComponentEntry, Manifest
-from ..patterns.sharded import reads_at_world
+from ..patterns import placement_for
 from .reshard import groups_named, same_groups
 
 
@@ -109,18 +109,18 @@ def load_plan(manifest: Manifest, shape: list[tuple[str, int]]) -> list[dict[str
     lws = manifest.topology.local_world_size
     rows = []
     for key, entry in sorted(manifest.components.items()):
+        placement = placement_for(entry.pattern)
+        if placement is not None:
+            action, details = placement.load_action(key, entry, world)
+            rows.append({"key": key, "pattern": entry.pattern.value, "action": action, **details})
+            continue
         rows.append({"key": key, "pattern": entry.pattern.value, "action": _action(entry, manifest, world, lws, groups)})
-        if entry.pattern is SharingPattern.SHARDED:
-            rows[-1]["reads"] = reads_at_world(key, entry, world)
     return rows
 
 
 def _action(entry: ComponentEntry, manifest: Manifest, world: int, lws: int,
             groups: Mapping[str, list[tuple[int, ...]]]) -> str:
     p = entry.pattern
-    if p is SharingPattern.SHARDED:
-        return ("each rank reads only the saved byte ranges that overlap its own shards (no flags; ranges below "
-                "assume FSDP2's Shard(0) over the new world for tensors saved in shards)")
     if p in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
         return "loads as saved (the job's one copy fits any layout)"
     if p is SharingPattern.PER_RANK and world == manifest.topology.world_size:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import xxhash
 
+from ..component import SharingPattern
 from ..errors import CheckpointError, CorruptCheckpointError, SerializationError
 from ..format.manifest import ComponentEntry, ShardedTensor
 from ..format.serialization import FlatState, flatten_state, unflatten_state
@@ -27,6 +28,7 @@ from ..format.tensor_io import ST_TO_DTYPE, read_blob, st_dtype, tensor_bytes
 from ..io.storage import Storage
 from ..io.threads import parallel_map
 from ..load.loading import checked_path
+from .base import register
 from .boxes import Box, piece_overlaps, whole
 from .dtensor import is_dtensor, is_shared, like, local_box, unsupported_placement
 
@@ -272,5 +274,50 @@ def reads_at_world(key: str, entry: ComponentEntry, world: int) -> list[dict[str
     return out
 
 
-__all__ = ["STATE_FILE", "RangeRead", "ShardMeta", "Target", "full_tensors", "live_tensors", "plan_reads",
-           "read_sharded", "read_targets", "reads_at_world", "refuse_dtensors", "replicated_view", "shard_file", "take_shards", "targets_for", "with_digests"]
+class Sharded:
+    """The SHARDED placement: each rank writes its own shards (shared ones once, split across their holders;
+    planned in ckpt/save/planning.py `plan_sharded`, which owns the cutting primitives), each rank reads only
+    the byte ranges overlapping its own shards at any layout, export reassembles whole tensors."""
+
+    pattern = SharingPattern.SHARDED
+
+    def take(self, flat: FlatState, key: str) -> tuple[FlatState, dict[str, ShardMeta]]:
+        return take_shards(flat, key)
+
+    def read(self, storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, stateful: Any, verify: bool,
+             threads: int) -> Any:
+        return read_sharded(storage, ckpt_dir, key, entry, live_tensors(stateful, key), verify, threads)
+
+    def full_tensors(self, storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+        return full_tensors(storage, ckpt_dir, key, entry)
+
+    def load_action(self, key: str, entry: ComponentEntry, world: int) -> tuple[str, dict[str, Any]]:
+        return (("each rank reads only the saved byte ranges that overlap its own shards (no flags; the ranges "
+                 "listed assume FSDP2's Shard(0) over the new world for tensors saved in shards)"),
+                {"reads": reads_at_world(key, entry, world)})
+
+
+SHARDED = register(Sharded())
+
+
+__all__ = [
+    "SHARDED",
+    "STATE_FILE",
+    "RangeRead",
+    "ShardMeta",
+    "Sharded",
+    "Target",
+    "full_tensors",
+    "live_tensors",
+    "plan_reads",
+    "read_sharded",
+    "read_targets",
+    "reads_at_world",
+    "refuse_dtensors",
+    "replicated_view",
+    "shard_file",
+    "take_shards",
+    "targets_for",
+    "with_digests",
+]

@@ -20,7 +20,8 @@ from ..format.tensor_io import ChunkInfo, TensorInfo, WrittenFile, write_blob, w
 from ..io.staging import StagingPool
 from ..io.storage import Storage
 from ..io.threads import parallel_map
-from ..patterns.sharded import ShardMeta, refuse_dtensors, replicated_view, take_shards, with_digests
+from ..patterns import placement_for
+from ..patterns.sharded import ShardMeta, refuse_dtensors, replicated_view, with_digests
 from .planning import MIN_CHUNK_BYTES, ComponentDecl, ComponentPlan, FileAssignment, Piece, balance
 from .validation import summary_digest
 
@@ -62,8 +63,9 @@ def snapshot(component: StateComponent, staging: StagingPool | None) -> Snapshot
         raise CheckpointError(f"component {component.key!r}: state_dict() raised {type(exc).__name__}: {exc}") from exc
     flat = flatten_state(state, component.key)
     shards = None
-    if pattern is SharingPattern.SHARDED:
-        flat, shards = take_shards(flat, component.key)
+    placement = placement_for(pattern)
+    if placement is not None:
+        flat, shards = placement.take(flat, component.key)
     else:
         refuse_dtensors(flat, component.key, pattern.name)
     if staging is not None:
