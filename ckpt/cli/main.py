@@ -259,11 +259,11 @@ def _print_reads(components: list[dict]) -> None:
         if "reads" not in c:
             continue
         _out()
-        _out(f"{c['key']}: bytes each rank reads")
+        _out(f"{c['key']}: bytes each rank reads (every range: --json)")
         rows = []
         for r in c["reads"]:
-            spans = "; ".join(f"{os.path.basename(f)} {', '.join(f'{b}..{e}' for b, e in v)}"
-                              for f, v in r["ranges"].items())
+            spans = "; ".join(f"{os.path.basename(f)} {', '.join(f'{b}..{e}' for b, e in v[:3])}"
+                              + (f" (+{len(v) - 3} more ranges)" if len(v) > 3 else "") for f, v in r["ranges"].items())
             rows.append([r["rank"], human_size(r["read_bytes"]), human_size(r["target_bytes"]), spans or "-"])
         _out(table(["RANK", "READS", "ITS SHARDS", "BYTE RANGES"], rows, right=(0, 1, 2)))
 

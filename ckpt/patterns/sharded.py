@@ -252,15 +252,15 @@ def _fsdp_box(shape: tuple[int, ...], rank: int, world: int) -> Box:
 
 def reads_at_world(key: str, entry: ComponentEntry, world: int) -> list[dict[str, Any]]:
     """What each rank of a job of `world` ranks would read of a SHARDED component, assuming the common layout:
-    tensors saved in shards become Shard(0) over the new world (FSDP2), tensors saved whole stay whole.
+    FSDP2, which shards every tensor with a dimension along dimension 0 (scalars stay whole). The manifest does
+    not say which tensors the loading job will shard (its live state does), so this is an estimate for them.
     Per rank: the byte ranges by file, the bytes read, and the bytes of its target shards."""
     saved = entry.tensors or {}
     out = []
     for rank in range(world):
         targets = {}
         for name, t in saved.items():
-            sharded = any(p.lengths != t.shape for p in t.pieces)
-            targets[name] = Target(_fsdp_box(t.shape, rank, world) if sharded else whole(t.shape))
+            targets[name] = Target(_fsdp_box(t.shape, rank, world))
         ranges: dict[str, list[list[int]]] = {}
         for r in sorted(plan_reads(key, saved, targets), key=lambda r: (r.file, r.begin)):
             spans = ranges.setdefault(r.file, [])
@@ -294,7 +294,7 @@ class Sharded:
 
     def load_action(self, key: str, entry: ComponentEntry, world: int) -> tuple[str, dict[str, Any]]:
         return (("each rank reads only the saved byte ranges that overlap its own shards (no flags; the ranges "
-                 "listed assume FSDP2's Shard(0) over the new world for tensors saved in shards)"),
+                 "listed assume FSDP2: Shard(0) over the new world for every tensor with a dimension)"),
                 {"reads": reads_at_world(key, entry, world)})
 
 
