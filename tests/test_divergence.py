@@ -232,3 +232,98 @@ def test_as_a_callback_it_steers_the_loop_by_action():
 
 def test_seed_names_are_aliases():
     assert DualTimeScaleDivergenceDetector is DivergenceDetector is DualWindowDivergenceDetector
+
+
+# ---- per step ----------------------------------------------------------------------------------------------
+
+
+def _demo_detector_settings() -> dict:
+    """The demo policy's detector settings (trainers/demo/recovery.toml), as the quality tool's flags."""
+    from trainers.demo.faults import DEFAULT_POLICY
+    from trainers.recovery import RecoveryPolicy
+
+    settings = dict(RecoveryPolicy.from_toml(DEFAULT_POLICY).detector)
+    assert settings.pop("per_step") is True
+    return settings
+
+
+def _quality_tool():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import divergence_quality
+
+    return divergence_quality
+
+
+def test_per_step_settings_default_to_step_counts_and_watch_only_the_train_loss():
+    d = DivergenceDetector(per_step=True)
+    assert (d.smoothing, d.patience, d.warmup) == (0.07, 15, 20) and d.best_window == 28
+    logged = DivergenceDetector()
+    assert (logged.smoothing, logged.patience, logged.warmup) == (0.3, 3, 10) and logged.best_window == 4
+    assert DivergenceDetector(per_step=True, patience=4).patience == 4
+    for other in ({"use_eval_loss": True}, {"metric_key": "grad_norm"}):
+        with pytest.raises(ValueError, match="per_step=True watches each step's train loss"):
+            DivergenceDetector(per_step=True, **other)
+
+
+def test_a_per_step_detector_is_fed_by_the_agreed_step_loss_not_by_log_lines():
+    class State:
+        global_step = 0
+
+    d = DivergenceDetector(per_step=True, warmup=0, smoothing=1.0, patience=2)
+    control = TrainerControl()
+    for step in range(1, 6):
+        State.global_step = step
+        d.on_step_agreed(None, State(), control, loss=2.0, skipped=False)
+    d.on_log(None, State(), control, logs={"loss": 50.0})  # log lines are not watched
+    State.global_step = 6
+    d.on_step_agreed(None, State(), control, loss=90.0, skipped=True)  # a step recovery skipped is not either
+    assert d.observations == 5 and d.checked_through() == 4  # step 5's loss ran on the weights of step 4
+    for step in (7, 8):
+        State.global_step = step
+        d.on_step_agreed(None, State(), control, loss=5.0, skipped=False)
+    assert control.should_training_stop and d.triggered_at == 8 and d.first_bad_step == 7
+
+
+def test_per_step_quality_targets_with_the_demo_policy():
+    """On every step's loss, with the demo's settings: no false positive on synthetic healthy curves nor on the
+    recorded demo runs (tools/data/step_losses.json), the 3.8 -> 9.7 jump caught within one log entry of 32 steps,
+    NaN/Inf at once, and the recorded runs whose learning rate was multiplied at a step caught soon after it."""
+    q = _quality_tool()
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in _demo_detector_settings().items()]
+    result = q.run_per_step(q.parse_args(["--per-step", "--healthy", "60", "--entries", "100", "--divergent", "8",
+                                          *flags]))
+    assert result["false_positives"] == []
+    real = result["real"]
+    assert real["healthy_runs"] >= 8 and real["false_positives"] == []
+    for cases in (result["divergent"], real["injected"]):
+        by_shape = {c["shape"]: c for c in cases}
+        assert all(c["triggered_before_onset"] == 0 for c in cases)
+        jump = by_shape["jump 3.8 -> 9.7"]
+        assert jump["caught"] == jump["runs"] and jump["latency_steps_max"] <= 32
+        for name in ("NaN burst", "Inf"):
+            assert by_shape[name]["caught"] == by_shape[name]["runs"] and by_shape[name]["latency_steps_max"] == 1
+        for name in ("jump to 2x", "exponential blow-up"):
+            assert by_shape[name]["caught"] == by_shape[name]["runs"], name
+    recorded = {r["run"]: r for r in real["recorded_divergent"]}
+    assert len(recorded) >= 4
+    for r in recorded.values():
+        inject = r["inject_step"]
+        assert r["trigger_step"] is not None and inject < r["trigger_step"] <= inject + 40, r
+        assert r["first_bad_step"] == inject + 1 and r["checked_through"] == inject - 1, r
+
+
+def test_the_recorded_curves_are_what_the_recorder_writes():
+    import json
+
+    q = _quality_tool()
+    with open(q.DATA) as f:
+        data = json.load(f)
+    from record_step_losses import DIVERGENT, RUNS
+
+    assert set(data["runs"]) == set(RUNS) and set(data["divergent"]) == set(DIVERGENT)
+    for name, run in data["runs"].items():
+        assert run["flags"] == RUNS[name][1] and len(run["losses"]) == 800
+        assert all(0 < v < 10 for v in run["losses"])  # healthy byte-level losses: under ln(256) = 5.5 but for spikes

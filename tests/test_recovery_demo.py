@@ -35,6 +35,17 @@ def test_a_short_demo_recovers_from_a_divergence_close_to_a_clean_run(tmp_path):
     events = read_events(str(tmp_path / "div"))
     rollback = [e["values"] for e in events if e["kind"] == "rollback"]
     assert rollback and rollback[0]["to_step"] < 120  # checkpoint 120 holds the weights after the bad step
+    assert rollback[0]["from_step"] <= 160 and rollback[0]["restored_from"] == "memory"  # the demo's per-step policy
     assert "lr_change" in {e["kind"] for e in events}
     final = [_final_eval(tmp_path / name) for name in ("clean", "div")]
     assert final[1] < 1.15 * final[0], final
+
+
+def test_a_divergence_soon_after_the_start_rolls_back_to_the_initial_state(tmp_path):
+    # No log line and no save before the fault: the per-step detector's baseline comes from the first steps,
+    # and the initial state (checkpoint 0) is the rollback target.
+    early = _demo(tmp_path / "early", "--inject-divergence", "70", "--max-steps", "120", "--save-steps", "200")
+    assert early.returncode == 0, early.stderr[-4000:]
+    events = read_events(str(tmp_path / "early"))
+    rollback = [e["values"] for e in events if e["kind"] == "rollback"]
+    assert rollback and rollback[0]["to_step"] == 0 and rollback[0]["from_step"] <= 110, rollback

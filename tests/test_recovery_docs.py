@@ -31,7 +31,9 @@ def test_the_documented_policy_file_is_the_demo_one():
     documented = tmp = _blocks("toml")[0]
     with open(DEFAULT_POLICY, encoding="utf-8") as f:
         shipped = f.read()
-    assert RecoveryPolicy.from_toml(DEFAULT_POLICY).to_plain()["detector"] == {"warmup": 4, "patience": 3,
-                                                                                "threshold": 1.0}
+    policy = RecoveryPolicy.from_toml(DEFAULT_POLICY).to_plain()
+    assert policy["detector"] == {"per_step": True, "warmup": 20, "smoothing": 0.07, "patience": 15, "threshold": 1.0,
+                                  "relative_threshold": 1.5}
+    assert policy["rollback_memory_mb"] == 256
     strip = lambda text: [line.split("#")[0].strip() for line in text.splitlines() if line.split("#")[0].strip()]  # noqa: E731
     assert strip(documented) == strip(shipped), tmp

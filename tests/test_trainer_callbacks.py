@@ -185,3 +185,33 @@ def test_a_fresh_run_refuses_a_run_dir_with_checkpoints(tmp_path):
     _trainer(tmp_path, [], max_steps=6).train()
     with pytest.raises(ValueError, match=r"already holds checkpoints .*resume_from_checkpoint='latest'"):
         _trainer(tmp_path, []).train()
+
+
+class Agreed(TrainerCallback):
+    """Records on_step_agreed; raises KeyError at `fail_at`."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.seen: list[tuple[int, float, bool]] = []
+        self.fail_at = fail_at
+
+    def on_step_agreed(self, args, state, control, **kwargs: Any) -> None:
+        self.seen.append((state.global_step, kwargs["loss"], kwargs["skipped"]))
+        if state.global_step == self.fail_at:
+            raise KeyError("agreed boom")
+
+
+def test_on_step_agreed_sees_every_steps_agreed_loss(tmp_path):
+    agreed, recorder = Agreed(), LossRecorder()
+    _trainer(tmp_path, [agreed, recorder]).train()
+    assert [s for s, _, _ in agreed.seen] == list(range(1, 13))
+    assert [loss for _, loss, _ in agreed.seen] == [loss for _, loss in recorder.losses]  # one rank: its own loss
+    assert not any(skipped for _, _, skipped in agreed.seen)
+
+
+@pytest.mark.parametrize("fail_at", [2, 12])
+def test_a_failing_on_step_agreed_fails_the_run_at_the_next_agreement(tmp_path, fail_at):
+    agreed = Agreed(fail_at=fail_at)
+    with pytest.raises(TrainingError, match="failed at step") as info:
+        _trainer(tmp_path, [agreed]).train()
+    assert info.value.ranks == (0,) and isinstance(info.value.__cause__, KeyError)
+    assert agreed.seen[-1][0] == fail_at  # the next agreement raised it: no later step was agreed on

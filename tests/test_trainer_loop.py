@@ -87,7 +87,7 @@ def test_every_hook_is_called_in_order(tmp_path):
     for n in range(1, 7):
         expected += [("on_step_begin", n - 1, None)]
         expected += [("on_instability", 4, "non_finite_loss")] if n == 4 else []
-        expected += [("on_step_end", n, None)]
+        expected += [("on_step_end", n, None), ("on_step_agreed", n, None)]
         expected += [("on_log", n, None)] if n % 2 == 0 else []
         expected += [("on_evaluate", n, None), ("on_save", n, None)] if n % 3 == 0 else []
     expected += [("on_train_end", 6, None)]

@@ -90,6 +90,7 @@ class Trainer:
                                             progress_bar=args.progress_bar)
         self._diverged = False  # a callback reported divergence (without a recovery policy)
         self._saving_step = 0  # the step of the last save handed to the coordinator
+        self._late_errors: list[BaseException] = []  # from on_step_agreed, agreed on at the next step
         self.recovery = self._build_recovery()
 
     # ---- what a concrete trainer provides ---------------------------------------------------------
@@ -180,11 +181,12 @@ class Trainer:
             if self.recovery is not None:
                 self.recovery.end()
         self._wait_for_save()  # the last checkpoint is committed before train() returns
+        self._agree_on_late_errors()
         self._call("on_train_end")
         return self.state
 
     def _run_step(self) -> StepPlan:
-        errors: list[BaseException] = []
+        errors, self._late_errors = self._late_errors, []  # on_step_agreed's, of the step before
         self._call_guarded("on_step_begin", errors)
         batch = next(self.train_loader)
         tokens = self.count_tokens(batch)
@@ -207,6 +209,10 @@ class Trainer:
             self.state.window_grad_norm_sum += out.grad_norm
             self.state.window_steps += 1
             self._last_loss = agreed.loss
+        # The agreed loss is identical on every rank: a per-step DivergenceDetector decides alike everywhere.
+        # Errors here are agreed on with the next step's flags, so no rank is left waiting.
+        self._call_guarded("on_step_agreed", self._late_errors, loss=agreed.loss, grad_norm=out.grad_norm,
+                           skipped=out.skipped)
         return plan_step(self.args, self.state.global_step, has_eval=self.eval_dataset is not None,
                          want_eval=agreed.evaluate, want_save=agreed.save, want_stop=agreed.stop,
                          want_abort=agreed.abort)
@@ -255,6 +261,17 @@ class Trainer:
         self._absorb_requests(summed[6:6 + len(requests)])
         return StepConsensus(loss=summed[4] / self.world_size, tokens=int(summed[5]), **flags,
                              failed_ranks=tuple(r for r, v in enumerate(summed[6 + len(requests):]) if v > 0))
+
+    def _agree_on_late_errors(self) -> None:
+        """on_step_agreed may have failed after the last step's agreement: one more small agreement, so every
+        rank raises alike."""
+        mask = torch.zeros(self.world_size, dtype=torch.float64)
+        mask[self.rank] = float(bool(self._late_errors))
+        ranks = tuple(r for r, v in enumerate(self._all_reduce_sum(mask).tolist()) if v > 0)
+        if ranks:
+            first = self._late_errors[0] if self._late_errors else None
+            raise TrainingError(f"callback on_step_agreed failed at step {self.state.global_step} on ranks {list(ranks)}"
+                                + (f": {first!r}" if first else ""), ranks=ranks, step=self.state.global_step) from first
 
     def _recovery_requests(self) -> list[float]:
         """Recovery's requests that may start on some ranks only (a report, a signal), agreed with the flags."""
@@ -400,6 +417,8 @@ class Trainer:
                 raise
             self._record_save_failure(exc)
             return None
+        if self.recovery is not None:
+            self.recovery.after_save(path, recorded)
         self._call("on_save", checkpoint=path, metrics=recorded)
         return path
 
@@ -450,10 +469,14 @@ class Trainer:
     def _reload(self, checkpoint: str | int) -> LoadResult:
         """Load `checkpoint` (a resume, or recovery's rollback) and pick the loop's bookkeeping up from it."""
         result = self._load_checkpoint(checkpoint)
-        loss = result.metrics.get(TRAIN_LOSS)
+        self._after_load(result.metrics)
+        return result
+
+    def _after_load(self, metrics: Mapping[str, Any]) -> None:
+        """The loop's bookkeeping after every component was loaded (from a checkpoint, or recovery's host copy)."""
+        loss = metrics.get(TRAIN_LOSS)
         self._last_loss = float(loss) if isinstance(loss, int | float) else math.nan
         self._clock = (time.perf_counter(), self.state.tokens_seen, self.state.global_step)
-        return result
 
     def report_instability(self, event: Any) -> None:
         """A callback saw the run going bad (DivergenceDetector calls this with a dict: reason, metric, value,

@@ -53,6 +53,12 @@ class TrainerCallback:
                     **kwargs: Any) -> TrainerControl | None:
         """After each optimizer step. kwargs: `loss` (this rank's loss, a float), `grad_norm`."""
 
+    def on_step_agreed(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> TrainerControl | None:
+        """After each step's agreement across ranks. kwargs: `loss` (the mean of the ranks' losses: identical on
+        every rank), `grad_norm` (this rank's), `skipped` (recovery left the optimizer step out). A flag set here
+        is agreed on with the next step's."""
+
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                **kwargs: Any) -> TrainerControl | None:
         """After a log line. kwargs: `logs` (the entry appended to state.log_history, plus throughput)."""
@@ -78,8 +84,8 @@ class TrainerCallback:
         """After the last step and the final save."""
 
 
-EVENTS = ("on_train_begin", "on_step_begin", "on_step_end", "on_log", "on_evaluate", "on_save", "on_instability",
-          "on_train_end")
+EVENTS = ("on_train_begin", "on_step_begin", "on_step_end", "on_step_agreed", "on_log", "on_evaluate", "on_save",
+          "on_instability", "on_train_end")
 
 
 def is_stateful(callback: object) -> bool:

@@ -1,10 +1,13 @@
-"""DivergenceDetector: notice a run going bad within a few log entries, and never miss a NaN.
+"""DivergenceDetector: notice a run going bad within tens of steps, and never miss a NaN.
 
-The monitored value (train loss by default) is smoothed with an EMA, and the detector counts consecutive
+It watches one value per log line (the train loss by default), or with `per_step=True` every step's loss, as
+the ranks agreed on it with the step's other flags (the trainer's on_step_agreed hook: no extra
+communication, and every rank decides alike); warm-up, smoothing and patience then count steps.
+The monitored value is smoothed with an EMA, and the detector counts consecutive
 observations whose smoothed value is worse than the best level the run has reached by `threshold`
 (absolute) or by the factor `relative_threshold`; `patience` of those in a row trigger. The best level is
 the best smoothed value, except while the smoothed value is improving at every observation: then the EMA
-lags a curve that is still falling fast, and the median of the last BEST_WINDOW raw values (so one lucky
+lags a curve that is still falling fast, and the median of the last `best_window` raw values (so one lucky
 batch does not set it) stands for the level instead; otherwise a jump back to where the EMA was would never
 count. On a flat noisy curve that median is never used, so noise does not drag the best down. A NaN or Inf
 triggers at once, never enters the EMA or the best, and does not stop the detector from working later.
@@ -27,6 +30,10 @@ log = logging.getLogger("trainers")
 
 ACTIONS = ("stop", "abort", "rollback")
 BEST_WINDOW = 4  # raw observations whose median is a candidate for the best level
+# Settings left at None take these: one observation per log line, or one per step (a step's loss is noisier
+# and there are many more of them, so it is smoothed more and needs more of them in a row).
+PER_LOG_DEFAULTS = {"smoothing": 0.3, "patience": 3, "warmup": 10}
+PER_STEP_DEFAULTS = {"smoothing": 0.07, "patience": 15, "warmup": 20}
 _NORM_SUFFIXES = ("norm", "norms")  # grad_norm, weight_norm, ...: lower is better
 
 
@@ -49,18 +56,24 @@ class DivergenceDetector(TrainerCallback):
     "stop" (save, then stop), "abort" (stop without saving), "rollback" (hand over to recovery).
     """
 
-    smoothing: float = 0.3
-    """EMA weight of the newest observation (0 < smoothing <= 1; 1 means no smoothing)."""
+    smoothing: float | None = None
+    """EMA weight of the newest observation (0 < smoothing <= 1; 1 means no smoothing). None: 0.3 per log line,
+    0.07 per step (per_step)."""
     threshold: float | None = 1.0
     """Absolute excess over the best smoothed value that counts as bad (None to use only the relative rule)."""
     relative_threshold: float | None = None
     """Factor over the best smoothed value that counts as bad, e.g. 1.5 (None to use only the absolute rule)."""
-    patience: int = 3
-    """Consecutive bad observations that trigger."""
-    warmup: int = 10
-    """Observations ignored at the start (they still warm up the EMA); NaN/Inf trigger even then."""
+    patience: int | None = None
+    """Consecutive bad observations that trigger. None: 3 log lines, 15 steps (per_step)."""
+    warmup: int | None = None
+    """Observations ignored at the start (they still warm up the EMA); NaN/Inf trigger even then. None: 10 log
+    lines, 20 steps (per_step)."""
     action: str = "stop"
     """What the trainer does on a trigger: "stop", "abort" or "rollback"."""
+    per_step: bool = False
+    """Watch every training step's loss (the mean over ranks that each step's agreement already computes, so no
+    extra communication; steps recovery skipped are left out) instead of one value per log line; warmup and
+    patience then count steps, and smoothing applies per step. Only for the train loss."""
     use_eval_loss: bool = False
     """Watch the evaluation loss (from on_evaluate) instead of the train loss (from on_log)."""
     metric_key: str | None = None
@@ -86,13 +99,17 @@ class DivergenceDetector(TrainerCallback):
     last_checked: int | None = field(default=None, init=False)
     """checked_through(): the newest step whose weights the last good observation vouches for."""
     recent: list[float] = field(default_factory=list, init=False)
-    """The last BEST_WINDOW finite raw values."""
+    """The last best_window finite raw values."""
     recent_smoothed: list[float] = field(default_factory=list, init=False)
-    """The smoothed values after each of the last BEST_WINDOW + 1 finite observations."""
+    """The smoothed values after each of the last best_window + 1 finite observations."""
     _from_eval: bool = field(default=False, init=False, repr=False)  # fed by on_evaluate (not by on_log)
 
     def __post_init__(self) -> None:
-        if not 0 < self.smoothing <= 1:
+        defaults = PER_STEP_DEFAULTS if self.per_step else PER_LOG_DEFAULTS
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if isinstance(self.smoothing, bool) or not isinstance(self.smoothing, int | float) or not 0 < self.smoothing <= 1:
             raise ValueError(f"DivergenceDetector: smoothing={self.smoothing!r} must be in (0, 1]")
         if self.threshold is None and self.relative_threshold is None:
             raise ValueError("DivergenceDetector: threshold and relative_threshold are both None; set at least one")
@@ -105,6 +122,9 @@ class DivergenceDetector(TrainerCallback):
             raise ValueError(f"DivergenceDetector: patience={self.patience!r} must be an int >= 1")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"DivergenceDetector: warmup={self.warmup!r} must be an int >= 0")
+        if self.per_step and (self.use_eval_loss or self.metric_key is not None):
+            raise ValueError("DivergenceDetector: per_step=True watches each step's train loss; it cannot be combined "
+                             "with use_eval_loss or metric_key (set per_step=False to watch those per log line)")
         if self.action not in ACTIONS:
             raise ValueError(f"DivergenceDetector: action={self.action!r} must be one of {ACTIONS}")
         if self.greater_is_better is None:
@@ -113,6 +133,15 @@ class DivergenceDetector(TrainerCallback):
                 raise ValueError(f"DivergenceDetector: cannot tell whether {self.metric_key!r} is better high or "
                                  "low; pass greater_is_better=True or False")
             self.greater_is_better = bool(inferred)
+
+    @property
+    def best_window(self) -> int:
+        """Raw observations whose median may stand for the level: BEST_WINDOW per log line; per step, about the
+        EMA's own span (2 / smoothing - 1), since a step's loss is far noisier than a log line's mean and a
+        median of a few of them would let the best sink with the noise."""
+        if not self.per_step:
+            return BEST_WINDOW
+        return max(BEST_WINDOW, round(2 / self.smoothing) - 1)
 
     @property
     def monitored(self) -> str:
@@ -133,8 +162,8 @@ class DivergenceDetector(TrainerCallback):
             return True
         self.observations += 1
         self.smoothed = value if self.smoothed is None else self.smoothing * value + (1 - self.smoothing) * self.smoothed
-        self.recent = [*self.recent, value][-BEST_WINDOW:]
-        self.recent_smoothed = [*self.recent_smoothed, self.smoothed][-(BEST_WINDOW + 1):]
+        self.recent = [*self.recent, value][-self.best_window:]
+        self.recent_smoothed = [*self.recent_smoothed, self.smoothed][-(self.best_window + 1):]
         if self.observations <= self.warmup:
             self._good(step)
             return False
@@ -183,11 +212,11 @@ class DivergenceDetector(TrainerCallback):
         return self.last_checked
 
     def _falling(self) -> bool:
-        """Whether the smoothed value improved at each of the last BEST_WINDOW observations: only then does it
+        """Whether the smoothed value improved at each of the last best_window observations: only then does it
         lag the curve, and only then may the raw values' median stand for the level (on a flat, noisy curve
         a running best of that median would sink with the noise and make noise look like divergence)."""
         s = self.recent_smoothed
-        return len(s) > BEST_WINDOW and all(self._better(b, a) for a, b in itertools.pairwise(s))
+        return len(s) > self.best_window and all(self._better(b, a) for a, b in itertools.pairwise(s))
 
     def _better(self, a: float, b: float) -> bool:
         return a > b if self.greater_is_better else a < b
@@ -242,8 +271,13 @@ class DivergenceDetector(TrainerCallback):
 
     # ---- trainer hooks --------------------------------------------------------------------------
 
+    def on_step_agreed(self, args, state, control: TrainerControl, **kwargs: Any) -> None:
+        if self.per_step and not kwargs.get("skipped", False):
+            self._from_eval = False  # step s's loss was computed on the weights of step s - 1
+            self._feed(float(kwargs["loss"]), state, control, kwargs)
+
     def on_log(self, args, state, control: TrainerControl, **kwargs: Any) -> None:
-        if self.use_eval_loss:
+        if self.use_eval_loss or self.per_step:
             return
         logs = kwargs.get("logs") or {}
         if self.monitored in logs:

@@ -1,5 +1,6 @@
 """Recovery from runs that go bad: NaN/Inf consensus, gradient-norm spikes, divergence rollback with an LR
-cut and ramp, out-of-memory retry, liveness checks, SIGTERM saves, and an event log. See docs/recovery.md.
+cut and ramp (from host-memory copies of recent checkpoints when they are kept), out-of-memory retry,
+liveness checks, SIGTERM saves, and an event log. See docs/recovery.md.
 
 The controller is imported by the trainer when a policy is set (it builds on trainers.base).
 """

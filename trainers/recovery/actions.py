@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import TYPE_CHECKING
 
 from . import events as ev
 from .events import RecoveryEvent
 from .lr import LRRamp
+from .memory import restore
 from .rollback import choose_target, set_aside
 
 if TYPE_CHECKING:
@@ -32,7 +34,7 @@ def give_up(ctl: RecoveryController, message: str) -> None:
 def rollback(ctl: RecoveryController, reason: str, first_bad: int, checked: int) -> None:
     """Reload the chosen checkpoint (every component, every rank), then cut the LR and ramp it back."""
     t, policy = ctl.trainer, ctl.policy
-    step = t.state.global_step
+    step, started = t.state.global_step, time.perf_counter()
     if ctl.rollbacks >= policy.max_rollbacks:
         give_up(ctl, f"the run went bad again at step {step} ({reason}) after {ctl.rollbacks} rollback(s); "
                      f"max_rollbacks={policy.max_rollbacks} is reached, so training stops. Lower the learning rate, "
@@ -53,32 +55,62 @@ def rollback(ctl: RecoveryController, reason: str, first_bad: int, checked: int)
                      "checkpoint")
     scale_now = ctl.lr_scale(step)
     kept = (ctl.rollbacks + 1, ctl.micro_batch_size)
-    result = t._reload(target)  # also reloads this controller's saved state, from before the trouble
+    to_step, to_path, source = reload(ctl, target)  # also reloads this controller's state, from before the trouble
     ctl.rollbacks, ctl.micro_batch_size = kept
-    ctl.last_target = result.step
-    ctl.ramp = LRRamp(start_step=result.step, start_scale=scale_now * policy.lr_factor, steps=policy.lr_ramp_steps)
+    ctl.last_target = to_step
+    ctl.ramp = LRRamp(start_step=to_step, start_scale=scale_now * policy.lr_factor, steps=policy.lr_ramp_steps)
     ctl.nan_streak, ctl.nan_streak_start = 0, None
     ctl.spike_streak, ctl.spike_streak_start, ctl.spike_bad_losses = 0, None, 0
     ctl._diverged = None
-    ctl._last_saved_step = result.step
-    moved = set_aside(t.coordinator, result.step, f"rollback-{ctl.rollbacks}-at-{step}") if ctl.rank == 0 else []
+    ctl._last_saved_step = to_step
+    moved = set_aside(t.coordinator, to_step, f"rollback-{ctl.rollbacks}-at-{step}") if ctl.rank == 0 else []
     ctl.guard.release()
     ctl.schedule_skip(first_bad)
     ctl.dispatch(RecoveryEvent(
         ev.ROLLBACK, step, "rollback", reason,
-        values={"from_step": step, "to_step": result.step, "to_checkpoint": result.path, "first_bad_step": first_bad,
+        values={"from_step": step, "to_step": to_step, "to_checkpoint": to_path, "first_bad_step": first_bad,
                 "checked_through": checked, **({"passed_over": passed_over} if passed_over >= 0 else {}),
                 "rollback": ctl.rollbacks, "max_rollbacks": policy.max_rollbacks,
                 "set_aside": moved, "skip_batches": policy.skip_batches,
-                **({"skip_at_step": first_bad} if policy.skip_batches else {})}), quiet=True)
+                **({"skip_at_step": first_bad} if policy.skip_batches else {}),
+                "restored_from": source, "restore_s": round(time.perf_counter() - started, 4)}), quiet=True)
     ctl.dispatch(RecoveryEvent(
-        ev.LR_CHANGE, result.step, "scale", f"learning rate cut after rollback {ctl.rollbacks}",
+        ev.LR_CHANGE, to_step, "scale", f"learning rate cut after rollback {ctl.rollbacks}",
         values={"lr_scale": ctl.ramp.start_scale, "ramp_steps": policy.lr_ramp_steps, "lr": t.current_lr()}),
         quiet=True)
     if ctl.rank == 0:
         log.warning("recovery: rolled back from step %d to %s (rollback %d of %d); learning rate x%.3g, back to the "
-                    "schedule over %d steps", step, result.path, ctl.rollbacks, policy.max_rollbacks,
+                    "schedule over %d steps", step, to_path, ctl.rollbacks, policy.max_rollbacks,
                     ctl.ramp.start_scale, policy.lr_ramp_steps)
+
+
+def reload(ctl: RecoveryController, target: int) -> tuple[int, str, str]:
+    """Load checkpoint `target` on every rank: from the host copies when every rank holds one (no disk read),
+    else from the disk. Returns (its step, its path, "memory" or "disk")."""
+    t = ctl.trainer
+    t._wait_for_save()  # a save in flight commits before the stretch after the target is set aside
+    if ctl.copies is not None:  # the policy, so the branch, is the same on every rank
+        held = ctl.copies.get(target)
+        failed = held is None
+        if held is not None:
+            try:
+                restore(held, t.all_components())
+            except Exception as exc:  # every component is loaded from the disk below, over what was applied
+                log.warning("rank %d: recovery: restoring step %d from host memory failed (%r); loading it from the "
+                            "disk", ctl.rank, target, exc)
+                failed = True
+        missing = ctl.reduce([float(failed)], "rollback agreement")[0]
+        if missing == 0:
+            t._after_load(held.metrics)
+            ctl.copies.forget_after(target)
+            return held.step, held.path, "memory"
+        if ctl.rank == 0:
+            log.info("recovery: %d rank(s) hold no host copy of step %d; loading it from the disk", int(missing),
+                     target)
+    result = t._reload(target)
+    if ctl.copies is not None:
+        ctl.copies.forget_after(result.step)
+    return result.step, result.path, "disk"
 
 
 def divergence_action(ctl: RecoveryController, action: str, event: RecoveryEvent | None = None) -> bool:

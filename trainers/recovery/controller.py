@@ -1,7 +1,8 @@
 """RecoveryController: a trainer's recovery state and decisions, behind a few small hooks in the loop.
 
-The loop calls it for the training step (`training_step`, see step.py), before each save (`before_save`),
-at each step boundary (`at_step_boundary`), and when a callback reports instability (`report`). Requests
+The loop calls it for the training step (`training_step`, see step.py), before and after each save
+(`before_save`; `after_save` keeps a host copy for rollbacks without a disk read, see memory.py), at each step
+boundary (`at_step_boundary`), and when a callback reports instability (`report`). Requests
 that can start on some ranks only (a report, a signal) ride on the trainer's own per-step agreements
 (`local_requests` / `absorb`), so every rank acts on them at the same boundary. Its state (rollbacks, the
 LR ramp, the micro-batch size, the NaN streak, recent gradient norms) is saved with every checkpoint as
@@ -27,6 +28,7 @@ from . import events as ev
 from .events import EventLog, RecoveryEvent, read_events
 from .guard import DIVERGED, agree_on_save, mark_diverged
 from .lr import LRRamp
+from .memory import MIB, HostCopies
 from .policy import DIVERGENCE_ACTIONS, RecoveryPolicy
 from .rollback import LastGoodGuard
 from .signals import StopSignals
@@ -61,6 +63,8 @@ class RecoveryController:
             policy.health_check_interval > 0 and self.world_size > 1) else None
         self.signals = StopSignals() if policy.handle_signals else None
         self.guard = LastGoodGuard(trainer.coordinator, self.rank)
+        self.copies = HostCopies(int(policy.rollback_memory_mb * MIB), self.rank) if (
+            policy.rollback_memory_mb > 0) else None
         if policy.detector is not None and not any(isinstance(cb, DivergenceDetector)
                                                    for cb in trainer.callback_handler.callbacks):
             trainer.callback_handler.add(policy.make_detector())
@@ -262,6 +266,12 @@ class RecoveryController:
             self.guard.update(self._last_good_bound())
         self._last_saved_step = step
         return metrics
+
+    def after_save(self, path: str, metrics: Mapping[str, Any]) -> None:
+        """A save of this step was handed to the coordinator: keep a host copy of it (rollback_memory_mb)."""
+        if self.copies is not None:
+            self.copies.keep(self.trainer.state.global_step, path, self.trainer.all_components(), metrics,
+                             self._last_good_bound())
 
     def _last_good_bound(self) -> int | None:
         """While a bad run is in progress (a detector's raw or smoothed value already bad, a NaN or spike

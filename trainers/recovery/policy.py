@@ -28,7 +28,7 @@ NAN_ACTIONS = ("warn", "skip", "raise", "rollback")
 DIVERGENCE_ACTIONS = ("stop", "abort", "rollback")
 ROLLBACK_TARGETS = ("last_good", "best", "steps_back:N")
 # DivergenceDetector settings a policy may give; `action` is not one of them: divergence_action decides.
-DETECTOR_KEYS = ("smoothing", "threshold", "relative_threshold", "patience", "warmup", "use_eval_loss",
+DETECTOR_KEYS = ("smoothing", "threshold", "relative_threshold", "patience", "warmup", "per_step", "use_eval_loss",
                  "metric_key", "greater_is_better")
 TABLE = "recovery"
 
@@ -67,6 +67,10 @@ class RecoveryPolicy:
     """After a rollback the learning rate in force is multiplied by this (0 < lr_factor <= 1) ..."""
     lr_ramp_steps: int = 200
     """... and ramped back linearly to the scheduled value over this many steps (0: the cut stays)."""
+    rollback_memory_mb: float = 0.0
+    """Host memory per rank, in MiB, for copies of the newest checkpoints' state (taken at each save), so a
+    rollback to one of them reads nothing from the disk; 0 keeps none. A rollback whose target is not held
+    on every rank loads it from the disk."""
     skip_batches: int = 0
     """After a rollback, drop this many batches when the replay reaches the step that went bad (first_bad_step):
     the offending data is not seen again, the good data before it is; 0 replays everything."""
@@ -123,6 +127,8 @@ class RecoveryPolicy:
         if not _is_number(spike) or not (spike == 0 or spike > 1):
             _fail("grad_norm_spike_factor", spike, "must be a number > 1 (a factor over the running median), or 0 "
                   "to turn the check off")
+        if not _is_number(self.rollback_memory_mb) or self.rollback_memory_mb < 0:
+            _fail("rollback_memory_mb", self.rollback_memory_mb, "must be a number of MiB >= 0 (0: no copies in memory)")
         if not _is_number(self.health_check_timeout_s) or self.health_check_timeout_s <= 0:
             _fail("health_check_timeout_s", self.health_check_timeout_s, "must be a number of seconds > 0")
 
