@@ -94,16 +94,22 @@ def components(model: torch.nn.Module, opt: torch.optim.Optimizer | None, form: 
     return comps
 
 
-def save_worker(rank: int, world: int, run_dir: str, layout: str, form: str) -> dict[str, Any]:
-    """Train one step under `layout`, save at step 1, and return the full values."""
+def save_worker(rank: int, world: int, run_dir: str, layout: str, form: str, async_save: bool = False
+                ) -> dict[str, Any]:
+    """Train one step under `layout`, save at step 1 (in the background with `async_save`, the weights then
+    changed by another step while it writes), and return the full values saved."""
     model = build(layout, seed=0)
     opt = None if layout == "2d" else torch.optim.AdamW(model.parameters(), lr=0.1)
     if opt is not None:
         train_step(model, opt, seed=1)
     extra = Extra({"epoch": 3, "table": torch.arange(6.0), "name": "run"})
     with CheckpointCoordinator(run_dir, timeout=60) as coord:
-        coord.save(1, components(model, opt, form, extra))
-    return full_values(model, opt)
+        coord.save(1, components(model, opt, form, extra), async_save=async_save)
+        saved = full_values(model, opt)
+        if async_save and opt is not None:
+            train_step(model, opt, seed=2)  # the staged copies, not the live tensors, are written
+        coord.wait()
+    return saved
 
 
 def load_worker(rank: int, world: int, run_dir: str, layout: str, form: str, optim: bool = True) -> dict[str, Any]:

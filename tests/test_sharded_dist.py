@@ -27,9 +27,10 @@ def _same(saved: dict, loaded: dict) -> None:
     assert np.array_equal(loaded["extra"]["table"], np.arange(6.0, dtype=np.float32))
 
 
-def _roundtrip(tmp_path, save: tuple[int, str], loads: list[tuple[int, str]], form: str = "index") -> None:
+def _roundtrip(tmp_path, save: tuple[int, str], loads: list[tuple[int, str]], form: str = "index",
+               async_save: bool = False) -> None:
     run_dir = str(tmp_path / "run")
-    saved = expect_ok(run_ranks(save[0], save_worker, run_dir, save[1], form))
+    saved = expect_ok(run_ranks(save[0], save_worker, run_dir, save[1], form, async_save))
     for rank_values in saved[1:]:  # every rank saw the same full values
         assert all(np.array_equal(rank_values[k], saved[0][k]) for k in saved[0])
     for world, layout in loads:
@@ -44,6 +45,10 @@ def test_fsdp_two_ranks_to_plain_one_rank_and_to_four(tmp_path):
 
 def test_plain_one_rank_to_fsdp_two_ranks_by_name(tmp_path):
     _roundtrip(tmp_path, (1, "plain"), [(2, "fsdp")], form="fqn")
+
+
+def test_async_fsdp_save_loads_exactly(tmp_path):
+    _roundtrip(tmp_path, (2, "fsdp"), [(1, "plain")], form="fqn", async_save=True)
 
 
 def test_fsdp_four_to_two_by_name(tmp_path):
