@@ -51,6 +51,7 @@ def test_async_fsdp_save_loads_exactly(tmp_path):
     _roundtrip(tmp_path, (2, "fsdp"), [(1, "plain")], form="fqn", async_save=True)
 
 
+@pytest.mark.slow
 def test_fsdp_four_to_two_by_name(tmp_path):
     _roundtrip(tmp_path, (4, "fsdp"), [(2, "fsdp")], form="fqn")
 
