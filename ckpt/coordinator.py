@@ -42,7 +42,8 @@ from .io.lock import RunDirLock, take_run_dir
 from .io.staging import StagingPool
 from .io.storage import LocalStorage, Storage
 from .io.threads import gc_paused
-from .load.applying import apply_failure, apply_staged
+from .load.agreement import ReadVerdict, decide_apply, decide_read
+from .load.applying import apply_staged
 from .load.read_phase import (
     ReadOptions,
     Staged,
@@ -54,8 +55,9 @@ from .load.read_phase import (
 from .retention.catalog import RetentionOutcome, hold, retain, scan, summary_text
 from .retention.catalog import best as best_checkpoints
 from .retention.rules import BestCheckpoint, RetentionPolicy
+from .save.agreement import PlanCache, agree_plan
 from .save.background import BackgroundSave
-from .save.planning import ComponentDecl, build_plan
+from .save.planning import ComponentDecl
 from .save.saving import (
     PreparedComponent,
     Snapshot,
@@ -154,6 +156,7 @@ class CheckpointCoordinator:
         self.read_only = read_only
         self._staging = StagingPool()
         self._pending: BackgroundSave | None = None
+        self._plan = PlanCache()  # the last save's plan, reused while no rank's declarations change
         self._closed = False
         self.comm = Communicator(self.timeout)
         self.topology: RankTopology = discover(self.comm, process_groups, local_world_size)
@@ -163,8 +166,8 @@ class CheckpointCoordinator:
         held: list[RunDirLock] = []
         # Rank 0 locks the run dir; every rank learns the tag of its unfinished-save folders (None: locked).
         locks = self.rank == 0 and not read_only
-        self._tag: str | None = self.comm.run_phase(
-            "lock", lambda: self._take_run_dir(force, held) if locks else None, what="coordinator start-up")[0]
+        self._tag: str | None = self.comm.broadcast_phase(
+            "lock", lambda: self._take_run_dir(force, held) if locks else None, what="coordinator start-up")
         self._release = weakref.finalize(self, held[0].release) if held else None
 
     def _take_run_dir(self, force: bool, held: list[RunDirLock]) -> str | None:
@@ -286,34 +289,34 @@ class CheckpointCoordinator:
         started = time.perf_counter()
         prepared: dict[str, PreparedComponent] = {}
         try:
-            wires = self.comm.run_phase(
-                "prepare", lambda: self._declare(snapshots, error, prepared, final, partial, overwrite), what=what)
-            decls = [{w[0]: ComponentDecl.from_wire(w) for w in per_rank} for per_rank in wires]
-            plans = build_plan(decls, self.topology)
-            check_replicas(self.comm, plans, [{k: d.digest for k, d in per.items()} for per in decls],
-                           {k: p.table for k, p in prepared.items()},
+            # Rank 0 plans (or reuses its last plan) and checks the replica digests; each rank learns its files.
+            verdict, self._plan = agree_plan(
+                self.comm, lambda: self._declare(snapshots, error, prepared, final, partial, overwrite), self._plan,
+                self.topology, what)
+            check_replicas(self.comm, verdict.checks, {k: p.table for k, p in prepared.items()},
                            {k: p.replicated or p.flat for k, p in prepared.items()})
-            mine = [a for p in plans.values() for a in p.files if a.writer == self.rank]
-            records = self.comm.run_phase(
-                "write", lambda: write_files(self.storage, partial, mine, prepared, self.rank, self.io_threads,
-                                            on_file=lambda rel: self.comm.note(f"writing {rel}")),
-                what=what)
-            manifest = build_manifest(step, plans, records, self.topology.describe(), metrics)
-            outcome = self.comm.run_phase("commit", lambda: self._commit(partial, final, manifest, overwrite),
-                                          what=what)[0]
+            records = self.comm.gather_phase(
+                "write", lambda: write_files(self.storage, partial, self._plan.mine, prepared, self.rank,
+                                            self.io_threads, on_file=lambda rel: self.comm.note(f"writing {rel}")),
+                what=what).kept  # every rank's file records, on rank 0
+            manifest = None
+            if self.rank == 0:
+                manifest = build_manifest(step, self._plan.plans, records, self.topology.describe(), metrics)
+            outcome = self.comm.broadcast_phase("commit", lambda: self._commit(partial, final, manifest, overwrite),
+                                                what=what)
             self.last_retention = None if outcome is None else RetentionOutcome.from_plain(outcome)
         except BaseException:
             if self.rank == 0:
                 self._discard(partial)
             raise
-        if self.rank == 0:
+        if manifest is not None:
             total = sum(f.nbytes for c in manifest.components.values() for f in c.files)
-            log.info("saved %s: %d components, %.1f MB in %.2fs", final, len(plans), total / 1e6,
+            log.info("saved %s: %d components, %.1f MB in %.2fs", final, len(manifest.components), total / 1e6,
                      time.perf_counter() - started)
         return final
 
     def _declare(self, snapshots: Mapping[str, Snapshot], error: Exception | None,
-                 out: dict[str, PreparedComponent], final: str, partial: str, overwrite: bool) -> list[list]:
+                 out: dict[str, PreparedComponent], final: str, partial: str, overwrite: bool) -> list[ComponentDecl]:
         if error is not None:
             raise error
         if self.rank == 0:
@@ -326,7 +329,7 @@ class CheckpointCoordinator:
             self.storage.makedirs(partial)
         for key, snap in snapshots.items():
             out[key] = declare(snap, self._plans_split(snap.component, snap.pattern), self.io_threads)
-        return [p.decl.to_wire() for p in out.values()]
+        return [p.decl for p in out.values()]
 
     def _remove_stale(self, stale: str) -> None:
         """Move an unfinished save aside, then remove it: if a forced job commits it meanwhile, one of the two
@@ -351,8 +354,6 @@ class CheckpointCoordinator:
         return False
 
     def _commit(self, partial: str, final: str, manifest: Manifest, overwrite: bool) -> dict | None:
-        if self.rank != 0:
-            return None
         commit(self.storage, partial, final, manifest, overwrite)
         if self.after_commit is not None:
             try:  # the checkpoint is committed; a failing hook must not make the save look failed
@@ -402,26 +403,23 @@ class CheckpointCoordinator:
         self._check_open("load()")
         _check_fallback(checkpoint, fallback, in_place)
         self.wait()
-        candidates = self.comm.run_phase(
-            "resolve", lambda: self._resolve(checkpoint, fallback) if self.rank == 0 else None, what="load")[0]
+        candidates = self.comm.broadcast_phase("resolve", lambda: self._resolve(checkpoint, fallback), what="load")
         opts = ReadOptions(strict, in_place, reshard, self.verify_on_load, self.io_threads)
-        staged, step, declared, rejected = self._read_first_good(candidates, components, opts, fallback)
+        staged, step, read, rejected = self._read_first_good(candidates, components, opts, fallback)
         path, manifest = staged.path, staged.manifest
         # A component damaged on any rank is dropped on every rank, so replicas never end up loaded on some.
-        damaged = sorted({k for d in declared for k in d["damaged"]})
+        damaged = list(read.damaged)
         for key in damaged:
             staged.state.pop(key, None)
         asked = {c.key for c in components}
         skipped = staged.skipped + [k for k in damaged if k not in staged.skipped and k in asked]
-        unused = sorted(set(manifest.components) - {k for d in declared for k in d["keys"]})
+        unused = sorted(set(manifest.components) - set(read.keys))
         if unused and strict:
             raise CheckpointError(
                 f"checkpoint {path} holds components {unused} that no rank passed to load(); pass them, or "
                 "load with strict=False to ignore them", path=path)
-        reports = self.comm.run_phase("apply", lambda: apply_staged(components, staged.state, self.rank),
-                                      what=f"load of {path}")
-        if any(r["failed"] is not None for r in reports):
-            raise apply_failure(path, reports)
+        self.comm.gather_phase("apply", lambda: apply_staged(components, staged.state, self.rank),
+                               what=f"load of {path}", decide=lambda reports: decide_apply(path, reports))
         self.resumed_from = path
         if self.rank == 0:
             log.info("loaded %s (%d components)", path, len(staged.state))
@@ -439,19 +437,21 @@ class CheckpointCoordinator:
         return [[ref.path, ref.step if ref.step >= 0 else read_manifest(self.storage, ref.path).step]]
 
     def _read_first_good(self, candidates: Sequence[Sequence], components: Sequence[StateComponent],
-                         opts: ReadOptions, fallback: bool) -> tuple[Staged, int, list[dict], list]:
+                         opts: ReadOptions, fallback: bool) -> tuple[Staged, int, ReadVerdict, list]:
         """The read phase, on each candidate in turn until one verifies on every rank. Returns what this rank
-        staged, the step, every rank's declarations, and the (path, failures by rank) of those passed over."""
+        staged, the step, what every rank read (rank 0's summary), and the (path, failures by rank) of those
+        passed over."""
         rejected: list[tuple[str, dict[int, str]]] = []
         for i, (path, step) in enumerate(candidates):
             box: list[Staged] = []
             read = functools.partial(read_or_reject, self.storage, path, components, self.topology, opts,
                                      fallback, box)
             with hold(path, "being loaded"):
-                declared = self.comm.run_phase("read", read, what=f"load of {path}")
-            bad = {r: d["bad"] for r, d in enumerate(declared) if d["bad"] is not None}
+                verdict = ReadVerdict.from_wire(
+                    self.comm.gather_phase("read", read, what=f"load of {path}", decide=decide_read).common)
+            bad = verdict.bad
             if not bad:
-                return box[0], step, declared, rejected
+                return box[0], step, verdict, rejected
             rejected.append((path, bad))
             if self.rank == 0:
                 following = candidates[i + 1][0] if i + 1 < len(candidates) else None

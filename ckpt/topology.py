@@ -9,7 +9,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .comm import Communicator
+from .comm import Communicator, Decision
 from .errors import CheckpointError
 from .format.manifest import Topology
 
@@ -84,8 +84,15 @@ def discover(comm: Communicator, process_groups: Mapping[str, Any] | None,
                                   "have the same number of ranks")
         return {name: _members(name, g, rank, world) for name, g in (process_groups or {}).items()}
 
-    mine = comm.run_phase("topology", local, what="coordinator start-up")
-    groups: dict[str, tuple[tuple[int, ...], ...]] = {}
+    # Rank 0 checks every rank's groups and hands the agreed groups back (each rank does not need all others').
+    groups = comm.gather_phase("topology", local, what="coordinator start-up",
+                               decide=lambda mine: Decision(agreed_groups(mine, world))).common
+    return RankTopology(rank, world, lws, {name: tuple(tuple(m) for m in sets) for name, sets in groups.items()})
+
+
+def agreed_groups(mine: Sequence[Mapping[str, Sequence[int]]], world: int) -> dict[str, list[list[int]]]:
+    """The groups of each name from every rank's own groups (index = rank); raises if the ranks disagree."""
+    groups: dict[str, list[list[int]]] = {}
     for name in sorted({n for m in mine for n in m}):
         found = {tuple(m[name]) for m in mine if name in m}
         lacking = [r for r, m in enumerate(mine) if name not in m]
@@ -99,5 +106,5 @@ def discover(comm: Communicator, process_groups: Mapping[str, Any] | None,
         for r, m in enumerate(mine):
             if tuple(m[name]) not in found or r not in m[name]:
                 raise CheckpointError(f"rank {r} disagrees about the members of its group {name!r}")
-        groups[name] = tuple(sorted(found))
-    return RankTopology(rank, world, lws, groups)
+        groups[name] = [list(g) for g in sorted(found)]
+    return groups

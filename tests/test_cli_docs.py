@@ -162,6 +162,11 @@ def test_retention_doc_shows_what_the_code_prints(tmp_path):
     _verify(play("retention.md", tmp_path))
 
 
+def test_migration_doc_shows_what_the_code_prints(tmp_path):
+    pytest.importorskip("transformers", reason="the Hugging Face examples need transformers (the test extra)")
+    _verify(play("migration.md", tmp_path))
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the examples launch a 4-rank gloo job with torchrun")
 def test_cli_doc_shows_what_the_command_prints(tmp_path):
     play("retention.md", tmp_path, check=False)  # runs/exp1 comes from retention.md's two scripts

@@ -19,6 +19,11 @@ def test_ruff_check_passes():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# `ckpt import` reads foreign torch.save files (and DCP's byte values): there, and only there, torch.load is called,
+# always with weights_only=True.
+IMPORTER = os.path.join("ckpt", "cli", "importing.py")
+
+
 def test_no_pickle_based_loading_in_library_code():
     pattern = ("torch.load(", "pickle.load", "weights_only=False")
     offenders = []
@@ -29,5 +34,9 @@ def test_no_pickle_based_loading_in_library_code():
                     path = os.path.join(root, name)
                     with open(path) as f:
                         text = f.read()
+                    if os.path.relpath(path, REPO) == IMPORTER:
+                        calls = [text[i: text.index(")", i)] for i in range(len(text)) if text.startswith("torch.load(", i)]
+                        offenders += [f"{path}: {c})" for c in calls if "weights_only=True" not in c]
+                        text = text.replace("torch.load(", "")
                     offenders += [f"{path}: {p}" for p in pattern if p in text]
     assert offenders == [], offenders

@@ -132,10 +132,12 @@ def _check_reseed(at_two: list[dict]) -> None:
 
 def _check_retention(run_dir: str) -> None:
     """save_total_limit=2 and preserve_best_model=True on a parallel trainer: the newest two and the best by
-    eval_loss are kept; metrics.jsonl has one train row per logging window and one eval row per save."""
+    eval_loss are kept; metrics.jsonl has one train row per logging window and one eval and one checkpoint row
+    per save."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    assert sorted((r["kind"], r["step"]) for r in rows) == [("eval", 2), ("eval", 4), ("eval", 6), ("train", 3),
+    assert sorted((r["kind"], r["step"]) for r in rows) == [("checkpoint", 2), ("checkpoint", 4), ("checkpoint", 6),
+                                                             ("eval", 2), ("eval", 4), ("eval", 6), ("train", 3),
                                                              ("train", 6)], rows
     evals = {r["step"]: r["eval_loss"] for r in rows if r["kind"] == "eval"}
     best = min(evals, key=evals.get)

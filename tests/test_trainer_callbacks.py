@@ -176,8 +176,10 @@ def test_logging_and_metrics_file(tmp_path):
     assert set(train[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "tokens_seen"}
     with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
-    assert [(x["kind"], x["step"]) for x in lines] == [("train", 4), ("eval", 6), ("train", 8), ("train", 12),
-                                                       ("eval", 12)]
+    assert [(x["kind"], x["step"]) for x in lines] == [("train", 4), ("eval", 6), ("checkpoint", 6), ("train", 8),
+                                                       ("train", 12), ("eval", 12), ("checkpoint", 12)]
+    assert [x["checkpoint"] for x in lines if x["kind"] == "checkpoint"] == ["checkpoint-00000006",
+                                                                              "checkpoint-00000012"]
     assert lines[0]["tokens_per_s"] > 0 and lines[0]["loss"] == train[0]["loss"]
 
 

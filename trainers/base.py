@@ -23,9 +23,16 @@ from .arguments import TrainingArguments, check_eval_dataset
 from .batches import call_model, extract_loss, first_tensor, to_device
 from .callback_handler import CallbackHandler
 from .callbacks import TrainerControl
-from .checkpointing import SAVE_ERROR_KIND, load_components, resume_target, save_failure_entry, tolerates
+from .checkpointing import (
+    SAVE_ERROR_KIND,
+    load_components,
+    resume_target,
+    save_failure_entry,
+    tolerates,
+    warm_start,
+)
 from .data import eval_batches
-from .keys import CALLBACK_PREFIX, EVAL_PREFIX, TRAIN_LOSS
+from .keys import CALLBACK_PREFIX, CHECKPOINT_KIND, EVAL_PREFIX, TRAIN_LOSS, TRAINER_STATE
 from .metrics_log import MetricsLogger
 from .outcomes import StepConsensus, StepOutput, TrainingError
 from .recovery.guard import guard_save
@@ -417,6 +424,8 @@ class Trainer:
                 raise
             self._record_save_failure(exc)
             return None
+        # `ckpt report` marks a save that is no longer on disk as deleted by retention.
+        self.metrics_logger.append(CHECKPOINT_KIND, {"step": s.global_step, "checkpoint": path.rsplit("/", 1)[-1]})
         if self.recovery is not None:
             self.recovery.after_save(path, recorded)
         self._call("on_save", checkpoint=path, metrics=recorded)
@@ -469,6 +478,8 @@ class Trainer:
     def _reload(self, checkpoint: str | int) -> LoadResult:
         """Load `checkpoint` (a resume, or recovery's rollback) and pick the loop's bookkeeping up from it."""
         result = self._load_checkpoint(checkpoint)
+        if TRAINER_STATE not in result.loaded:  # a checkpoint imported from another format
+            warm_start(self, result)
         self._after_load(result.metrics)
         return result
 

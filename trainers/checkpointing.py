@@ -5,12 +5,17 @@
   (with a warning), and a callback the checkpoint does not know starts fresh (with a warning). Every other
   component is loaded strictly.
 - With `on_save_error="warn"` a save that failed on every rank is logged and recorded, and training goes on.
+- A checkpoint no trainer wrote (`ckpt import` of a torch.save file, a DCP or a Hugging Face folder) holds the
+  model, and the optimizer where the source had one, but no trainer state: those load (a weight the source stored
+  once because it is tied to another, as Hugging Face does, is accepted when the live model ties it too) and the
+  rest starts fresh at the checkpoint's step (`warm_start`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +29,8 @@ from ckpt import (
     StateComponent,
 )
 
-from .keys import CALLBACK_PREFIX
+from .keys import CALLBACK_PREFIX, MODEL, TRAINER_STATE
+from .rng import set_seed
 
 log = logging.getLogger("trainers")
 
@@ -60,6 +66,8 @@ def load_components(coordinator: CheckpointCoordinator, components: Sequence[Sta
     # Resolves the checkpoint on rank 0 and reads its manifest on every rank; applies nothing.
     probe = coordinator.load([], checkpoint=checkpoint, strict=False)
     manifest = probe.manifest
+    if manifest is not None and TRAINER_STATE not in manifest.components:
+        return _load_imported(coordinator, components, probe, rank=rank)
     live = {c.key for c in components}
     gone = sorted(k for k in (manifest.components if manifest else {}) if k.startswith(CALLBACK_PREFIX)
                   and k not in live)
@@ -75,6 +83,66 @@ def load_components(coordinator: CheckpointCoordinator, components: Sequence[Sta
         log.warning("%s has no state for callbacks %s (added since it was saved); they start fresh",
                     result.path, [k[len(CALLBACK_PREFIX):] for k in new])
     return result
+
+
+class TiedAware:
+    """A module's state for a checkpoint that stores each tied weight once: `state_dict()` leaves out a tensor that
+    is the same tensor as an earlier one, and `load_state_dict()` accepts its absence (the live tie fills it)."""
+
+    def __init__(self, module: Any):
+        self.module = module
+
+    def _aliases(self) -> dict[str, str]:
+        seen: dict[tuple, str] = {}
+        out = {}
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            ident = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+            if ident in seen and t.numel():
+                out[name] = seen[ident]
+            else:
+                seen.setdefault(ident, name)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        aliases = self._aliases()
+        return {k: v for k, v in self.module.state_dict().items() if k not in aliases}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        aliases, own = self._aliases(), self.module.state_dict()
+        missing = sorted(k for k in own if k not in state and not (k in aliases and aliases[k] in state))
+        unexpected = sorted(k for k in state if k not in own)
+        if missing or unexpected:
+            raise ValueError(f"model: the checkpoint lacks {missing[:5]} and holds unknown {unexpected[:5]}; it was "
+                             "saved from another model")
+        self.module.load_state_dict(state, strict=False)
+
+
+def _load_imported(coordinator: CheckpointCoordinator, components: Sequence[StateComponent], probe: LoadResult,
+                   *, rank: int) -> LoadResult:
+    """Load what a checkpoint no trainer wrote holds (its model, and optimizer where present)."""
+    held = set(probe.manifest.components) if probe.manifest else set()
+    chosen = [StateComponent(c.key, TiedAware(c.stateful), c.sharing_pattern, c.process_group_name)
+              if c.key == MODEL and hasattr(c.stateful, "named_parameters") else c
+              for c in components if c.key in held]
+    result = coordinator.load(chosen, checkpoint=probe.path)
+    if rank == 0:
+        fresh = sorted({c.key for c in components} - held)
+        log.warning("%s holds no trainer state (it was imported, not written by a trainer): loaded %s; %s start "
+                    "fresh at step %d", result.path, list(result.loaded), fresh, result.step)
+    return result
+
+
+def warm_start(trainer: Any, result: LoadResult) -> None:
+    """After loading a checkpoint without trainer state: continue at its step, with the learning-rate schedule
+    advanced to that step and the random streams seeded as a fresh run's."""
+    set_seed(trainer.args.seed)
+    trainer.state.global_step = result.step
+    scheduler = trainer.lr_scheduler
+    if scheduler is not None and result.step:
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": no step is taken here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(result.step):
+                scheduler.step()
 
 
 def tolerates(on_save_error: str, exc: BaseException, coordinator: CheckpointCoordinator) -> bool:

@@ -10,6 +10,7 @@ DATA = "data"
 RNG = "rng"
 CALLBACK_PREFIX = "callback."
 
-METRICS_FILE = "metrics.jsonl"  # one JSON object per log line / evaluation, written by rank 0
+METRICS_FILE = "metrics.jsonl"  # one JSON object per log line / evaluation / save, written by rank 0
+CHECKPOINT_KIND = "checkpoint"  # the kind of a save's line in metrics.jsonl (`ckpt report` reads it)
 EVAL_PREFIX = "eval_"  # evaluation metrics are named eval_<name> in logs and checkpoint manifests
 TRAIN_LOSS = "train_loss"  # the training loss as recorded in a checkpoint's metrics

@@ -1,4 +1,6 @@
-"""The `ckpt` command: list, inspect, verify, diff, export, prune and pin checkpoints (see docs/cli.md).
+"""The `ckpt` command: list, inspect, verify, diff, export, import, prune and pin checkpoints, and report a run
+(see docs/cli.md). Export to other formats, import and report live in their own modules (export_formats.py,
+importing.py, report.py) and are hooked in here.
 
 Every subcommand takes `--json`. Errors are one line on stderr with exit status 2 (`verify` exits 1 when
 files are bad, `diff` exits 1 when the checkpoints differ); with `--json` the error is `{"error": ...}` on
@@ -31,7 +33,10 @@ from ..retention.catalog import (
 )
 from ..retention.rules import CheckpointInfo, RetentionDecision, RetentionPolicy
 from .export import export_component
+from .export_formats import add_format_flags, result_lines, run_format
+from .importing import add_import_command
 from .inspection import Progress, describe, diff, open_checkpoint, verify
+from .report import add_report_command
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 
@@ -368,6 +373,15 @@ def _partial_status(name: str) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format != "safetensors":
+        result = run_format(open_checkpoint(args.checkpoint), args)
+        if args.json:
+            _json(result)
+        else:
+            _out("\n".join(result_lines(result)))
+        return EXIT_OK
+    if args.component is None:
+        raise CheckpointError("--component K is required with --format safetensors (the default)")
     result = export_component(open_checkpoint(args.checkpoint), args.component, args.output, rank=args.rank,
                               group=args.group, node=args.node, concat_dim=args.concat_dim,
                               progress=_progress(args, "export"))
@@ -441,14 +455,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("diff", cmd_diff, "what changed between two checkpoints (exit 1 if they differ)")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
-    p = command("export", cmd_export, "write one component as a single safetensors file")
+    p = command("export", cmd_export, "write a component as a safetensors file, or the checkpoint in another format")
     p.add_argument("checkpoint", metavar="CKPT")
-    p.add_argument("--component", required=True, help="the component's key, e.g. model")
-    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    p.add_argument("--component", help="the component's key, e.g. model (--format hf: model by default; dcp, torch: "
+                                       "every component by default)")
+    p.add_argument("-o", "--output", required=True, help="the file (safetensors, torch) or folder (hf, dcp) to write")
     p.add_argument("--rank", type=int, help="the copy this rank loads (PER_RANK, PER_GROUP, PER_NODE)")
     p.add_argument("--group", type=int, help="PER_GROUP: the copy of this group index")
     p.add_argument("--node", type=int, help="PER_NODE: the copy of this node")
     p.add_argument("--concat-dim", type=int, metavar="D", help="concatenate every copy's tensors along dim D")
+    add_format_flags(p)
+    add_import_command(command)
+    add_report_command(command)
     p = command("prune", cmd_prune, "apply a retention policy to a run now")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")

@@ -7,8 +7,9 @@ REPLICATED and PER_GROUP tensors are spread over a replica set's members, balanc
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..component import SharingPattern, ValidationLevel
@@ -64,6 +65,13 @@ class Piece:
     start: int | None = None
     stop: int | None = None
 
+    def to_wire(self) -> list:
+        return [self.name, self.start, self.stop]
+
+    @classmethod
+    def from_wire(cls, w: list) -> Piece:
+        return cls(str(w[0]), w[1], w[2])
+
 
 @dataclass(frozen=True)
 class FileAssignment:
@@ -74,6 +82,15 @@ class FileAssignment:
     writer: int
     owner: int | None
     pieces: tuple[Piece, ...] | None
+
+    def to_wire(self) -> list:
+        return [self.relpath, self.kind, self.writer, self.owner,
+                None if self.pieces is None else [p.to_wire() for p in self.pieces]]
+
+    @classmethod
+    def from_wire(cls, w: list) -> FileAssignment:
+        pieces = None if w[4] is None else tuple(Piece.from_wire(p) for p in w[4])
+        return cls(str(w[0]), str(w[1]), int(w[2]), w[3], pieces)
 
 
 @dataclass(frozen=True)
@@ -86,6 +103,22 @@ class ComponentPlan:
     replica_sets: tuple[tuple[int, ...], ...]
     files: tuple[FileAssignment, ...]
     sharded: dict[str, tuple[str, tuple[int, ...]]] | None = None  # SHARDED: name -> (dtype, full shape)
+
+    def to_wire(self) -> list:
+        sharded = None if self.sharded is None else {n: [d, list(shape)] for n, (d, shape) in self.sharded.items()}
+        return [self.key, self.pattern.value, self.process_group, self.required, self.validation.value,
+                [list(m) for m in self.replica_sets], [f.to_wire() for f in self.files], sharded]
+
+    @classmethod
+    def from_wire(cls, w: list) -> ComponentPlan:
+        sharded = None if w[7] is None else {str(n): (str(d), tuple(shape)) for n, (d, shape) in w[7].items()}
+        return cls(str(w[0]), SharingPattern(w[1]), w[2], bool(w[3]), ValidationLevel(w[4]),
+                   tuple(tuple(int(r) for r in m) for m in w[5]), tuple(FileAssignment.from_wire(f) for f in w[6]),
+                   sharded)
+
+    def writes_of(self, rank: int) -> tuple[FileAssignment, ...]:
+        """The files `rank` writes."""
+        return tuple(f for f in self.files if f.writer == rank)
 
 
 def split(sizes: Sequence[tuple[str, int, int]], bins: int) -> list[tuple[Piece, int]]:
@@ -108,20 +141,25 @@ def split(sizes: Sequence[tuple[str, int, int]], bins: int) -> list[tuple[Piece,
 def balance(pieces: Sequence[tuple[Piece, int]], bins: int) -> list[list[Piece]]:
     """Spread pieces over `bins` writers so each writes about the same bytes (largest first, to the
     least loaded writer; ties go to the lower index). Deterministic for the same input."""
-    loads = [0] * bins
     out: list[list[Piece]] = [[] for _ in range(bins)]
     holds: list[set[str]] = [set() for _ in range(bins)]
+    # Writers by (bytes so far, index): the least loaded first, in log time (thousands of writers are common).
+    heap = [(0, i) for i in range(bins)]
     for piece, nbytes in sorted(pieces, key=lambda item: (-item[1], item[0].name, item[0].start or 0)):
         # Two pieces of one tensor in one file would share a name there; `split` cuts a tensor into at most
         # `bins` pieces, so a writer without one is always left.
-        free = [i for i in range(bins) if piece.name not in holds[i]]
-        if not free:
+        skipped = []
+        while heap and piece.name in holds[heap[0][1]]:
+            skipped.append(heapq.heappop(heap))
+        if not heap:
             raise CheckpointError(f"internal planning error: tensor {piece.name!r} was cut into more pieces than "
                                   f"there are writers ({bins}); please report this")
-        target = min(free, key=lambda i: (loads[i], i))
+        load, target = heapq.heappop(heap)
         out[target].append(piece)
         holds[target].add(piece.name)
-        loads[target] += nbytes
+        heapq.heappush(heap, (load + nbytes, target))
+        for item in skipped:
+            heapq.heappush(heap, item)
     return out
 
 
@@ -234,7 +272,6 @@ def plan_sharded(key: str, shards: dict[int, Sequence[ShardMeta]]
         if box.numel or not math.prod(meta[name].shape):
             by_set.setdefault(tuple(ranks), []).append((name, box.numel * itemsize, itemsize))
     _check_cover(key, meta, holders)
-    _check_holders(key, shards, holders)
     per_rank: dict[int, list[Piece]] = {}
     for members, sizes in sorted(by_set.items()):
         for m, pieces in zip(members, balance(split(sizes, len(members)), len(members)), strict=True):
@@ -245,26 +282,38 @@ def plan_sharded(key: str, shards: dict[int, Sequence[ShardMeta]]
     return files, {n: (m.dtype, m.shape) for n, m in sorted(meta.items())}
 
 
-def _check_holders(key: str, shards: dict[int, Sequence[ShardMeta]], holders: dict[tuple[str, Box], list[int]]
-                   ) -> None:
-    """The ranks holding one shard (a Replicate() mesh dimension) must hold the same bytes: written once, a
-    drifted copy would be saved half from one rank and half from another."""
-    digests = {(r, s.name): s.digest for r, held in shards.items() for s in held}
-    found: dict[str, set[int]] = {}
-    sets = []
-    for (name, _), ranks in sorted(holders.items(), key=lambda item: (item[0][0], item[0][1].offsets)):
-        bad = [r for r in ranks[1:] if digests[(r, name)] != digests[(ranks[0], name)]]
-        if bad:
-            found.setdefault(name, set()).update(bad)
-            sets.append(ranks)
-    if found:
-        shown = ", ".join(f"{n!r} (ranks {sorted(r)})" for n, r in sorted(found.items())[:10])
-        raise ReplicationError(
-            f"component {key!r} (SHARDED): shards that several ranks hold (a Replicate() mesh dimension) differ "
-            f"between their holders {[list(s) for s in sets[:4]]}: {shown} differ from the copy on rank "
-            f"{sets[0][0]}. Nothing was saved. The replicas drifted apart (a missed all-reduce over the replicated "
-            "dimension, or a rank-dependent update); fix the cause",
-            component=key, mismatches={n: sorted(r) for n, r in found.items()}, replica_ranks=sets[0])
+def shard_digest_key(key: str, name: str) -> str:
+    """Where a shared shard's digest travels in a rank's replica digests (beside the components' own)."""
+    return f"{key}\x00shard\x00{name}"
+
+
+def check_shared_shards(decls: Sequence[Mapping[str, ComponentDecl]], summaries: Sequence[Mapping[str, str | None]]
+                        ) -> None:
+    """The ranks holding one shard of a SHARDED component (a Replicate() mesh dimension) must hold the same
+    bytes: written once, a drifted copy would be saved half from one rank and half from another. Rank 0 runs
+    this at every save (digests change every time; the plan may be reused)."""
+    for key in sorted({k for per in decls for k in per}):
+        holders: dict[tuple[str, Box], list[int]] = {}
+        for rank, per in enumerate(decls):
+            for s in (per[key].shards or ()) if key in per else ():
+                if s.shared:
+                    holders.setdefault((s.name, s.box), []).append(rank)
+        found: dict[str, set[int]] = {}
+        sets = []
+        for (name, _), ranks in sorted(holders.items(), key=lambda item: (item[0][0], item[0][1].offsets)):
+            digest = {r: summaries[r].get(shard_digest_key(key, name)) for r in ranks}
+            bad = [r for r in ranks[1:] if digest[r] != digest[ranks[0]]]
+            if bad:
+                found.setdefault(name, set()).update(bad)
+                sets.append(ranks)
+        if found:
+            shown = ", ".join(f"{n!r} (ranks {sorted(r)})" for n, r in sorted(found.items())[:10])
+            raise ReplicationError(
+                f"component {key!r} (SHARDED): shards that several ranks hold (a Replicate() mesh dimension) differ "
+                f"between their holders {[list(s) for s in sets[:4]]}: {shown} differ from the copy on rank "
+                f"{sets[0][0]}. Nothing was saved. The replicas drifted apart (a missed all-reduce over the "
+                "replicated dimension, or a rank-dependent update); fix the cause",
+                component=key, mismatches={n: sorted(r) for n, r in found.items()}, replica_ranks=sets[0])
 
 
 def _check_cover(key: str, meta: dict[str, ShardMeta], holders: dict[tuple[str, Box], list[int]]) -> None:

@@ -1,19 +1,20 @@
 """Checking that replicas are replicas, before anything is written.
 
-Round one sends a single summary digest per component and rank, so a healthy save exchanges a few
-bytes per component whatever the world size. Only when summaries differ are per-tensor digests sent, to
-name what differs (TENSOR has them at hand; QUICK computes them then). FULL compares the bytes themselves
-(for debugging).
+Round one sends a single summary digest per component and rank to rank 0 (with the save's declarations),
+so a healthy save exchanges a few bytes per component whatever the world size. Only when summaries differ
+are per-tensor digests sent to rank 0, to name what differs (TENSOR has them at hand; QUICK computes them
+then). FULL compares the bytes themselves on every rank (for debugging: it all-gathers every tensor).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import xxhash
 
-from ..comm import Communicator
+from ..comm import Communicator, Decision
 from ..component import ValidationLevel
 from ..errors import ReplicationError
 from ..format.serialization import FlatState
@@ -76,53 +77,82 @@ def differing_ranks(members: Sequence[int], values: Mapping[int, object]) -> lis
     return [r for r in members[1:] if values.get(r) != ref]
 
 
-def check_replicas(
-    comm: Communicator,
-    plans: Mapping[str, ComponentPlan],
-    summaries: Sequence[Mapping[str, str | None]],
-    tables: Mapping[str, dict[str, str] | None],
-    flats: Mapping[str, FlatState],
-) -> None:
-    """Raise ReplicationError on every rank if any replicated component differs between its replicas.
+@dataclass(frozen=True)
+class ReplicaChecks:
+    """What is left to check after rank 0 compared the summary digests: the replica sets whose summaries
+    differ (`suspects`: component -> [(members, ranks that differ)]), the FULL components, and the plans of
+    both (for their replica sets and the error). Sent to every rank; empty on a healthy save."""
 
-    `summaries[r][key]` is rank r's summary digest; `tables`/`flats` are this rank's own data. Every rank
-    takes the same path through the collectives below: the decisions use only gathered data.
-    """
-    suspects: dict[str, list[tuple[tuple[int, ...], list[int]]]] = {}
-    full = [k for k, p in sorted(plans.items()) if p.validation is ValidationLevel.FULL]
+    suspects: dict[str, tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]] = field(default_factory=dict)
+    full: tuple[str, ...] = ()
+    plans: dict[str, ComponentPlan] = field(default_factory=dict)
+
+    def to_wire(self) -> list:
+        return [{k: [[list(m), list(b)] for m, b in v] for k, v in self.suspects.items()}, list(self.full),
+                {k: p.to_wire() for k, p in self.plans.items()}]
+
+    @classmethod
+    def from_wire(cls, w: list) -> ReplicaChecks:
+        suspects = {str(k): tuple((tuple(m), tuple(b)) for m, b in v) for k, v in w[0].items()}
+        return cls(suspects, tuple(w[1]), {str(k): ComponentPlan.from_wire(p) for k, p in w[2].items()})
+
+
+def find_suspects(plans: Mapping[str, ComponentPlan], summaries: Sequence[Mapping[str, str | None]]
+                  ) -> ReplicaChecks:
+    """Rank 0: compare every replica set's summary digests (`summaries[r][key]`: rank r's)."""
+    suspects: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
     for key, plan in sorted(plans.items()):
         if plan.validation in (ValidationLevel.QUICK, ValidationLevel.TENSOR):
             for members in plan.replica_sets:
                 bad = differing_ranks(members, {r: summaries[r].get(key) for r in members})
                 if bad:
-                    suspects.setdefault(key, []).append((members, bad))
-    if not suspects and not full:
+                    suspects.setdefault(key, []).append((tuple(members), tuple(bad)))
+    full = tuple(k for k, p in sorted(plans.items()) if p.validation is ValidationLevel.FULL)
+    return ReplicaChecks({k: tuple(v) for k, v in suspects.items()}, full,
+                         {k: plans[k] for k in sorted({*suspects, *full})})
+
+
+def check_replicas(comm: Communicator, checks: ReplicaChecks, tables: Mapping[str, dict[str, str] | None],
+                   flats: Mapping[str, FlatState]) -> None:
+    """Raise ReplicationError on every rank if any replicated component differs between its replicas.
+
+    `checks` is rank 0's comparison of the summaries (the same on every rank); `tables`/`flats` are this
+    rank's own data. Per-tensor digests go to rank 0 only, and only when summaries differ.
+    """
+    if not checks.suspects and not checks.full:
         return
     mismatches: dict[str, dict[str, set[int]]] = {}
-    if suspects:
+    if checks.suspects:
         # A phase, not a bare gather: QUICK hashes here, and a rank that fails doing so must not leave the others waiting.
-        gathered = comm.run_phase("replication check (per tensor)",
-                                  lambda: _suspect_tables(suspects, plans, tables, flats), what="replication check")
-        for key in sorted(suspects):
-            for members, bad in suspects[key]:
-                if not _compare_tables(key, members, gathered, mismatches):
-                    # Summaries differ but no table entry does (not expected): still name the ranks.
-                    mismatches.setdefault(key, {}).setdefault(WHOLE, set()).update(bad)
-    for key in full:
-        _compare_full(comm, key, plans[key], flats.get(key), mismatches)
+        found = comm.gather_phase("replication check (per tensor)", lambda: _suspect_tables(checks.suspects, tables, flats),
+                                  what="replication check", decide=lambda gathered: _decide_tables(checks, gathered))
+        mismatches = {k: {n: set(r) for n, r in v.items()} for k, v in found.common.items()}
+    for key in checks.full:
+        _compare_full(comm, key, checks.plans[key], flats.get(key), mismatches)
     if mismatches:
         key = sorted(mismatches)[0]
-        raise _replication_error(key, plans[key], mismatches[key], others=sorted(mismatches)[1:])
+        raise _replication_error(key, checks.plans[key], mismatches[key], others=sorted(mismatches)[1:])
 
 
-def _suspect_tables(suspects: Mapping[str, object], plans: Mapping[str, ComponentPlan],
-                    tables: Mapping[str, dict[str, str] | None], flats: Mapping[str, FlatState]) -> dict:
+def _decide_tables(checks: ReplicaChecks, gathered: Sequence[Mapping]) -> Decision:
+    """Rank 0: the tensors that differ, by component (name -> ranks), from every rank's per-tensor digests."""
+    mismatches: dict[str, dict[str, set[int]]] = {}
+    for key in sorted(checks.suspects):
+        for members, bad in checks.suspects[key]:
+            if not _compare_tables(key, members, gathered, mismatches):
+                # Summaries differ but no table entry does (not expected): still name the ranks.
+                mismatches.setdefault(key, {}).setdefault(WHOLE, set()).update(bad)
+    return Decision({k: {n: sorted(r) for n, r in v.items()} for k, v in mismatches.items()})
+
+
+def _suspect_tables(suspects: Mapping[str, object], tables: Mapping[str, dict[str, str] | None],
+                    flats: Mapping[str, FlatState]) -> dict:
     """This rank's per-tensor digests of the components whose summaries differ somewhere. TENSOR computed
     them already; QUICK computes them only now, so a healthy QUICK save never pays for them."""
     mine: dict[str, dict[str, str]] = {}
     for key in sorted(suspects):
         table = tables.get(key)
-        if table is None and plans[key].validation is ValidationLevel.QUICK and key in flats:
+        if table is None and key in flats:
             table = digest_table(flats[key])
         if table is not None:
             mine[key] = table

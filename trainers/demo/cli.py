@@ -1,8 +1,8 @@
 """The demo job's command line: build the model, data and trainer from flags, train, then report.
 
 Under torchrun it trains with DDPTrainer (gloo on CPU by default; `--device cuda`: nccl, one GPU per local rank);
-as a plain `python -m trainers.demo` it uses SimpleTrainer. The run ends by printing the best checkpoints, the `ckpt ls` view of the run dir, and a
-digest of the final parameters (equal digests mean bit-identical parameters, e.g. after a resume).
+as a plain `python -m trainers.demo` it uses SimpleTrainer. The run ends by printing the best checkpoints, the `ckpt ls` view of the run dir, the path of
+its `ckpt report` page (RUN_DIR/report.html), and a digest of the final parameters (equal digests mean bit-identical parameters, e.g. after a resume).
 """
 
 from __future__ import annotations
@@ -210,6 +210,8 @@ def report(trainer: Trainer, opts: argparse.Namespace, final: tuple[str, str | N
 
     ckpt_main(["ls", opts.run_dir])
     out.write(recovery_report(opts.run_dir))
+    out.flush()
+    ckpt_main(["report", opts.run_dir])  # the run as one HTML page: loss, checkpoints, recovery events
     digest, sample = final
     out.write(f"\nfinal parameters at step {trainer.state.global_step}: xxh3-128 {digest}\n")
     if sample is not None:
