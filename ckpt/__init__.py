@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .component import SharingPattern, StateComponent, ValidationLevel
+from .component import SharingPattern, StateComponent, ValidationLevel, rng_component
 from .coordinator import CheckpointCoordinator, LoadResult
 from .errors import (
     CheckpointError,
@@ -19,8 +19,10 @@ from .errors import (
 )
 from .format.layout import CheckpointRef, list_checkpoints
 from .format.manifest import Manifest, read_manifest
+from .io.s3 import S3Options, S3Storage
 from .io.storage import LocalStorage, Storage
 from .load.reshard import is_shard_entry, local_piece, needs_reshard, shard_entry
+from .plain_state import RNGState
 from .retention.catalog import RetentionOutcome, pin_checkpoint, unpin_checkpoint
 from .retention.rules import (
     BestCheckpoint,
@@ -30,6 +32,7 @@ from .retention.rules import (
     RetentionPolicy,
     infer_greater_is_better,
 )
+from .save.background import SaveHandle
 
 __all__ = [
     "BestCheckpoint",
@@ -46,11 +49,15 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "PartialLoadError",
+    "RNGState",
     "ReplicationError",
     "RetentionDecision",
     "RetentionOutcome",
     "RetentionPolicy",
     "RunDirInUseError",
+    "S3Options",
+    "S3Storage",
+    "SaveHandle",
     "SerializationError",
     "SharingPattern",
     "StateComponent",
@@ -64,6 +71,7 @@ __all__ = [
     "needs_reshard",
     "pin_checkpoint",
     "read_manifest",
+    "rng_component",
     "shard_entry",
     "unpin_checkpoint",
 ]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from .format.layout import MANIFEST_NAME, PIN_NAME
+from .plain_state import RNGState, is_plain, load_into, state_of
 
 
 class SharingPattern(str, enum.Enum):
@@ -66,6 +67,9 @@ def default_validation(pattern: SharingPattern) -> ValidationLevel:
 class StateComponent:
     """One piece of trainer state, with how it is shared across ranks.
 
+    `stateful` is a `Stateful` (a module, an optimizer, anything with `state_dict()`/`load_state_dict()`), a dict
+    (saved as it is, loaded in place: tensors copied into the existing ones, other values replaced) or a tensor
+    (loaded by copying into it); see ckpt/plain_state.py.
     `sharing_pattern` may be a zero-argument callable; it is resolved at every save and the resolved
     pattern is what the manifest records. `validation_level=None` picks the default for the pattern.
     """
@@ -79,12 +83,12 @@ class StateComponent:
 
     def __post_init__(self) -> None:
         self._check_key()
-        if not (callable(getattr(self.stateful, "state_dict", None)) and callable(
+        if not is_plain(self.stateful) and not (callable(getattr(self.stateful, "state_dict", None)) and callable(
             getattr(self.stateful, "load_state_dict", None)
         )):
             raise TypeError(
-                f"StateComponent {self.key!r}: stateful={type(self.stateful).__name__} has no "
-                "state_dict()/load_state_dict(); wrap it in an object that has both"
+                f"StateComponent {self.key!r}: stateful={type(self.stateful).__name__} is neither a dict, a tensor, "
+                "nor an object with state_dict()/load_state_dict(); pass one of those"
             )
         if not isinstance(self.sharing_pattern, SharingPattern) and not callable(self.sharing_pattern):
             raise TypeError(
@@ -132,6 +136,14 @@ class StateComponent:
                 f"for sharing_pattern={pattern.name} (one copy per writer); use ValidationLevel.NONE"
             )
 
+    def state_dict(self) -> Any:
+        """The state to save: the Stateful's `state_dict()`, the dict itself, or `{"tensor": t}`."""
+        return state_of(self.stateful)
+
+    def load_state_dict(self, state: Any, strict: bool = True) -> None:
+        """Apply loaded `state`: to a Stateful (a module gets `strict`), or in place into a dict or a tensor."""
+        load_into(self.stateful, state, strict)
+
     def resolve_pattern(self) -> SharingPattern:
         """The pattern in force now: the static one, or what the callable returns."""
         if isinstance(self.sharing_pattern, SharingPattern):
@@ -154,3 +166,9 @@ class StateComponent:
         if pattern not in REPLICA_PATTERNS:
             return ValidationLevel.NONE
         return self.validation_level if self.validation_level is not None else default_validation(pattern)
+
+
+def rng_component(key: str = "rng", required: bool = True) -> StateComponent:
+    """The process's random generators (torch, CUDA where present, Python, NumPy) as a PER_RANK component.
+    Load it after building data-loader iterators and anything else that draws at construction (see RNGState)."""
+    return StateComponent(key, RNGState(), SharingPattern.PER_RANK, required=required)

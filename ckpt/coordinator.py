@@ -8,8 +8,10 @@ A save runs in phases, each ending in an exchange of outcomes between all ranks:
   commit   rank 0 writes the manifest, renames the folder into place, applies retention
 A load resolves the checkpoint on rank 0, reads everything into staging on every rank (ckpt/load/read_phase.py),
 and only then applies it, so a failure anywhere leaves every rank's live state untouched.
-Rank 0 holds the run dir's lock (ckpt/lock.py) from construction to `close()`, so a second job on the same
+Rank 0 holds the run dir's lock (ckpt/io/lock.py) from construction to `close()`, so a second job on the same
 run dir is refused instead of racing this one; a read-only coordinator takes no lock and never writes.
+On object storage (`s3://bucket/prefix`, ckpt/io/s3.py) there is no rename: a save writes under the checkpoint's
+own name and commits by creating its manifest, create-only; the lock is an object with a lease.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import secrets
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -31,19 +32,23 @@ from .errors import CheckpointError
 from .format.layout import (
     CheckpointRef,
     checkpoint_name,
+    is_committed,
     list_checkpoints,
     list_partials,
-    partial_name,
+    parse_step,
     removal_name,
     resolve_checkpoint,
+    save_dir,
 )
 from .format.manifest import Manifest, plain_metrics, read_manifest
+from .io.lease import LeaseLock
 from .io.lock import RunDirLock, take_run_dir
 from .io.staging import StagingPool
-from .io.storage import LocalStorage, Storage
+from .io.storage import Storage, is_url, norm_path, storage_for
 from .io.threads import gc_paused
 from .load.agreement import ReadVerdict, decide_apply, decide_read
 from .load.applying import apply_staged
+from .load.checks import CheckReport, merged_keys, precheck, refusal
 from .load.read_phase import (
     ReadOptions,
     Staged,
@@ -52,11 +57,13 @@ from .load.read_phase import (
     fallback_warning,
     read_or_reject,
 )
-from .retention.catalog import RetentionOutcome, hold, retain, scan, summary_text
+from .load.result import LoadResult, check_fallback, check_missing_ok
+from .retention.catalog import RetentionOutcome, delete_checkpoint, hold, retain, scan, summary_text
 from .retention.catalog import best as best_checkpoints
 from .retention.rules import BestCheckpoint, RetentionPolicy
+from .retention.timeline import set_aside_newer, went_back_label
 from .save.agreement import PlanCache, agree_plan
-from .save.background import BackgroundSave
+from .save.background import BackgroundSave, SaveHandle
 from .save.planning import ComponentDecl
 from .save.saving import (
     PreparedComponent,
@@ -77,32 +84,16 @@ log = logging.getLogger("ckpt")
 AfterCommit = Callable[[str, CheckpointRef, Manifest], None]
 
 
-@dataclass(frozen=True)
-class LoadResult:
-    """What a load did."""
-
-    path: str
-    step: int
-    loaded: tuple[str, ...]
-    skipped: tuple[str, ...]  # asked for, absent from the checkpoint (or damaged, below), and allowed to be
-    not_requested: tuple[str, ...]  # in the checkpoint, passed by no rank (strict=False only)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    manifest: Manifest | None = None
-    damaged: tuple[str, ...] = ()  # optional components skipped because their files failed checks (strict=False)
-    resharded: tuple[str, ...] = ()  # components this rank assembled from every saved copy (reshard=True)
-    # fallback=True: newer committed checkpoints that failed verification and were passed over, newest first
-    fallback_from: tuple[str, ...] = ()
-
-
 class CheckpointCoordinator:
     """Saves and loads a job's state components in `run_dir`. Construct it on every rank (collective).
 
     Args:
-        run_dir: folder holding this run's checkpoints (shared by all ranks).
+        run_dir: folder holding this run's checkpoints (shared by all ranks), or `s3://bucket/prefix` on object
+            storage (the `ckpt[s3]` extra; endpoint and credentials from the standard AWS settings).
         process_groups: name -> ProcessGroup (or a list of member ranks) for PER_GROUP components;
             each rank passes the group it belongs to.
         timeout: how long any rank waits for the others at one step of a save or load.
-        storage: where bytes go; the local filesystem by default.
+        storage: where bytes go; by default the local filesystem, or S3Storage for an s3:// run_dir.
         verify_on_load: check every file's digest while reading it.
         local_world_size: ranks per node; defaults to torchrun's LOCAL_WORLD_SIZE.
         after_commit: called on rank 0 after each commit.
@@ -134,17 +125,20 @@ class CheckpointCoordinator:
         force: bool = False,
         read_only: bool = False,
     ):
-        self.run_dir = os.fspath(run_dir)
+        self.run_dir = norm_path(run_dir) if is_url(os.fspath(run_dir)) else os.fspath(run_dir)
         self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         if self.timeout.total_seconds() <= 0:
             raise ValueError(f"CheckpointCoordinator: timeout={timeout!r} must be positive")
-        self.storage: Storage = storage or LocalStorage()
+        self.storage: Storage = storage_for(self.run_dir, storage)
         self.verify_on_load = verify_on_load
         self.after_commit = after_commit
         if retention is not None and not isinstance(retention, RetentionPolicy):
             raise TypeError(f"CheckpointCoordinator: retention={retention!r} must be a ckpt.RetentionPolicy or None")
         self.retention = retention
         self.resumed_from: str | None = None  # the last checkpoint loaded; retention never deletes it
+        # The step of the last checkpoint of this run loaded, until the next save: that save sets aside every newer
+        # checkpoint as an abandoned timeline (ckpt/retention/timeline.py).
+        self._went_back_to: int | None = None
         self.last_retention: RetentionOutcome | None = None  # rank 0's outcome of the last save, on every rank
         self.async_save = async_save
         if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
@@ -163,18 +157,23 @@ class CheckpointCoordinator:
         self.rank = self.comm.rank
         if not read_only:
             self.storage.makedirs(self.run_dir)
-        held: list[RunDirLock] = []
+        held: list[RunDirLock | LeaseLock] = []
         # Rank 0 locks the run dir; every rank learns the tag of its unfinished-save folders (None: locked).
         locks = self.rank == 0 and not read_only
         self._tag: str | None = self.comm.broadcast_phase(
             "lock", lambda: self._take_run_dir(force, held) if locks else None, what="coordinator start-up")
         self._release = weakref.finalize(self, held[0].release) if held else None
 
-    def _take_run_dir(self, force: bool, held: list[RunDirLock]) -> str | None:
+    def _take_run_dir(self, force: bool, held: list[RunDirLock | LeaseLock]) -> str | None:
         """Rank 0: lock the run dir and, first to own it in this process (another coordinator here may be
-        mid-overwrite), put back a checkpoint an overwrite left aside when it died."""
-        tag = take_run_dir(self.run_dir, force, held)
+        mid-overwrite), put back a checkpoint an overwrite left aside when it died; on object storage, remove
+        what saves that died before their manifest left."""
+        tag = take_run_dir(self.storage, self.run_dir, force, held)
         if tag is None and held and held[0].first:
+            if not self.storage.renames:
+                for stale in list_partials(self.storage, self.run_dir):
+                    self._remove_stale(stale)
+                return tag
             for path in restore_replaced(self.storage, self.run_dir):
                 log.warning("restored %s: an overwrite of it was interrupted before the new copy was in place", path)
         return tag
@@ -213,6 +212,10 @@ class CheckpointCoordinator:
         """Committed checkpoints in the run dir, oldest first."""
         return list_checkpoints(self.storage, self.run_dir)
 
+    def path_for(self, step: int) -> str:
+        """The folder checkpoint `step` of this run is committed as (it may not exist yet, or ever)."""
+        return os.path.join(self.run_dir, checkpoint_name(step))
+
     def latest(self) -> CheckpointRef | None:
         refs = self.checkpoints()
         return refs[-1] if refs else None
@@ -235,12 +238,15 @@ class CheckpointCoordinator:
     # ---- save ----------------------------------------------------------------------------------
 
     def save(self, step: int, components: Sequence[StateComponent], metrics: Mapping[str, Any] | None = None,
-             *, overwrite: bool = False, async_save: bool | None = None) -> str:
+             *, overwrite: bool = False, async_save: bool | None = None) -> str | SaveHandle:
         """Save every component as checkpoint `step` and return its path. Collective: call on every rank.
 
-        With `async_save` (default: the coordinator's), the state is copied into reusable CPU buffers and
-        the call returns; writing, replication checks, commit and retention run on a background thread.
-        The checkpoint exists once `wait()` (or the next save or load) returns without raising.
+        With `async_save` (default: the coordinator's), the state is copied into reusable CPU buffers and the
+        call returns a `SaveHandle` (`done()`, `wait()`, `exception()`, and `path` once committed); writing,
+        replication checks, commit and retention run on a background thread. A background failure is raised
+        on every rank at the next `save()`, `wait()` or `close()` (unless the handle's `wait()` raised it).
+        The first save after a load of step S sets aside every committed checkpoint newer than S as an
+        abandoned timeline (docs/retention.md), so saving after going back never collides with them.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"save(step={step!r}): step must be a non-negative int")
@@ -267,32 +273,47 @@ class CheckpointCoordinator:
                 staging.end()
         except Exception as exc:
             error, plain = exc, {}
-        job = functools.partial(self._write_checkpoint, step, snapshots, error, plain, overwrite)
+        went_back, self._went_back_to = self._went_back_to, None
+        job = functools.partial(self._write_checkpoint, step, snapshots, error, plain, overwrite, went_back)
         if run_async:
             # No collector pause on the background thread: it is process-wide, and would hold on the
             # training thread for as long as the write takes.
-            self._pending = BackgroundSave(job, name=f"ckpt-save-{step}")
-            return os.path.join(self.run_dir, checkpoint_name(step))
+            self._pending = BackgroundSave(job, name=f"ckpt-save-{step}", step=step)
+            return SaveHandle(self._pending)
         with gc_paused():
             return job()
 
     def wait(self) -> str | None:
-        """Wait for the save in flight, if any; return its path or raise its error (on every rank)."""
+        """Wait for the save in flight, if any; return its path or raise its error (on every rank, once)."""
         pending, self._pending = self._pending, None
         return pending.wait() if pending is not None else None
 
+    def abandon_newer(self, step: int, label: str | None = None, *, before_step: int | None = None) -> list[str]:
+        """Set aside every committed checkpoint newer than `step` (and older than `before_step`) as an abandoned
+        timeline under run_dir/abandoned/<label>/; returns their new paths on every rank. Collective. A save
+        after a load does this by itself; trainers call it at a rollback, so a restart never resumes from them."""
+        self._check_open("abandon_newer()")
+        self.wait()
+        name = label or went_back_label(step, step)
+        moved = self.comm.run_phase(
+            "abandon", lambda: set_aside_newer(self.storage, self.run_dir, step, name, before_step)
+            if self.rank == 0 else None, what=f"setting aside the checkpoints after step {step}")[0]
+        if before_step is None:
+            self._went_back_to = None
+        return list(moved)
+
     def _write_checkpoint(self, step: int, snapshots: Mapping[str, Snapshot], error: Exception | None,
-                          metrics: Mapping[str, Any], overwrite: bool) -> str:
+                          metrics: Mapping[str, Any], overwrite: bool, went_back: int | None) -> str:
         final = os.path.join(self.run_dir, checkpoint_name(step))
-        partial = os.path.join(self.run_dir, partial_name(step, self._tag))
+        partial = save_dir(self.storage, self.run_dir, step, self._tag)
         what = f"save of step {step}"
         started = time.perf_counter()
         prepared: dict[str, PreparedComponent] = {}
         try:
             # Rank 0 plans (or reuses its last plan) and checks the replica digests; each rank learns its files.
             verdict, self._plan = agree_plan(
-                self.comm, lambda: self._declare(snapshots, error, prepared, final, partial, overwrite), self._plan,
-                self.topology, what)
+                self.comm, lambda: self._declare(snapshots, error, prepared, final, partial, overwrite, went_back),
+                self._plan, self.topology, what)
             check_replicas(self.comm, verdict.checks, {k: p.table for k, p in prepared.items()},
                            {k: p.replicated or p.flat for k, p in prepared.items()})
             records = self.comm.gather_phase(
@@ -316,13 +337,20 @@ class CheckpointCoordinator:
         return final
 
     def _declare(self, snapshots: Mapping[str, Snapshot], error: Exception | None,
-                 out: dict[str, PreparedComponent], final: str, partial: str, overwrite: bool) -> list[ComponentDecl]:
+                 out: dict[str, PreparedComponent], final: str, partial: str, overwrite: bool,
+                 went_back: int | None) -> list[ComponentDecl]:
         if error is not None:
             raise error
         if self.rank == 0:
-            if self.storage.exists(final) and not overwrite:
+            if went_back is not None:  # newer checkpoints are another timeline's: moved out of this one's way
+                set_aside_newer(self.storage, self.run_dir, went_back,
+                                went_back_label(went_back, parse_step(os.path.basename(final)) or 0))
+            committed = self.storage.exists(final) if self.storage.renames else is_committed(self.storage, final)
+            if committed and not overwrite:
                 raise CheckpointError(f"{final} already exists; pass overwrite=True to replace it, or save "
                                       "another step", path=final)
+            if committed and not self.storage.renames:  # written in place: the old copy goes first
+                delete_checkpoint(self.storage, final)
             # Unfinished saves are stale only when this job owns the run dir; forced, they may be another job's.
             for stale in list_partials(self.storage, self.run_dir) if self._tag is None else []:
                 self._remove_stale(stale)
@@ -333,7 +361,12 @@ class CheckpointCoordinator:
 
     def _remove_stale(self, stale: str) -> None:
         """Move an unfinished save aside, then remove it: if a forced job commits it meanwhile, one of the two
-        renames fails cleanly, and the committed checkpoint is never emptied from under its name."""
+        renames fails cleanly, and the committed checkpoint is never emptied from under its name. (Object
+        storage has no rename, and no forced second job: the lock owner removes it in place.)"""
+        if not self.storage.renames:
+            log.info("removing unfinished save %s", stale)
+            self.storage.remove_tree(stale)
+            return
         doomed = os.path.join(self.run_dir, removal_name(os.path.basename(stale), secrets.token_hex(4)))
         try:
             self.storage.rename(stale, doomed)
@@ -372,6 +405,8 @@ class CheckpointCoordinator:
 
     def _discard(self, partial: str) -> None:
         try:
+            if not self.storage.renames and is_committed(self.storage, partial):
+                return  # written in place and committed before a later step failed: it stays
             self.storage.remove_tree(partial)
         except OSError as exc:  # the next save removes it
             log.warning("could not remove %s after a failed save: %s", partial, exc)
@@ -381,11 +416,20 @@ class CheckpointCoordinator:
     @gc_paused()
     def load(self, components: Sequence[StateComponent], checkpoint: str | int | os.PathLike = "latest",
              *, strict: bool = True, in_place: bool = False, reshard: bool = False,
-             fallback: bool = False) -> LoadResult:
-        """Load `components` from a checkpoint ("latest", a step, or a path). Collective: call on every rank.
+             fallback: bool = False, missing_ok: bool = False) -> LoadResult:
+        """Load `components` from a checkpoint ("latest", a step as an int or a digit string, or a path).
+        Collective: call on every rank.
 
-        Everything is read and checked before any component's `load_state_dict` is called, so a failed load
-        changes nothing. `in_place=True` is the fast path: tensors are read straight into the components'
+        Exactly the components passed are loaded; others in the checkpoint are listed in `not_requested`. Before
+        anything is read, every requested component is checked against the manifest and the live objects (keys,
+        shapes and dtypes of modules, dicts and tensors; optimizers against their parameters; layouts of state
+        saved per rank, group or node): any mismatch on any rank refuses the load with one error listing them
+        all, on every rank. `strict=True` means every requested component exists and matches; `strict=False`
+        accepts missing components and missing or unexpected tensor keys (listed in `missing_keys` and
+        `unexpected_keys`). Everything is read and checked before any component's `load_state_dict` is called,
+        so a failed load changes nothing. `missing_ok=True` (with checkpoint="latest"): a run dir without a
+        committed checkpoint gives a result with `found == False` instead of an error.
+        `in_place=True` is the fast path: tensors are read straight into the components'
         existing CPU tensors of the same name, dtype and shape (no new memory, no copy); if it fails (damaged
         bytes, or a storage error), the error names the components whose live tensors may already hold bytes
         from the checkpoint.
@@ -401,11 +445,15 @@ class CheckpointCoordinator:
         Nothing of a checkpoint that failed is applied.
         """
         self._check_open("load()")
-        _check_fallback(checkpoint, fallback, in_place)
+        check_fallback(checkpoint, fallback, in_place)
+        check_missing_ok(checkpoint, missing_ok)
         self.wait()
-        candidates = self.comm.broadcast_phase("resolve", lambda: self._resolve(checkpoint, fallback), what="load")
+        candidates = self.comm.broadcast_phase("resolve", lambda: self._resolve(checkpoint, fallback, missing_ok),
+                                               what="load")
+        if not candidates:
+            return LoadResult(path=None, step=-1, loaded=(), skipped=tuple(c.key for c in components), not_requested=())
         opts = ReadOptions(strict, in_place, reshard, self.verify_on_load, self.io_threads)
-        staged, step, read, rejected = self._read_first_good(candidates, components, opts, fallback)
+        staged, step, read, rejected, checks = self._read_first_good(candidates, components, opts, fallback)
         path, manifest = staged.path, staged.manifest
         # A component damaged on any rank is dropped on every rank, so replicas never end up loaded on some.
         damaged = list(read.damaged)
@@ -414,44 +462,57 @@ class CheckpointCoordinator:
         asked = {c.key for c in components}
         skipped = staged.skipped + [k for k in damaged if k not in staged.skipped and k in asked]
         unused = sorted(set(manifest.components) - set(read.keys))
-        if unused and strict:
-            raise CheckpointError(
-                f"checkpoint {path} holds components {unused} that no rank passed to load(); pass them, or "
-                "load with strict=False to ignore them", path=path)
-        self.comm.gather_phase("apply", lambda: apply_staged(components, staged.state, self.rank),
+        self.comm.gather_phase("apply", lambda: apply_staged(components, staged.state, self.rank, strict),
                                what=f"load of {path}", decide=lambda reports: decide_apply(path, reports))
         self.resumed_from = path
+        if _same_dir(os.path.dirname(os.path.normpath(path)), self.run_dir):  # one of this run's own checkpoints
+            self._went_back_to = step if step >= 0 else manifest.step
         if self.rank == 0:
             log.info("loaded %s (%d components)", path, len(staged.state))
         return LoadResult(path=path, step=step, loaded=tuple(c.key for c in components if c.key in staged.state),
                           skipped=tuple(skipped), not_requested=tuple(unused), metrics=dict(manifest.metrics),
                           manifest=manifest, damaged=tuple(damaged),
                           resharded=tuple(k for k in staged.resharded if k in staged.state),
-                          fallback_from=tuple(p for p, _ in rejected))
+                          fallback_from=tuple(p for p, _ in rejected),
+                          missing_keys=merged_keys(checks, "missing"),
+                          unexpected_keys=merged_keys(checks, "unexpected"))
 
-    def _resolve(self, checkpoint: str | int | os.PathLike, fallback: bool) -> list[list]:
-        """[path, step] of the checkpoint to load; with `fallback`, of every committed one, newest first."""
+    def _resolve(self, checkpoint: str | int | os.PathLike, fallback: bool, missing_ok: bool = False) -> list[list]:
+        """[path, step] of the checkpoint to load; with `fallback`, of every committed one, newest first; none
+        with `missing_ok` in a run dir without a committed checkpoint."""
+        if missing_ok and not self.checkpoints():
+            return []
         ref = resolve_checkpoint(self.storage, self.run_dir, checkpoint)
         if fallback:
             return [[r.path, r.step] for r in reversed(self.checkpoints())]
         return [[ref.path, ref.step if ref.step >= 0 else read_manifest(self.storage, ref.path).step]]
 
     def _read_first_good(self, candidates: Sequence[Sequence], components: Sequence[StateComponent],
-                         opts: ReadOptions, fallback: bool) -> tuple[Staged, int, ReadVerdict, list]:
-        """The read phase, on each candidate in turn until one verifies on every rank. Returns what this rank
-        staged, the step, what every rank read (rank 0's summary), and the (path, failures by rank) of those
-        passed over."""
+                         opts: ReadOptions, fallback: bool
+                         ) -> tuple[Staged, int, ReadVerdict, list, list[CheckReport]]:
+        """The check and read phases, on each candidate in turn until one verifies on every rank. Returns what
+        this rank staged, the step, what every rank read (rank 0's summary), the (path, failures by rank) of
+        those passed over, and every rank's check report."""
         rejected: list[tuple[str, dict[int, str]]] = []
         for i, (path, step) in enumerate(candidates):
             box: list[Staged] = []
             read = functools.partial(read_or_reject, self.storage, path, components, self.topology, opts,
                                      fallback, box)
+            check = functools.partial(precheck, self.storage, path, components, self.topology, opts, fallback)
+            reports: list[CheckReport] = []
             with hold(path, "being loaded"):
-                verdict = ReadVerdict.from_wire(
-                    self.comm.gather_phase("read", read, what=f"load of {path}", decide=decide_read).common)
-            bad = verdict.bad
+                checked = self.comm.run_phase("check", check, what=f"load of {path}")  # before anything is read
+                bad = {r: d["bad"] for r, d in enumerate(checked) if d["bad"] is not None}
+                if not bad:
+                    reports = [CheckReport.from_wire(d["report"]) for d in checked]
+                    refused = refusal(path, reports)
+                    if refused is not None:
+                        raise refused
+                    verdict = ReadVerdict.from_wire(
+                        self.comm.gather_phase("read", read, what=f"load of {path}", decide=decide_read).common)
+                    bad = verdict.bad
             if not bad:
-                return box[0], step, verdict, rejected
+                return box[0], step, verdict, rejected, reports
             rejected.append((path, bad))
             if self.rank == 0:
                 following = candidates[i + 1][0] if i + 1 < len(candidates) else None
@@ -459,12 +520,5 @@ class CheckpointCoordinator:
         raise every_checkpoint_failed(self.run_dir, rejected)
 
 
-def _check_fallback(checkpoint: str | int | os.PathLike, fallback: bool, in_place: bool) -> None:
-    if not isinstance(fallback, bool):
-        raise TypeError(f"load(fallback={fallback!r}): fallback must be a bool")
-    if fallback and not (isinstance(checkpoint, str) and checkpoint == "latest"):
-        raise ValueError(f"load(checkpoint={checkpoint!r}, fallback=True): fallback applies to "
-                         "checkpoint='latest' only (a checkpoint asked for by name is loaded as asked, or not at all)")
-    if fallback and in_place:
-        raise ValueError("load(in_place=True, fallback=True): an in-place read changes live tensors before the "
-                         "checkpoint is known to verify; pass one of the two")
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))

@@ -24,7 +24,7 @@ from .io.storage import LocalStorage, Storage
 
 # Storage methods a fault can target, plus "fsync": the file's bytes are written, then its fsync fails.
 OPS = ("makedirs", "write_file", "fsync", "open_read", "size", "exists", "is_dir", "list_dir", "rename",
-       "remove_tree", "remove_file", "fsync_dir")
+       "remove_tree", "remove_file", "fsync_dir", "write_new", "replace_file")
 SIGKILL = "sigkill"
 _SLEEP = "sleep:"
 
@@ -127,6 +127,10 @@ class FaultyStorage:
     def clear(self) -> None:
         self.inject()
 
+    @property
+    def renames(self) -> bool:
+        return self.inner.renames
+
     # ---- choosing and firing ----------------------------------------------------------------------
 
     def _pick(self, op: str, path: str) -> list[Fault]:
@@ -201,6 +205,12 @@ class FaultyStorage:
 
     def list_dir(self, path: str) -> list[str]:
         return self._call("list_dir", path, lambda: self.inner.list_dir(path))
+
+    def write_new(self, path: str, data: bytes) -> None:
+        self._call("write_new", path, lambda: self.inner.write_new(path, data))
+
+    def replace_file(self, path: str, data: bytes) -> None:
+        self._call("replace_file", path, lambda: self.inner.replace_file(path, data))
 
     def rename(self, src: str, dst: str) -> None:
         self._call("rename", f"{src} -> {dst}", lambda: self.inner.rename(src, dst))

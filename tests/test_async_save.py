@@ -35,13 +35,16 @@ def test_async_save_captures_state_at_the_call(tmp_path):
     comps = [StateComponent("model", model, SharingPattern.REPLICATED),
              StateComponent("optimizer", opt, SharingPattern.REPLICATED)]
     expected = {c.key: snapshot(c.stateful) for c in comps}
-    path = coord.save(10, comps, metrics={"loss": 1.0})
+    handle = coord.save(10, comps, metrics={"loss": 1.0})
     assert storage.writing.wait(timeout=60)
     assert coord.latest() is None, "nothing is visible before the commit"
+    assert handle.path is None and not handle.done() and handle.exception() is None, "nothing names it yet"
     with torch.no_grad():  # training goes on while the background thread writes
         for p in model.parameters():
             p.add_(1.0)
     storage.gate.set()
+    path = handle.wait()
+    assert handle.done() and handle.path == path == os.path.join(tmp_path, "checkpoint-00000010")
     assert coord.wait() == path
     assert coord.latest().step == 10
     fresh_model, fresh_opt = make_model(seed=4)

@@ -35,7 +35,8 @@ def test_divergence_rolls_back_to_the_last_good_checkpoint_and_ramps_the_lr_back
     assert rollback["first_bad_step"] == 26 and rollback["to_step"] == 20 and rollback["from_step"] == 32
     # The suspect checkpoint (30) is set aside; nothing pinned is left behind.
     assert [os.path.basename(p) for p in rollback["set_aside"]] == ["checkpoint-00000030"]
-    assert all(os.path.exists(p) for p in rollback["set_aside"])
+    assert rollback["set_aside"][0] == os.path.join(tmp_path, "abandoned", "rollback-1-at-32", "checkpoint-00000030")
+    assert not os.path.exists(rollback["set_aside"][0]), "an abandoned checkpoint goes with retention (not pinned)"
     assert [r.step for r in t.coordinator.checkpoints()] == [20, 40]
     assert not any(os.path.exists(os.path.join(r.path, "PINNED")) for r in t.coordinator.checkpoints())
     # The logged LR: x0.5 after the rollback, back to the schedule linearly over 10 steps.

@@ -186,6 +186,8 @@ def test_a_stop_sets_aside_the_checkpoints_saved_after_the_last_good_observation
     t, _ = train(str(tmp_path), recovery=policy, callbacks=[FaultInjection(**DIVERGE)])
     steps = [r.step for r in t.coordinator.checkpoints()]
     assert 30 not in steps and steps[-1] == t.state.global_step
-    assert os.path.isdir(tmp_path / "rolled_back" / f"stop-at-{t.state.global_step}" / "checkpoint-00000030")
+    # Set aside as an abandoned timeline, which the retention of the final save then removed (it was not pinned).
+    assert os.path.isdir(tmp_path / "abandoned" / f"stop-at-{t.state.global_step}")
+    assert not os.path.exists(tmp_path / "checkpoint-00000030")
     assert read_manifest(LocalStorage(), t.coordinator.latest().path).metrics["diverged"] is True
     assert max(s for s in steps if s < t.state.global_step) <= 24

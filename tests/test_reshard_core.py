@@ -101,7 +101,7 @@ def test_per_group_shards_and_per_rank_names_load_at_another_world_size(tmp_path
             assert res["stage"] == [f"layer{r}.weight" for r in range(4)] and res["stage_values"] == [0, 1, 2, 3]
             assert "component 'rng' cannot be resharded: key 'seed' differs" in res["rng_error"]
     bad = failures(run_ranks(2, _load_without_reshard, str(tmp_path)))
-    assert sorted(bad) == [0, 1] and "Load with reshard=True" in bad[0].message
+    assert sorted(bad) == [0, 1] and "pass reshard=True" in bad[0].message
 
 
 def test_mesh_shapes_for_inspect():

@@ -43,7 +43,8 @@ def _retention_run(rank: int, world: int, run_dir: str) -> dict:
     for step, loss in enumerate(LOSSES[:4], start=1):
         coord.save(step, _components(rank, step), {"eval_loss": loss})
         outcomes.append(coord.last_retention.to_plain())
-    # Resume on every rank from step 2, then save more: step 2 is protected on rank 0 as "resumed from".
+    # Resume on every rank from step 2, then save more: step 2 is protected on rank 0 as "resumed from", and the
+    # first save sets 3 and 4 aside as an abandoned timeline, which retention then removes (not pinned).
     coord.load(_components(rank, 0), checkpoint=2)
     for step, loss in enumerate(LOSSES[4:], start=5):
         coord.save(step, _components(rank, step), {"eval_loss": loss})
@@ -56,11 +57,12 @@ def _retention_run(rank: int, world: int, run_dir: str) -> dict:
 def test_only_rank_zero_deletes_and_every_rank_agrees(tmp_path):
     results = expect_ok(run_ranks(4, _retention_run, str(tmp_path)))
     assert [len(r["deletions"]) for r in results[1:]] == [0, 0, 0]
-    assert sorted(p.rsplit("-", 1)[1] for p in results[0]["deletions"]) == ["00000001", "00000003"]
+    assert sorted(p.rsplit("-", 1)[1] for p in results[0]["deletions"]) == ["00000001", "00000003", "00000004"]
+    assert sum("abandoned" in p for p in results[0]["deletions"]) == 2
     for r in results[1:]:
         assert r["outcomes"] == results[0]["outcomes"]
-        assert r["best"] == results[0]["best"] == [(1, 2, 0.3), (2, 4, 0.5)]
+        assert r["best"] == results[0]["best"] == [(1, 2, 0.3), (2, 6, 0.6)]
         assert r["summary"] == results[0]["summary"]
-    assert results[0]["on_disk"] == [2, 4, 5, 6]
+    assert results[0]["on_disk"] == [2, 5, 6]
     last = results[0]["outcomes"][-1]["decision"]["checkpoints"]
     assert {c["step"]: c["reasons"] for c in last}[2] == ["best #1 (eval_loss=0.3)", "resumed from"]

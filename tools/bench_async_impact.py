@@ -77,11 +77,6 @@ def _state_mb(model: torch.nn.Module, opt: torch.optim.Optimizer) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 1e6
 
 
-def _in_flight(coord: CheckpointCoordinator) -> bool:
-    pending = getattr(coord, "_pending", None)
-    return pending is not None and not pending.done()
-
-
 def measure(name: str, run_dir: str, steps: int, rounds: int) -> Result:
     model, opt, step = _trainer(name)
     for _ in range(2):  # warm-up, and AdamW's moments exist from here on
@@ -103,17 +98,17 @@ def measure(name: str, run_dir: str, steps: int, rounds: int) -> Result:
         shutil.rmtree(os.path.join(run_dir, f"checkpoint-{r + 1:08d}"), ignore_errors=True)
         os.sync()  # no round pays for the previous one's dirty pages
         started = time.perf_counter()
-        coord.save(r + 2, comps, async_save=True)
+        handle = coord.save(r + 2, comps, async_save=True)
         blocking.append(time.perf_counter() - started)
         # Steps while the save is in flight (at least one, so a save shorter than a step still meets one).
         for i in range(_MAX_STEPS_BESIDE):
-            if i and not _in_flight(coord):
+            if i and handle.done():
                 break
             began = time.perf_counter()
             step()
             beside.append(time.perf_counter() - began)
         done_at = time.perf_counter()
-        coord.wait()
+        handle.wait()
         background.append(done_at - started)
     coord.close()
     return Result(name, _state_mb(model, opt), statistics.median(plain),

@@ -111,8 +111,8 @@ class TrainingArguments:
         "help": "Device to train on; None: cuda (one GPU per local rank) when available, else cpu."})
     async_save: bool = field(default=False, metadata={
         "help": "Copy the state into CPU buffers and write checkpoints on a background thread while "
-                "training goes on. on_save then fires when the save is handed over; the next save, and "
-                "the end of train(), wait for it."})
+                "training goes on. on_save fires once the checkpoint is committed (at the next save or the "
+                "end of train(), which wait for it), so its `checkpoint` always names one that exists."})
     checkpoint_timeout_s: float = field(default=1800.0, metadata={
         "help": "How long a rank waits for the others at one step of a save or load before failing with "
                 "an error."})

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ckpt import CheckpointCoordinator, CheckpointError, LoadResult, StateComponent
+from ckpt import CheckpointCoordinator, CheckpointError, LoadResult, SaveHandle, StateComponent
 
 from .arguments import TrainingArguments, check_eval_dataset
 from .batches import call_model, extract_loss, first_tensor, to_device
@@ -97,6 +97,8 @@ class Trainer:
                                             progress_bar=args.progress_bar)
         self._diverged = False  # a callback reported divergence (without a recovery policy)
         self._saving_step = 0  # the step of the last save handed to the coordinator
+        self._in_flight: tuple[SaveHandle, dict[str, Any]] | None = None  # an async save not yet announced
+        self.last_checkpoint: str | None = None  # the newest checkpoint this trainer saved and saw committed
         self._late_errors: list[BaseException] = []  # from on_step_agreed, agreed on at the next step
         self.recovery = self._build_recovery()
 
@@ -399,7 +401,8 @@ class Trainer:
     # ---- checkpoints ------------------------------------------------------------------------------
 
     def save_checkpoint(self, metrics: dict[str, float] | None = None) -> str | None:
-        """Save every component as checkpoint `global_step` (collective); returns its path.
+        """Save every component as checkpoint `global_step` (collective); returns its path once committed (None
+        for an async save, which callbacks hear of through on_save when it commits; `last_checkpoint` then names it).
 
         Diverged weights are saved with their evaluation metrics replaced by NaN (never ranked best), and never
         over an existing checkpoint; returns None when the save is left out for that (or for a rollback), or when
@@ -417,28 +420,43 @@ class Trainer:
             return None
         self._wait_for_save()  # a failed background save is reported before this one starts
         self._saving_step = s.global_step
+        # Newer checkpoints left by a resume or rollback to an older step are set aside by the coordinator's rule
+        # (an abandoned timeline); overwrite=True only replaces a step this run saves again (guarded above).
         try:
-            path = self.coordinator.save(s.global_step, self.all_components(), metrics=recorded, overwrite=True)
+            saved = self.coordinator.save(s.global_step, self.all_components(), metrics=recorded, overwrite=True)
         except CheckpointError as exc:
             if not tolerates(self.args.on_save_error, exc, self.coordinator):
                 raise
             self._record_save_failure(exc)
             return None
-        # `ckpt report` marks a save that is no longer on disk as deleted by retention.
-        self.metrics_logger.append(CHECKPOINT_KIND, {"step": s.global_step, "checkpoint": path.rsplit("/", 1)[-1]})
-        if self.recovery is not None:
-            self.recovery.after_save(path, recorded)
-        self._call("on_save", checkpoint=path, metrics=recorded)
-        return path
+        if self.recovery is not None:  # a host copy of the state as saved, taken now (the save may be async)
+            self.recovery.after_save(self.coordinator.path_for(s.global_step), recorded)
+        if isinstance(saved, SaveHandle):  # announced once committed, at the next save or the end of training
+            self._in_flight = (saved, recorded)
+            return None
+        self._announce_save(s.global_step, saved, recorded)
+        return saved
+
+    def _announce_save(self, step: int, path: str, metrics: dict[str, Any]) -> None:
+        """A save committed: its line in metrics.jsonl (`ckpt report` marks a save that is no longer on disk as
+        deleted by retention) and the callbacks' on_save."""
+        self.last_checkpoint = path
+        self.metrics_logger.append(CHECKPOINT_KIND, {"step": step, "checkpoint": path.rsplit("/", 1)[-1]})
+        self._call("on_save", checkpoint=path, metrics=metrics)
 
     def _wait_for_save(self) -> None:
-        """Wait for a background save; its failure is raised, or recorded with on_save_error="warn"."""
+        """Wait for a background save; its failure is raised, or recorded with on_save_error="warn". A save that
+        committed is announced to the callbacks (on_save) here."""
+        in_flight, self._in_flight = self._in_flight, None
         try:
             self.coordinator.wait()
         except CheckpointError as exc:
             if not tolerates(self.args.on_save_error, exc, self.coordinator):
                 raise
             self._record_save_failure(exc)
+            return
+        if in_flight is not None and in_flight[0].path is not None:
+            self._announce_save(in_flight[0].step, in_flight[0].path, in_flight[1])
 
     def _record_save_failure(self, exc: CheckpointError) -> None:
         entry = save_failure_entry(self._saving_step, exc, rank=self.rank, latest=self.coordinator.latest())
@@ -467,8 +485,8 @@ class Trainer:
         if self.rank == 0:
             log.info("resumed from %s at step %d", result.path, self.state.global_step)
             if newest > result.step:
-                log.warning("checkpoints after step %d exist in %s; this run replaces them as it reaches their "
-                            "steps", result.step, self.run_dir)
+                log.warning("checkpoints after step %d exist in %s; the first save of this run sets them aside as "
+                            "an abandoned timeline (run_dir/abandoned/)", result.step, self.run_dir)
         return result.path
 
     def _load_checkpoint(self, checkpoint: str | int) -> LoadResult:

@@ -1,6 +1,7 @@
 """What a trainer adds around the coordinator's save and load.
 
-- A resume target typed on a command line ("3") means step 3 unless a folder of that name exists.
+- A resume target typed on a command line ("3") means step 3 unless a folder of that name exists (the
+  coordinator's own rule for `load(checkpoint="3")`).
 - Callbacks may come and go between runs: state of a callback this run no longer has is read and dropped
   (with a warning), and a callback the checkpoint does not know starts fresh (with a warning). Every other
   component is loaded strictly.
@@ -69,6 +70,14 @@ def load_components(coordinator: CheckpointCoordinator, components: Sequence[Sta
     if manifest is not None and TRAINER_STATE not in manifest.components:
         return _load_imported(coordinator, components, probe, rank=rank)
     live = {c.key for c in components}
+    # A resume is strict about the trainer's own components: state the run no longer declares is an error,
+    # found from the manifest before anything is read.
+    extra = sorted(k for k in (manifest.components if manifest else {}) if k not in live
+                   and not k.startswith(CALLBACK_PREFIX))
+    if extra:
+        raise CheckpointError(f"checkpoint {probe.path} holds components {extra} that no rank passed to load(); "
+                              "declare them in get_state_components(), or load that checkpoint with "
+                              "CheckpointCoordinator.load() directly to take a subset", path=probe.path)
     gone = sorted(k for k in (manifest.components if manifest else {}) if k.startswith(CALLBACK_PREFIX)
                   and k not in live)
     stand_ins = [StateComponent(k, _Discard(), manifest.components[k].pattern,

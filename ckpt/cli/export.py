@@ -127,6 +127,9 @@ def export_component(ck: Opened, key: str, output: str, *, rank: int | None = No
     if entry is None:
         raise CheckpointError(f"{ck.path} has no component {key!r}; it has {sorted(ck.manifest.components)}")
     chosen = select_copies(entry, key, rank, group, node, concat_dim)
+    if not any(f.tensors for o in chosen for f in entry.files_for(o)):
+        raise CheckpointError(f"component {key!r} of {ck.path} holds no tensors (only plain values, which "
+                              "safetensors cannot hold); nothing was written. Read it with `ckpt inspect` instead")
     labels = [copy_label(entry.pattern, o) or "the single copy" for o in chosen]
     # What is read: every chosen copy's files (its skeleton says which tensors are raw bytes, and what is left out).
     total = sum(f.nbytes for o in chosen for f in entry.files_for(o))
@@ -162,4 +165,46 @@ def export_component(ck: Opened, key: str, output: str, *, rank: int | None = No
             "encoded_dtypes": encoded}
 
 
-__all__ = ["export_component", "select_copies"]
+def has_tensors(entry: ComponentEntry) -> bool:
+    return any(f.tensors for f in entry.files)
+
+
+def export_all(ck: Opened, output_dir: str, progress: Progress | None = None) -> dict[str, Any]:
+    """Every component that holds tensors, into `output_dir`: `<key>.safetensors` for a component with one copy,
+    `<key>/<copy>.safetensors` (`rank-3`, `group-1`, `node-0`) for one with a copy per rank, group or node.
+    Components without tensors are listed as left out. Returns what was written."""
+    output_dir = os.fspath(output_dir)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise CheckpointError(f"-o {output_dir} is a file; without --component, -o names a folder to write every "
+                              "component into (or pass --component KEY to write one file)")
+    written, skipped = [], []
+    for key, entry in sorted(ck.manifest.components.items()):
+        if not has_tensors(entry):
+            skipped.append(key)
+            continue
+        copies = owners(entry)
+        if len(copies) == 1:
+            targets = [(copies[0], os.path.join(output_dir, f"{key}.safetensors"))]
+        else:
+            targets = [(o, os.path.join(output_dir, key, copy_label(entry.pattern, o).replace(" ", "-") + ".safetensors"))
+                       for o in copies]
+        for owner, path in targets:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            pick = {} if len(copies) == 1 else _selection(entry, owner)
+            written.append(export_component(ck, key, path, progress=progress, **pick))
+    if not written:
+        raise CheckpointError(f"{ck.path} has no component with tensors (components: {sorted(ck.manifest.components)});"
+                              " nothing was written")
+    return {"output": output_dir, "step": ck.manifest.step, "files": written, "left_out_components": skipped}
+
+
+def _selection(entry: ComponentEntry, owner: int | None) -> dict[str, int | None]:
+    """The select_copies argument naming copy `owner`."""
+    if entry.pattern is SharingPattern.PER_GROUP:
+        return {"group": owner}
+    if entry.pattern is SharingPattern.PER_NODE:
+        return {"node": owner}
+    return {"rank": owner}
+
+
+__all__ = ["export_all", "export_component", "has_tensors", "select_copies"]

@@ -20,7 +20,7 @@ from ..format.layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkp
 from ..format.manifest import ComponentEntry, FileEntry, Manifest, TensorInfo, read_manifest
 from ..format.serialization import join_path, unflatten_state
 from ..format.tensor_io import DTYPE_TO_ST, ST_TO_DTYPE, read_blob
-from ..io.storage import LocalStorage, Storage
+from ..io.storage import Storage, is_url, norm_path, storage_for, walk_files
 from ..load.full import full_tensors
 from ..load.loading import checked_path
 
@@ -39,8 +39,9 @@ class Opened:
 
 def open_checkpoint(path: str | os.PathLike, storage: Storage | None = None) -> Opened:
     """The checkpoint at `path` (its folder, or its manifest file), or an error saying what `path` is."""
-    storage = storage or LocalStorage()
-    path = os.path.normpath(os.fspath(path))
+    path = os.fspath(path)
+    storage = storage_for(path, storage)
+    path = norm_path(path) if is_url(path) else os.path.normpath(path)
     if os.path.basename(path) == MANIFEST_NAME:
         path = os.path.dirname(path) or "."
     if not storage.exists(path):
@@ -251,7 +252,7 @@ def verify(ck: Opened, progress: Progress | None = None) -> dict[str, Any]:
         files.append({"path": f.path, "component": key, "writer_rank": f.writer_rank, "nbytes": f.nbytes,
                       "status": status, "detail": detail})
     listed = {f.path for _, f in entries} | {MANIFEST_NAME, PIN_NAME}
-    extra = sorted(p for p in _walk(ck.path) if p not in listed)
+    extra = sorted(p for p in walk_files(ck.storage, ck.path) if p not in listed)
     bad = [f for f in files if f["status"] != "ok"]
     return {"path": ck.path, "ok": not bad, "checked": len(files), "bad": len(bad), "nbytes": total,
             "files": files, "unlisted": extra}
@@ -266,13 +267,6 @@ def _hash_file(storage: Storage, path: str, progress: Progress | None, done: int
             if progress:
                 progress(done, total)
     return hasher.hexdigest()
-
-
-def _walk(root: str) -> list[str]:
-    out = []
-    for folder, _, names in os.walk(root):
-        out += [os.path.relpath(os.path.join(folder, n), root).replace(os.sep, "/") for n in names]
-    return out
 
 
 # ---- diff ----------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 importing.py, report.py) and are hooked in here.
 
 Every subcommand takes `--json`. Errors are one line on stderr with exit status 2 (`verify` exits 1 when
-files are bad, `diff` exits 1 when the checkpoints differ); with `--json` the error is `{"error": ...}` on
+files are bad, `diff` exits 1 when the checkpoints differ, `ls --check` exits 1 when a manifest is unreadable); with `--json` the error is `{"error": ...}` on
 stdout instead, with the same status. Set CKPT_DEBUG=1 to see a traceback instead.
 """
 
@@ -19,8 +19,9 @@ from typing import Any
 from .. import __version__
 from ..errors import CheckpointError, CheckpointNotFoundError, RunDirInUseError
 from ..format.layout import MANIFEST_NAME, REPLACED_SUFFIX, list_partials, parse_step
-from ..io.lock import RunDirLock
-from ..io.storage import LocalStorage
+from ..io.lease import LeaseLock
+from ..io.lock import RunDirLock, acquire
+from ..io.storage import is_url, norm_path, storage_for, tree_bytes
 from ..load.reshape import load_plan, mesh_picture, parse_shape, saved_mesh
 from ..retention.catalog import (
     AppliedPolicy,
@@ -32,7 +33,7 @@ from ..retention.catalog import (
     unpin_checkpoint,
 )
 from ..retention.rules import CheckpointInfo, RetentionDecision, RetentionPolicy
-from .export import export_component
+from .export import export_all, export_component
 from .export_formats import add_format_flags, result_lines, run_format
 from .importing import add_import_command
 from .inspection import Progress, describe, diff, open_checkpoint, verify
@@ -119,11 +120,23 @@ def _policy(args: argparse.Namespace, run_dir: str) -> AppliedPolicy:
     given = {"save_total_limit": args.save_total_limit, "preserve_n_best": args.preserve_n_best,
              "best_model_metric": args.metric, "best_model_greater_is_better": args.greater,
              "keep_every_n_steps": args.keep_every_n_steps}
-    return layer_policy(LocalStorage(), run_dir, {k: v for k, v in given.items() if v is not None}, _FLAGS)
+    return layer_policy(storage_for(run_dir), run_dir, {k: v for k, v in given.items() if v is not None}, _FLAGS)
 
 
 def _run_dir(path: str) -> str:
+    if is_url(path):
+        path, storage = norm_path(path), storage_for(path)
+        if not storage.is_dir(path):
+            raise CheckpointNotFoundError(f"{path} does not exist (no objects under that prefix)", path=path)
+        if storage.exists(f"{path}/{MANIFEST_NAME}"):
+            raise CheckpointNotFoundError(f"{path} is a checkpoint, not a run directory; use `ckpt inspect {path}`",
+                                          path=path)
+        return path
     path = os.path.normpath(path)
+    if os.path.basename(path) == MANIFEST_NAME and os.path.isfile(path):
+        run = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        raise CheckpointNotFoundError(f"{path} is a checkpoint's manifest file, not a run directory; list its run with "
+                                      f"`ckpt ls {run}`", path=path)
     if not os.path.isdir(path):
         raise CheckpointNotFoundError(f"{path} is not a folder" if os.path.exists(path) else f"{path} does not exist",
                                       path=path)
@@ -135,11 +148,11 @@ def _run_dir(path: str) -> str:
 
 def _decide(run_dir: str, policy: RetentionPolicy | None) -> tuple[list[CheckpointInfo], RetentionDecision, set]:
     """The decision now, and which kept checkpoints the next save (without a new best) would drop."""
-    infos = scan(LocalStorage(), run_dir)
+    infos = scan(storage_for(run_dir), run_dir, abandoned=True)
     decision = (policy or RetentionPolicy()).decide(infos)
     next_to_go: set[str] = set()
     if policy is not None and infos:
-        phantom = CheckpointInfo(infos[-1].step + 1, os.path.join(run_dir, "(next save)"))
+        phantom = CheckpointInfo(max(i.step for i in infos) + 1, os.path.join(run_dir, "(next save)"))
         later = policy.decide([*infos, phantom])
         next_to_go = {c.path for c in later.dropped} - {c.path for c in decision.dropped}
     return infos, decision, next_to_go
@@ -156,27 +169,34 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows = []
     for info in infos:
         d = by_path[info.path]
-        rows.append({"name": os.path.basename(info.path), "path": info.path, "step": info.step,
+        rows.append({"name": os.path.relpath(info.path, run_dir), "path": info.path, "step": info.step,
                      "created_utc": info.created_utc, "nbytes": info.nbytes, "metrics": info.metrics,
                      "pinned": info.pinned, "partial": False, "keep": d.keep, "reasons": list(d.reasons),
-                     "drop_reason": d.drop_reason, "next_to_go": info.path in next_to_go, "error": info.error})
-    for path in sorted(list_partials(LocalStorage(), run_dir)):
+                     "drop_reason": d.drop_reason, "next_to_go": info.path in next_to_go, "error": info.error,
+                     "damaged": info.error is not None, "abandoned": info.abandoned})
+    for path in sorted(list_partials(storage_for(run_dir), run_dir)):
         name = os.path.basename(path)
         rows.append({"name": name, "path": path, "step": parse_step(name.split(".", 1)[0]), "created_utc": None,
-                     "nbytes": _du(path), "metrics": {}, "pinned": False, "partial": True, "keep": False,
+                     "nbytes": tree_bytes(storage_for(path), path), "metrics": {}, "pinned": False, "partial": True, "keep": False,
                      "reasons": [], "drop_reason": _partial_status(name),
-                     "next_to_go": False, "error": None})
+                     "next_to_go": False, "error": None, "damaged": False, "abandoned": False})
+    damaged = [r["name"] for r in rows if r["damaged"]]
+    status = EXIT_FOUND if args.check and damaged else EXIT_OK
+    live = sum(not i.abandoned for i in infos)
     if args.json:
         _json({"run_dir": run_dir, **_policy_plain(applied), "checkpoints": rows,
-               "best": decision.to_plain()["best"]})
-        return EXIT_OK
-    _out(f"{run_dir}: {len(infos)} committed checkpoints; policy: {applied.text()}")
+               "best": decision.to_plain()["best"], "damaged": damaged})
+        return status
+    _out(f"{run_dir}: {live} committed checkpoints" + (f" and {len(infos) - live} of abandoned timelines"
+                                                       if len(infos) > live else "") + f"; policy: {applied.text()}")
     if rows:
         _out(table(["CHECKPOINT", "STEP", "CREATED (UTC)", "SIZE", "METRICS", "STATUS"],
                    [[r["name"], r["step"], _time(r["created_utc"]), human_size(r["nbytes"]),
                      "manifest unreadable" if r["error"] else _metrics(r["metrics"]), _status(r)] for r in rows],
                    right=(1, 3)))
-    return EXIT_OK
+    if damaged:
+        _out(f"damaged (manifest unreadable, never loaded as latest): {', '.join(damaged)}; `ckpt inspect` says why")
+    return status
 
 
 def _policy_plain(applied: AppliedPolicy) -> dict[str, Any]:
@@ -187,20 +207,17 @@ def _policy_plain(applied: AppliedPolicy) -> dict[str, Any]:
 def _status(r: dict) -> str:
     if r["partial"]:
         return "PARTIAL: " + r["drop_reason"]
+    prefix = "ABANDONED, " if r["abandoned"] else "DAMAGED, " if r["damaged"] else ""
     if not r["keep"]:
-        return "would delete: " + r["drop_reason"]
-    return "keep: " + ", ".join(r["reasons"]) + (" (next to go)" if r["next_to_go"] else "")
+        return prefix + "would delete: " + r["drop_reason"]
+    return prefix + "keep: " + ", ".join(r["reasons"]) + (" (next to go)" if r["next_to_go"] else "")
 
 
-def _du(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
-
-
-def _lock_run_dir(run_dir: str, args: argparse.Namespace) -> tuple[RunDirLock | None, dict | None]:
+def _lock_run_dir(run_dir: str, args: argparse.Namespace) -> tuple[RunDirLock | LeaseLock | None, dict | None]:
     """Take the run dir's lock, as a live job's coordinator holds it: (our hold, None), or (None, the holder)
     when another process holds it and this is a dry run or --force. Otherwise an error naming the holder."""
     try:
-        return RunDirLock.acquire(run_dir), None
+        return acquire(storage_for(run_dir), run_dir), None
     except RunDirInUseError as exc:
         if args.dry_run or args.force:
             return None, exc.holder or {"pid": None}
@@ -231,7 +248,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     lock, holder = _lock_run_dir(run_dir, args)
     try:
         _, decision, _ = _decide(run_dir, policy)
-        outcome = apply_decision(LocalStorage(), decision, dry_run=args.dry_run)
+        outcome = apply_decision(storage_for(run_dir), decision, dry_run=args.dry_run)
     finally:
         if lock is not None:
             lock.release()
@@ -380,14 +397,35 @@ def cmd_export(args: argparse.Namespace) -> int:
         else:
             _out("\n".join(result_lines(result)))
         return EXIT_OK
-    if args.component is None:
-        raise CheckpointError("--component K is required with --format safetensors (the default)")
+    if args.component is None:  # every component with tensors, into the folder -o names
+        return _export_all(args)
     result = export_component(open_checkpoint(args.checkpoint), args.component, args.output, rank=args.rank,
                               group=args.group, node=args.node, concat_dim=args.concat_dim,
                               progress=_progress(args, "export"))
     if args.json:
         _json(result)
         return EXIT_OK
+    _export_lines(result)
+    return EXIT_OK
+
+
+def _export_all(args: argparse.Namespace) -> int:
+    chosen = [flag for flag, v in (("--rank", args.rank), ("--group", args.group), ("--node", args.node),
+                                   ("--concat-dim", args.concat_dim)) if v is not None]
+    if chosen:
+        raise CheckpointError(f"{chosen[0]} picks a copy of one component; pass --component KEY with it")
+    result = export_all(open_checkpoint(args.checkpoint), args.output, progress=_progress(args, "export"))
+    if args.json:
+        _json(result)
+        return EXIT_OK
+    for one in result["files"]:
+        _export_lines(one)
+    if result["left_out_components"]:
+        _out(f"left out components without tensors: {', '.join(result['left_out_components'])}")
+    return EXIT_OK
+
+
+def _export_lines(result: dict[str, Any]) -> None:
     plural = "" if result["tensors"] == 1 else "s"
     _out(f"wrote {result['output']}: {result['tensors']} tensor{plural}, {human_size(result['nbytes'])} (component "
          f"{result['component']!r}, {result['pattern']}, {result['copy']}, step {result['step']})")
@@ -400,13 +438,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{name} {e['dtype']} -> {e['encoding']}" for name, e in list(encoded.items())[:8])
         _out(f"encoded {len(encoded)} tensors whose dtype safetensors lacks (see the file's ckpt.encoded_dtypes "
              f"metadata): {shown}" + (", ..." if len(encoded) > 8 else ""))
-    return EXIT_OK
 
 
 def _pin_command(pin: bool) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         ck = open_checkpoint(args.checkpoint)
-        changed = (pin_checkpoint if pin else unpin_checkpoint)(LocalStorage(), ck.path)
+        changed = (pin_checkpoint if pin else unpin_checkpoint)(ck.storage, ck.path)
         if args.json:
             _json({"path": ck.path, "pinned": pin, "changed": changed})
         else:
@@ -444,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("ls", cmd_ls, "list a run's checkpoints and why each is kept")
     p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--check", action="store_true", help="exit 1 when a checkpoint's manifest is unreadable (damaged)")
     _add_policy_flags(p)
     p = command("inspect", cmd_inspect, "show a checkpoint's topology, components and files")
     p.add_argument("checkpoint", metavar="CKPT")
@@ -455,11 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("diff", cmd_diff, "what changed between two checkpoints (exit 1 if they differ)")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
-    p = command("export", cmd_export, "write a component as a safetensors file, or the checkpoint in another format")
+    p = command("export", cmd_export, "write components as safetensors files (one, or every one with tensors), or "
+                                      "the checkpoint in another format")
     p.add_argument("checkpoint", metavar="CKPT")
-    p.add_argument("--component", help="the component's key, e.g. model (--format hf: model by default; dcp, torch: "
-                                       "every component by default)")
-    p.add_argument("-o", "--output", required=True, help="the file (safetensors, torch) or folder (hf, dcp) to write")
+    p.add_argument("--component", help="the component's key, e.g. model (safetensors: without it, every component "
+                                       "with tensors, into the folder -o names; --format hf: model by default; dcp, "
+                                       "torch: every component by default)")
+    p.add_argument("-o", "--output", required=True, help="the file (safetensors with --component, torch) or folder "
+                                                          "(safetensors without --component, hf, dcp) to write")
     p.add_argument("--rank", type=int, help="the copy this rank loads (PER_RANK, PER_GROUP, PER_NODE)")
     p.add_argument("--group", type=int, help="PER_GROUP: the copy of this group index")
     p.add_argument("--node", type=int, help="PER_NODE: the copy of this node")

@@ -5,7 +5,8 @@ What it reads (all optional, all read as they are now, so a live run can be repo
   (a save was made at that step; one no longer on disk was deleted by retention);
 - `recovery_events.jsonl` (trainers/recovery): NaN and gradient-spike skips, rollbacks, LR cuts and ramps;
 - the committed checkpoints' manifests and the recorded retention policy: kept or going, best-N with rank,
-  pinned, latest; checkpoints a rollback set aside (`rolled_back/*/checkpoint-*`) are shown as abandoned.
+  pinned, latest; checkpoints set aside as an abandoned timeline (`abandoned/*/checkpoint-*`, by a save after
+  going back or a rollback) are shown as abandoned.
 After a rollback the lines logged past the step returned to, before the rollback, are the abandoned timeline and
 are drawn apart from the run's current one. The page has no script and loads nothing: the plot is inline SVG
 (ckpt/cli/report_svg.py), details are in hover titles and in the retention table beside it.
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from ..format.layout import MANIFEST_NAME, parse_step
+from ..format.layout import ABANDONED_DIR, MANIFEST_NAME, parse_step
 from ..format.manifest import read_manifest
 from ..io.storage import LocalStorage, Storage
 from ..retention.catalog import human_size, layer_policy, scan
@@ -31,7 +32,6 @@ from .report_svg import COLORS, plot_svg
 # File names as trainers/keys.py and trainers/recovery/events.py define them (ckpt does not import trainers).
 METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "recovery_events.jsonl"
-ROLLED_BACK_DIR = "rolled_back"
 CHECKPOINT_KIND = "checkpoint"  # the metrics.jsonl line a trainer writes for each save
 
 
@@ -149,13 +149,17 @@ def _markers(storage: Storage, run_dir: str, policy: RetentionPolicy | None, lin
     on_disk = {m.step for m in out}
     abandoned = _abandoned(storage, run_dir)
     out += abandoned
+    set_aside = {m.step for m in abandoned}
     for line, gone in zip(lines, flags, strict=True):
         step = line["step"]
-        if line.get("kind") != CHECKPOINT_KIND or step in on_disk or gone:
+        if line.get("kind") != CHECKPOINT_KIND or step in (set_aside if gone else on_disk):
             continue
-        on_disk.add(step)
-        out.append(Marker(str(line.get("checkpoint") or f"step {step}"), step, "deleted",
-                          "deleted by retention", value=eval_at.get(step)))
+        (set_aside if gone else on_disk).add(step)
+        name = str(line.get("checkpoint") or f"step {step}")
+        if gone:  # set aside by a rollback, then removed by retention (it was not pinned)
+            out.append(Marker(name, step, "abandoned", "abandoned by a rollback, then deleted by retention"))
+            continue
+        out.append(Marker(name, step, "deleted", "deleted by retention", value=eval_at.get(step)))
     return sorted(out, key=lambda m: (m.step, m.status))
 
 
@@ -168,8 +172,8 @@ def _placed(metrics: dict[str, Any], eval_at: dict[int, float], step: int) -> fl
 
 
 def _abandoned(storage: Storage, run_dir: str) -> list[Marker]:
-    """Checkpoints a rollback set aside under rolled_back/<label>/."""
-    root = os.path.join(run_dir, ROLLED_BACK_DIR)
+    """Checkpoints set aside as an abandoned timeline under abandoned/<label>/ (ckpt/retention/timeline.py)."""
+    root = os.path.join(run_dir, ABANDONED_DIR)
     out = []
     for label in storage.list_dir(root):
         for name in storage.list_dir(os.path.join(root, label)):

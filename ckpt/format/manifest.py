@@ -22,7 +22,7 @@ import xxhash
 
 from ..component import SharingPattern, ValidationLevel
 from ..errors import ManifestError
-from ..io.storage import LocalStorage, Storage
+from ..io.storage import Storage, is_inside, resolved, storage_for
 from .layout import MANIFEST_NAME
 from .tensor_io import ST_TO_DTYPE, ChunkInfo, TensorInfo
 
@@ -210,7 +210,8 @@ def read_manifest(storage: Storage | str | os.PathLike, checkpoint_dir: str | os
     """A checkpoint's manifest, checked: `read_manifest(path)` on the local filesystem, or
     `read_manifest(storage, path)` through a given Storage."""
     if checkpoint_dir is None:
-        storage, checkpoint_dir = LocalStorage(), os.fspath(storage)  # type: ignore[arg-type]
+        checkpoint_dir = os.fspath(storage)  # type: ignore[arg-type]
+        storage = storage_for(checkpoint_dir)
     checkpoint_dir = os.fspath(checkpoint_dir)
     path = os.path.join(checkpoint_dir, MANIFEST_NAME)
     _refuse_outside(checkpoint_dir, path)
@@ -230,10 +231,9 @@ def read_manifest(storage: Storage | str | os.PathLike, checkpoint_dir: str | os
 def _refuse_outside(checkpoint_dir: str, path: str) -> None:
     """Refuse a manifest that resolves outside its checkpoint (a symlink, say), as data files are refused:
     its bytes would describe, and vouch for, a checkpoint it is not part of."""
-    root = os.path.realpath(checkpoint_dir)
-    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+    if not is_inside(checkpoint_dir, path):
         raise ManifestError(f"{path} leads outside the checkpoint {checkpoint_dir} (a symlink to "
-                            f"{os.path.realpath(path)}); refusing to read it", path=path)
+                            f"{resolved(path)}); refusing to read it", path=path)
 
 
 def _no_constant(name: str) -> Any:

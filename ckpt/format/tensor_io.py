@@ -336,6 +336,16 @@ def _read_exact(f, n: int, path: str, component: str | None) -> bytes:
 
 def _readinto_exact(f, view: memoryview, path: str, component: str | None, hasher) -> None:
     pos, total = 0, len(view)
+    bulk = getattr(f, "readinto_parallel", None)  # object storage: parallel ranged GETs straight into `view`
+    if bulk is not None and total > _READ_CHUNK:
+        got = bulk(view)
+        if got < total:
+            raise CorruptCheckpointError(f"file {path} (component {component!r}) ended early", path=path,
+                                         component=component)
+        if hasher is not None:
+            for at in range(0, total, _WRITE_SLICE):
+                hasher.update(view[at: at + _WRITE_SLICE])
+        return
     while pos < total:
         n = f.readinto(view[pos: pos + _READ_CHUNK])
         if not n:

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 from ..errors import RunDirInUseError
 from ..format.layout import LOCK_NAME
+from .lease import LeaseLock
+from .s3 import S3Storage
+from .storage import Storage, is_url
 
 log = logging.getLogger("ckpt")
 _taken: dict[str, _Held] = {}  # lock file (real path) -> this process's hold on it
@@ -117,14 +120,25 @@ class RunDirLock:
                 os.close(held.fd)  # closing the only descriptor drops the flock
 
 
-def take_run_dir(run_dir: str, force: bool, out: list[RunDirLock]) -> str | None:
+def acquire(storage: Storage, run_dir: str) -> RunDirLock | LeaseLock:
+    """The run dir's lock through the means its storage has: a lease object on S3, a flock on a local folder."""
+    if isinstance(storage, S3Storage) and is_url(run_dir):
+        return LeaseLock.acquire(storage, run_dir, LOCK_NAME)
+    return RunDirLock.acquire(run_dir)
+
+
+def take_run_dir(storage: Storage, run_dir: str, force: bool, out: list[RunDirLock | LeaseLock]) -> str | None:
     """Lock `run_dir` for its coordinator (into `out`). Returns the tag its unfinished-save folders carry:
     None with the lock; with `force=True` and the lock held elsewhere, a tag of its own (so two jobs'
-    saves never share a folder). A storage with no local folder here gets no lock."""
-    if not os.path.isdir(run_dir):
+    saves never share a folder). A storage with no local folder here (and no lock object) gets no lock."""
+    if not storage.renames and force:
+        raise ValueError(f"CheckpointCoordinator(force=True) is not available on object storage ({run_dir}): with "
+                         "no rename, two jobs' saves of one step would write the same objects. Give each job its "
+                         "own prefix")
+    if not isinstance(storage, S3Storage) and not os.path.isdir(run_dir):
         return None
     try:
-        out.append(RunDirLock.acquire(run_dir))
+        out.append(acquire(storage, run_dir))
         return None
     except RunDirInUseError as exc:
         if not force:
@@ -133,4 +147,4 @@ def take_run_dir(run_dir: str, force: bool, out: list[RunDirLock]) -> str | None
         return f"p{os.getpid()}-{secrets.token_hex(4)}"
 
 
-__all__ = ["RunDirLock", "take_run_dir"]
+__all__ = ["RunDirLock", "acquire", "take_run_dir"]

@@ -1,21 +1,29 @@
-"""Where the bytes go. A small protocol, and the local filesystem behind it.
+"""Where the bytes go. A small protocol, the local filesystem behind it, and the choice of backend by URL.
 
-Everything durable goes through `write_file` (write, flush, fsync) and `fsync_dir`; a commit is a
-`rename` of a fully written directory. Other backends (or a fault-injecting one in tests) implement
-the same methods.
+Everything durable goes through `write_file` (write, flush, fsync) and `fsync_dir`. On a store that
+`renames` (the local filesystem) a commit is a `rename` of a fully written directory; on one that does not
+(object storage, ckpt/io/s3.py) the commit is the create-only `write_new` of the manifest. Other backends (or a
+fault-injecting one in tests) implement the same methods. `storage_for(path)` picks the backend a run dir needs:
+`s3://bucket/prefix` gets S3Storage, anything else the local filesystem.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import shutil
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO, Protocol
 
+from .s3 import S3Storage  # boto3 itself is imported only when an s3:// path is used
+
 
 class Storage(Protocol):
-    """The operations a checkpoint needs from a filesystem."""
+    """The operations a checkpoint needs from a filesystem or an object store."""
+
+    # Whether `rename` moves a folder atomically. Without it a save writes in place and commits by `write_new`.
+    renames: bool
 
     def makedirs(self, path: str) -> None: ...
 
@@ -33,6 +41,14 @@ class Storage(Protocol):
 
     def list_dir(self, path: str) -> list[str]: ...
 
+    def write_new(self, path: str, data: bytes) -> None:
+        """Create `path` holding `data`, durably, in one step; FileExistsError if it already exists."""
+        ...
+
+    def replace_file(self, path: str, data: bytes) -> None:
+        """Make `path` hold `data`: readers see the old bytes or the new ones, never a mix."""
+        ...
+
     def rename(self, src: str, dst: str) -> None: ...
 
     def remove_tree(self, path: str) -> None: ...
@@ -44,6 +60,8 @@ class Storage(Protocol):
 
 class LocalStorage:
     """A POSIX filesystem (local disk or a shared mount every rank sees)."""
+
+    renames = True
 
     def makedirs(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
@@ -74,6 +92,21 @@ class LocalStorage:
         except FileNotFoundError:
             return []
 
+    def write_new(self, path: str, data: bytes) -> None:
+        tmp = f"{path}.{os.getpid()}.new"
+        self.write_file(tmp, [data])
+        try:
+            os.link(tmp, path)  # unlike rename, link refuses an existing target
+        finally:
+            self.remove_file(tmp)
+        self.fsync_dir(os.path.dirname(path) or ".")
+
+    def replace_file(self, path: str, data: bytes) -> None:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        self.write_file(tmp, [data])
+        os.replace(tmp, path)
+        self.fsync_dir(os.path.dirname(path) or ".")
+
     def rename(self, src: str, dst: str) -> None:
         os.rename(src, dst)
 
@@ -94,6 +127,76 @@ class LocalStorage:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+
+URL_SCHEME = "s3://"
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether `path` names object storage (`s3://bucket/prefix`) rather than a local folder."""
+    return isinstance(path, str) and path.startswith(URL_SCHEME)
+
+
+def norm_path(path: str | os.PathLike) -> str:
+    """One spelling per location, for comparing paths: absolute and normalised locally; for a URL, the
+    prefix with repeated and trailing slashes and `.` segments removed (`..` is kept, so it is never equal to
+    a path inside the run)."""
+    path = os.fspath(path)
+    if not is_url(path):
+        return os.path.normpath(os.path.abspath(path))
+    parts = [p for p in path[len(URL_SCHEME):].split("/") if p not in ("", ".")]
+    return URL_SCHEME + "/".join(parts)
+
+
+def resolved(path: str) -> str:
+    """Where `path` really leads: symlinks resolved locally; for a URL, `.` and `..` segments applied."""
+    if not is_url(path):
+        return os.path.realpath(path)
+    return URL_SCHEME + posixpath.normpath("/" + path[len(URL_SCHEME):]).lstrip("/")
+
+
+def is_inside(root: str, path: str) -> bool:
+    """Whether `path` really leads to `root` or somewhere under it (a symlink or `..` can lead out)."""
+    real_root, real = resolved(root), resolved(path)
+    if is_url(root):
+        return real == real_root or real.startswith(real_root.rstrip("/") + "/")
+    return os.path.commonpath([real_root, real]) == real_root
+
+
+def parent_of(path: str) -> str:
+    """The folder holding `path` (a URL's parent prefix, or a local parent folder)."""
+    return os.path.dirname(norm_path(path)) if is_url(path) else os.path.dirname(os.path.abspath(path))
+
+
+def storage_for(path: str | os.PathLike, storage: Storage | None = None) -> Storage:
+    """`storage` when given, else the backend `path` needs: S3Storage for `s3://` (the `ckpt[s3]` extra),
+    the local filesystem otherwise."""
+    if storage is not None:
+        return storage
+    if is_url(os.fspath(path)):
+        return S3Storage.shared()
+    return LocalStorage()
+
+
+def walk_files(storage: Storage, root: str) -> list[str]:
+    """Every file under `root`, as `/`-separated paths relative to it."""
+    if not is_url(root):
+        return [os.path.relpath(os.path.join(folder, n), root).replace(os.sep, "/")
+                for folder, _, names in os.walk(root) for n in names]
+    out = []
+    for name in storage.list_dir(root):
+        path = f"{root.rstrip('/')}/{name}"
+        out += [f"{name}/{sub}" for sub in walk_files(storage, path)] if storage.is_dir(path) else [name]
+    return out
+
+
+def tree_bytes(storage: Storage, root: str) -> int:
+    """The bytes of every file under `root` (what is left of an unfinished save, say)."""
+    total = 0
+    for rel in walk_files(storage, root):
+        with contextlib.suppress(FileNotFoundError):  # a file still being uploaded has no size yet
+            total += storage.size(f"{root.rstrip('/')}/{rel}" if is_url(root) else os.path.join(root, rel))
+    return total
 
 
 @contextlib.contextmanager

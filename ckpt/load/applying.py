@@ -13,14 +13,16 @@ from ..errors import PartialLoadError
 log = logging.getLogger("ckpt")
 
 
-def apply_staged(components: Sequence[StateComponent], staged: Mapping[str, Any], rank: int) -> dict[str, Any]:
-    """Call each component's `load_state_dict()` with its staged state, in order. Never raises: reports
+def apply_staged(components: Sequence[StateComponent], staged: Mapping[str, Any], rank: int,
+                 strict: bool = True) -> dict[str, Any]:
+    """Call each component's `load_state_dict()` with its staged state, in order (a module's with `strict`;
+    dicts and tensors in place). Never raises: reports
     the components applied, and the one that failed (with its error), for the exchange between ranks."""
     applied: list[str] = []
     for c in components:
         if c.key in staged:
             try:
-                c.stateful.load_state_dict(staged[c.key])
+                c.load_state_dict(staged[c.key], strict)
             except Exception as exc:
                 log.debug("rank %d: load_state_dict() of %r failed", rank, c.key, exc_info=True)
                 return {"applied": applied, "failed": c.key, "error": f"{type(exc).__name__}: {exc}"}

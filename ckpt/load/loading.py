@@ -13,15 +13,14 @@ from ..errors import CorruptCheckpointError, SerializationError
 from ..format.manifest import ComponentEntry, FileEntry
 from ..format.serialization import unflatten_state
 from ..format.tensor_io import ST_TO_DTYPE, read_blob, read_safetensors
-from ..io.storage import Storage
+from ..io.storage import Storage, is_inside
 from ..io.threads import parallel_map
 
 
 def checked_path(ckpt_dir: str, entry: FileEntry, component: str) -> str:
     """The file's path, refusing anything (a symlink, say) that leads outside the checkpoint."""
     path = os.path.join(ckpt_dir, entry.path)
-    real_root = os.path.realpath(ckpt_dir)
-    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+    if not is_inside(ckpt_dir, path):
         raise CorruptCheckpointError(f"file {path} (component {component!r}) leads outside the checkpoint "
                                      f"{ckpt_dir}; refusing to read it", path=path, component=component)
     return path

@@ -120,7 +120,7 @@ def read_share(storage: Storage, path: str, components: Sequence[StateComponent]
             continue
         touched.append(c.key)
         try:
-            into = flatten_state(c.stateful.state_dict(), c.key).tensors
+            into = flatten_state(c.state_dict(), c.key).tensors
             out.state[c.key] = read_component(storage, path, c.key, entry, owner, opts.verify, into, opts.threads)
         except (CheckpointError, OSError) as exc:  # an EIO part way leaves live tensors changed just the same
             raise in_place_failure(exc, touched, path) from exc

@@ -16,9 +16,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CheckpointError
-from ..format.layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkpoints, resolve_checkpoint
+from ..format.layout import (
+    MANIFEST_NAME,
+    PARTIAL_SUFFIX,
+    PIN_NAME,
+    list_abandoned,
+    list_checkpoints,
+    resolve_checkpoint,
+)
 from ..format.manifest import read_manifest
-from ..io.storage import Storage
+from ..io.storage import Storage, norm_path, parent_of
 from .rules import (
     BestCheckpoint,
     CheckpointInfo,
@@ -39,7 +46,7 @@ _held_lock = threading.Lock()
 @contextlib.contextmanager
 def hold(path: str, why: str) -> Iterator[None]:
     """Protect `path` from deletion by retention in this process while the block runs."""
-    key = os.path.normpath(os.path.abspath(path))
+    key = norm_path(path)
     with _held_lock:
         _held.setdefault(key, []).append(why)
     try:
@@ -57,20 +64,24 @@ def held() -> dict[str, str]:
         return {path: whys[0] for path, whys in _held.items()}
 
 
-def read_info(storage: Storage, step: int, path: str) -> CheckpointInfo:
+def read_info(storage: Storage, step: int, path: str, abandoned: bool = False) -> CheckpointInfo:
     """A committed checkpoint's step, metrics, time and size; an unreadable manifest gives `error`."""
     pinned = storage.exists(os.path.join(path, PIN_NAME))
     try:
         m = read_manifest(storage, path)
     except (CheckpointError, OSError) as exc:
-        return CheckpointInfo(step, path, pinned=pinned, error=str(exc))
+        return CheckpointInfo(step, path, pinned=pinned, error=str(exc), abandoned=abandoned)
     nbytes = sum(f.nbytes for c in m.components.values() for f in c.files)
-    return CheckpointInfo(step, path, dict(m.metrics), m.created_utc, nbytes, pinned)
+    return CheckpointInfo(step, path, dict(m.metrics), m.created_utc, nbytes, pinned, abandoned=abandoned)
 
 
-def scan(storage: Storage, run_dir: str) -> list[CheckpointInfo]:
-    """Every committed checkpoint of the run, oldest first. Folders with other names are not looked at."""
-    return [read_info(storage, ref.step, ref.path) for ref in list_checkpoints(storage, run_dir)]
+def scan(storage: Storage, run_dir: str, *, abandoned: bool = False) -> list[CheckpointInfo]:
+    """Every committed checkpoint of the run, oldest first (with `abandoned`, those of abandoned timelines too).
+    Folders with other names are not looked at."""
+    infos = [read_info(storage, ref.step, ref.path) for ref in list_checkpoints(storage, run_dir)]
+    if abandoned:
+        infos += [read_info(storage, ref.step, ref.path, True) for ref in list_abandoned(storage, run_dir)]
+    return infos
 
 
 def best(storage: Storage, run_dir: str, policy: RetentionPolicy, n: int | None = None) -> list[BestCheckpoint]:
@@ -85,7 +96,7 @@ def best(storage: Storage, run_dir: str, policy: RetentionPolicy, n: int | None 
 
 def committed_dir(storage: Storage, path: str) -> str:
     """`path` if it is a committed checkpoint; an error naming what it is otherwise."""
-    return resolve_checkpoint(storage, os.path.dirname(os.path.abspath(path)), os.path.abspath(path)).path
+    return resolve_checkpoint(storage, parent_of(path), norm_path(path)).path
 
 
 def pin_checkpoint(storage: Storage, path: str) -> bool:
@@ -124,14 +135,12 @@ def read_policy(storage: Storage, run_dir: str) -> RetentionPolicy | None:
 
 
 def write_policy(storage: Storage, run_dir: str, policy: RetentionPolicy) -> None:
-    """Record the policy for offline tools (temp + rename); nothing is written when it is unchanged."""
+    """Record the policy for offline tools (in one step: `replace_file`); nothing is written when it is unchanged."""
     path = os.path.join(run_dir, POLICY_NAME)
     with contextlib.suppress(CheckpointError):
         if read_policy(storage, run_dir) == policy:
             return
-    tmp = path + ".tmp"
-    storage.write_file(tmp, [(json.dumps(policy.to_plain(), indent=1) + "\n").encode()])
-    storage.rename(tmp, path)
+    storage.replace_file(path, (json.dumps(policy.to_plain(), indent=1) + "\n").encode())
 
 
 # ---- a policy given in part (the `ckpt` command's flags) ----------------------------------------
@@ -221,8 +230,13 @@ class RetentionOutcome:
 
 
 def delete_checkpoint(storage: Storage, path: str) -> None:
-    """Uncommit first (an atomic rename to a name that is never loaded), then remove the files, so a
-    crash part way never leaves a committed checkpoint with files missing."""
+    """Uncommit first (an atomic rename to a name that is never loaded; on a store without rename, deleting
+    the manifest), then remove the files, so a crash part way never leaves a committed checkpoint with files
+    missing (what is left is an unfinished save, which the run dir's next owner removes)."""
+    if not storage.renames:
+        storage.remove_file(os.path.join(path, MANIFEST_NAME))
+        storage.remove_tree(path)
+        return
     doomed = os.path.normpath(path) + DELETING_SUFFIX
     storage.remove_tree(doomed)
     storage.rename(path, doomed)
@@ -237,7 +251,7 @@ def apply_decision(storage: Storage, decision: RetentionDecision, dry_run: bool 
     """
     deleted, failed = [], []
     for c in decision.dropped:
-        busy = held().get(os.path.normpath(os.path.abspath(c.path)))
+        busy = held().get(norm_path(c.path))
         if busy or storage.exists(os.path.join(c.path, PIN_NAME)) or not storage.exists(
                 os.path.join(c.path, MANIFEST_NAME)):
             log.info("retention: keeping %s after all (%s)", c.path, busy or "pinned or already gone")
@@ -277,7 +291,7 @@ def summary_text(run_dir: str, policy: RetentionPolicy | None, decision: Retenti
         lines.append(f"Best by {policy.best_model_metric if policy else decision.best[0].metric}:")
         lines += [f"  #{b.rank}  {os.path.basename(b.path)}  step {b.step}  {b.metric}={b.value:.6g}"
                   for b in decision.best]
-    latest = decision.checkpoints[-1]
+    latest = next((c for c in reversed(decision.checkpoints) if "latest" in c.reasons), decision.checkpoints[-1])
     lines.append(f"Latest: {os.path.basename(latest.path)} (step {latest.step})")
     size = sum(i.nbytes or 0 for i in infos if i.path in {c.path for c in decision.kept})
     lines.append(f"Kept: {len(decision.kept)} checkpoints, {human_size(size)}")
@@ -289,5 +303,5 @@ def summary_text(run_dir: str, policy: RetentionPolicy | None, decision: Retenti
 def retain(storage: Storage, run_dir: str, policy: RetentionPolicy, protected: Mapping[str, str]) -> RetentionOutcome:
     """Apply `policy` to the run after a commit: record it, decide from disk, then delete what it drops."""
     write_policy(storage, run_dir, policy)
-    decision = policy.decide(scan(storage, run_dir), {**held(), **protected})
+    decision = policy.decide(scan(storage, run_dir, abandoned=True), {**held(), **protected})
     return apply_decision(storage, decision)

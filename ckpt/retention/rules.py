@@ -9,11 +9,12 @@ N and the `ckpt` command all reach the same answer. Deleting is done elsewhere (
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from ..io.storage import norm_path
 
 # Words that give a metric's direction away. Long words match anywhere in the name; short ones
 # only as a whole word (so "acc" is not found in "accumulated_steps").
@@ -51,12 +52,19 @@ def metric_value(metrics: Mapping[str, Any], metric: str) -> tuple[str, float] |
 
 
 def _norm(path: str) -> str:
-    return os.path.normpath(os.path.abspath(path))
+    return norm_path(path)
+
+
+# Why a damaged checkpoint is kept, and why an abandoned one is dropped (as `ckpt ls` shows them).
+DAMAGED_REASON = "damaged: manifest unreadable, never latest; kept while newer than the latest readable checkpoint"
+ABANDONED_REASON = "abandoned timeline (newer than the step the run went back to); pin it to keep it"
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A committed checkpoint as retention sees it. `error` says why its manifest could not be read."""
+    """A committed checkpoint as retention sees it. `error` says why its manifest could not be read (a damaged
+    checkpoint: never latest, never ranked; kept while newer than the latest readable one). `abandoned`: set aside as an abandoned
+    timeline (ckpt/retention/timeline.py): only a pin or a caller's protection keeps it."""
 
     step: int
     path: str
@@ -65,6 +73,7 @@ class CheckpointInfo:
     nbytes: int | None = None
     pinned: bool = False
     error: str | None = None
+    abandoned: bool = False
 
 
 @dataclass(frozen=True)
@@ -272,20 +281,31 @@ class RetentionPolicy:
                ) -> RetentionDecision:
         """Keep or drop each committed checkpoint. `protected`: path -> reason, never dropped."""
         ordered = sorted(checkpoints, key=lambda c: (c.step, c.path))
+        # The run's timeline: what "latest", best-N and every-N speak of. Damaged and abandoned checkpoints are
+        # outside it; only pins and the caller's protection reach them.
+        live = [c for c in ordered if not c.abandoned and c.error is None]
         reasons: dict[str, list[str]] = {c.path: [] for c in ordered}
         for rule in self.rules(protected):
-            for path, why in rule.keep_reasons(ordered).items():
+            pool = ordered if isinstance(rule, KeepPinned | KeepPaths) else live
+            for path, why in rule.keep_reasons(pool).items():
                 reasons[path].append(why)
-        if ordered and not reasons[ordered[-1].path]:  # unreachable with KeepLatest; kept as a guarantee
-            reasons[ordered[-1].path].append("latest")
+        for c in ordered:  # a damaged one newer than the latest readable one may be a passing read error: kept
+            if c.error is not None and not c.abandoned and (not live or c.step > live[-1].step):
+                reasons[c.path].append(DAMAGED_REASON)
+        if live and not reasons[live[-1].path]:  # unreachable with KeepLatest; kept as a guarantee
+            reasons[live[-1].path].append("latest")
         best = self.best_rule()
         decisions = tuple(
             CheckpointDecision(c.step, c.path, bool(reasons[c.path]), tuple(reasons[c.path]),
                                None if reasons[c.path] else self._drop_reason(c))
             for c in ordered)
-        return RetentionDecision(decisions, tuple(best.ranking(ordered)) if best and best.n else ())
+        return RetentionDecision(decisions, tuple(best.ranking(live)) if best and best.n else ())
 
     def _drop_reason(self, c: CheckpointInfo) -> str:
+        if c.abandoned:
+            return ABANDONED_REASON
+        if c.error is not None:
+            return "damaged: manifest unreadable, older than the latest readable checkpoint"
         k, n = self.save_total_limit, self.preserve_n_best
         parts = ["not the newest" if k == 1 else f"not among the newest {k}"]
         if self.best_model_metric is not None and n:

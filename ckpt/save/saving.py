@@ -58,7 +58,7 @@ def snapshot(component: StateComponent, staging: StagingPool | None) -> Snapshot
     training may change the live state while the copies are written."""
     pattern = component.resolve_pattern()
     try:
-        state = component.stateful.state_dict()
+        state = component.state_dict()
     except Exception as exc:
         raise CheckpointError(f"component {component.key!r}: state_dict() raised {type(exc).__name__}: {exc}") from exc
     flat = flatten_state(state, component.key)
@@ -255,7 +255,11 @@ def build_manifest(step: int, plans: Mapping[str, ComponentPlan], records: Seque
 
 
 def commit(storage: Storage, partial: str, final: str, manifest: Manifest, overwrite: bool) -> None:
-    """Write the manifest (temp + fsync + rename), then move the folder into place and fsync the parent."""
+    """Write the manifest (temp + fsync + rename), then move the folder into place and fsync the parent.
+    On a store without rename, create the manifest in place, only if no writer has created it first."""
+    if not storage.renames:
+        _commit_in_place(storage, final, manifest)
+        return
     tmp = os.path.join(partial, MANIFEST_NAME + ".tmp")
     storage.write_file(tmp, [manifest.to_json().encode()])
     storage.rename(tmp, os.path.join(partial, MANIFEST_NAME))
@@ -274,6 +278,15 @@ def commit(storage: Storage, partial: str, final: str, manifest: Manifest, overw
     storage.fsync_dir(parent)
     if replaced:
         storage.remove_tree(replaced)
+
+
+def _commit_in_place(storage: Storage, final: str, manifest: Manifest) -> None:
+    try:
+        storage.write_new(os.path.join(final, MANIFEST_NAME), manifest.to_json().encode())
+    except FileExistsError:
+        raise CheckpointError(f"{final} was committed by another writer during this save (its manifest appeared); "
+                              "this save is not committed. Make sure one job saves to this run dir",
+                              path=final) from None
 
 
 def restore_replaced(storage: Storage, run_dir: str) -> list[str]:

@@ -11,7 +11,7 @@ from . import events as ev
 from .events import RecoveryEvent
 from .lr import LRRamp
 from .memory import restore
-from .rollback import choose_target, set_aside
+from .rollback import choose_target
 
 if TYPE_CHECKING:
     from .controller import RecoveryController
@@ -63,7 +63,8 @@ def rollback(ctl: RecoveryController, reason: str, first_bad: int, checked: int)
     ctl.spike_streak, ctl.spike_streak_start, ctl.spike_bad_losses = 0, None, 0
     ctl._diverged = None
     ctl._last_saved_step = to_step
-    moved = set_aside(t.coordinator, to_step, f"rollback-{ctl.rollbacks}-at-{step}") if ctl.rank == 0 else []
+    # The coordinator's one rule for going back: newer checkpoints are an abandoned timeline (run_dir/abandoned/).
+    moved = t.coordinator.abandon_newer(to_step, f"rollback-{ctl.rollbacks}-at-{step}")
     ctl.guard.release()
     ctl.schedule_skip(first_bad)
     ctl.dispatch(RecoveryEvent(
@@ -120,10 +121,10 @@ def divergence_action(ctl: RecoveryController, action: str, event: RecoveryEvent
     t = ctl.trainer
     if action == "stop":
         checked = event.values.get("checked_through") if event is not None else None
-        if ctl.rank == 0 and isinstance(checked, int):
-            moved = set_aside(t.coordinator, checked, f"stop-at-{t.state.global_step}",
-                              before_step=t.state.global_step)
-            if moved:
+        if isinstance(checked, int):  # agreed on every rank
+            moved = t.coordinator.abandon_newer(checked, f"stop-at-{t.state.global_step}",
+                                                before_step=t.state.global_step)
+            if moved and ctl.rank == 0:
                 log.warning("recovery: moved %d checkpoint(s) newer than step %d (the newest weights a good "
                             "observation vouches for) to %s", len(moved), checked, os.path.dirname(moved[0]))
         if ctl._last_saved_step != t.state.global_step:
@@ -136,10 +137,12 @@ def emergency_save(ctl: RecoveryController, signal_name: str) -> None:
     """Save at this boundary (unless this step was just saved or rolled back to), so the job can stop."""
     t = ctl.trainer
     step = t.state.global_step
-    path = None
+    path, before = None, t.last_checkpoint
     if ctl._last_saved_step != step:
         path = t.save_checkpoint()
-    t.coordinator.wait()
+    t._wait_for_save()  # an async save is committed (and announced) before the job stops
+    if path is None and t.last_checkpoint != before:
+        path = t.last_checkpoint
     ctl.dispatch(RecoveryEvent(ev.EMERGENCY_SAVE, step, "save_and_stop", f"{signal_name} received",
                                values={"checkpoint": path or "none: saved at this step already, or diverged"}),
                  quiet=True)

@@ -319,7 +319,7 @@ class RecoveryController:
             return
         older = [r for r in refs if r.step < here.step and
                  read_manifest(t.coordinator.storage, r.path).metrics.get(DIVERGED) is not True]
-        hint = f"resume_from_checkpoint={older[-1].step}" if older else "an earlier checkpoint (see run_dir/rolled_back/)"
+        hint = f"resume_from_checkpoint={older[-1].step}" if older else "an earlier checkpoint (see run_dir/abandoned/)"
         log.warning("resumed from %s, which holds diverged weights (saved by divergence_action='stop'); training goes "
                     "on from them. To start again from good weights use %s", here.path, hint)
 

@@ -85,7 +85,7 @@ class HostCopies:
         newest copy is never evicted for this one); None when nothing is suspect."""
         sizes: list[int] = []
         try:
-            states = {c.key: _copy_tree(c.stateful.state_dict(), sizes) for c in components}
+            states = {c.key: _copy_tree(c.state_dict(), sizes) for c in components}
         except _Unsupported as exc:
             self._warn_once(f"the state holds {exc} tensors, which a host copy does not restore faithfully; "
                             "rollbacks read the checkpoint from the disk")
@@ -137,4 +137,4 @@ def restore(held: HostCopy, components: Sequence[StateComponent]) -> None:
     if missing:
         raise KeyError(f"the host copy of step {held.step} has no state for components {missing}")
     for c in components:
-        c.stateful.load_state_dict(_copy_tree(held.states[c.key]))
+        c.load_state_dict(_copy_tree(held.states[c.key]))

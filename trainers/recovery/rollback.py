@@ -1,10 +1,10 @@
-"""Where a rollback goes, keeping that checkpoint safe from retention meanwhile, and setting aside the
-checkpoints of the abandoned stretch of the run. File operations here run on rank 0 only."""
+"""Where a rollback goes, and keeping that checkpoint safe from retention meanwhile. The checkpoints of the
+abandoned stretch are set aside by the coordinator's rule (`CheckpointCoordinator.abandon_newer`). File
+operations here run on rank 0 only."""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 
 from ckpt import CheckpointCoordinator, CheckpointRef, pin_checkpoint, unpin_checkpoint
@@ -12,8 +12,6 @@ from ckpt import CheckpointCoordinator, CheckpointRef, pin_checkpoint, unpin_che
 from .policy import RecoveryPolicy
 
 log = logging.getLogger("trainers")
-
-ROLLED_BACK_DIR = "rolled_back"  # run_dir/rolled_back/rollback-<n>-at-<step>/checkpoint-<step>/
 
 
 def good_candidates(refs: Sequence[CheckpointRef], checked: int) -> list[CheckpointRef]:
@@ -48,27 +46,6 @@ def choose_target(coordinator: CheckpointCoordinator, policy: RecoveryPolicy, ch
         log.warning("rollback_to=best: no checkpoint up to step %d has the retention metric; using the last good "
                     "one", checked)
     return good[-1], passed_over
-
-
-def set_aside(coordinator: CheckpointCoordinator, after_step: int, label: str,
-              before_step: int | None = None) -> list[str]:
-    """Move every committed checkpoint newer than `after_step` (and older than `before_step`, when given) to
-    run_dir/rolled_back/<label>/ (kept for a post-mortem, out of reach of resume, best and retention). Returns
-    the new paths."""
-    moved = []
-    dest = os.path.join(coordinator.run_dir, ROLLED_BACK_DIR, label)
-    for ref in coordinator.checkpoints():
-        if ref.step <= after_step or (before_step is not None and ref.step >= before_step):
-            continue
-        os.makedirs(dest, exist_ok=True)
-        target = os.path.join(dest, os.path.basename(os.path.normpath(ref.path)))
-        try:
-            os.replace(ref.path, target)
-            moved.append(target)
-        except OSError as exc:
-            log.warning("could not move %s aside after the rollback (%s); a restart before this run saves that step "
-                        "again would resume from it", ref.path, exc)
-    return moved
 
 
 class LastGoodGuard:
