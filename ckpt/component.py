@@ -20,6 +20,7 @@ class SharingPattern(str, enum.Enum):
     REPLICATED = "replicated"  # identical on every rank; the ranks share the writing
     PER_GROUP = "per_group"  # identical inside a process group, different between groups
     PER_NODE = "per_node"  # identical inside a node; local rank 0 of each node writes
+    SHARDED = "sharded"  # DTensors: each rank writes its own shards; plain values inside are replicated
 
 
 class ValidationLevel(str, enum.Enum):
@@ -32,7 +33,9 @@ class ValidationLevel(str, enum.Enum):
 
 
 # Patterns whose copies live on several ranks, and so can be checked against each other.
-REPLICA_PATTERNS = frozenset({SharingPattern.REPLICATED, SharingPattern.PER_GROUP, SharingPattern.PER_NODE})
+# (SHARDED: its plain tensors and values, which every rank holds.)
+REPLICA_PATTERNS = frozenset({SharingPattern.REPLICATED, SharingPattern.PER_GROUP, SharingPattern.PER_NODE,
+                              SharingPattern.SHARDED})
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 # A component's folder sits at the checkpoint's root beside these files; a key equal to one of them would make
@@ -55,7 +58,7 @@ PatternSpec = SharingPattern | Callable[[], SharingPattern]
 
 def default_validation(pattern: SharingPattern) -> ValidationLevel:
     """TENSOR where replicas exist that the trainer promises are identical, NONE elsewhere."""
-    if pattern in (SharingPattern.REPLICATED, SharingPattern.PER_GROUP):
+    if pattern in (SharingPattern.REPLICATED, SharingPattern.PER_GROUP, SharingPattern.SHARDED):
         return ValidationLevel.TENSOR
     return ValidationLevel.NONE
 

@@ -315,7 +315,7 @@ class CheckpointCoordinator:
                 self.comm, lambda: self._declare(snapshots, error, prepared, final, partial, overwrite, went_back),
                 self._plan, self.topology, what)
             check_replicas(self.comm, verdict.checks, {k: p.table for k, p in prepared.items()},
-                           {k: p.flat for k, p in prepared.items()})
+                           {k: p.replicated or p.flat for k, p in prepared.items()})
             records = self.comm.gather_phase(
                 "write", lambda: write_files(self.storage, partial, self._plan.mine, prepared, self.rank,
                                             self.io_threads, on_file=lambda rel: self.comm.note(f"writing {rel}")),

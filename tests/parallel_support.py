@@ -61,6 +61,10 @@ def build(cfg: dict, run_dir: str, callbacks: list, *, resume: Any = None, total
         parallel = ParallelConfig(dp=cfg["dp"], pp=cfg["size"], pipeline=PipelineConfig(
             schedule=cfg.get("schedule", "gpipe"), n_microbatches=cfg.get("micro", 2)), on_layout_change=policy)
         return HybridTrainer(seq_model(), args, parallel=parallel, output_loss=mse, **common)
+    if kind == "fsdp":
+        from trainers import FSDPTrainer
+
+        return FSDPTrainer(TinyMLP(), args, parallel=ParallelConfig(dp=cfg["dp"], on_layout_change=policy), **common)
     if kind == "accel":
         from trainers.accel import AccelTrainer
 

@@ -104,7 +104,7 @@ def _set(**kv) -> Callable[[dict], None]:
 
 # (what, mutation, redigest, exception, message pattern)
 MANIFEST_CASES = [
-    ("newer format_version", _set(format_version=2), True, ManifestError, "format_version 2 is not supported"),
+    ("newer format_version", _set(format_version=3), True, ManifestError, "format_version 3 is not supported"),
     ("format_version as a string", _set(format_version="1"), True, ManifestError, "format_version should be int"),
     ("missing step", lambda d: d.pop("step"), True, ManifestError, r"manifest\.step is missing"),
     ("extra top-level field", _set(compression="zstd"), True, ManifestError, r"unknown fields \['compression'\]"),
@@ -136,8 +136,8 @@ MANIFEST_CASES = [
      "shape is not a list of non-negative integers"),
     ("malformed digest", lambda d: _file(d).update(xxh3_128="abc"), True, ManifestError,
      "xxh3_128 is 'abc', not 32 lowercase hex digits"),
-    ("unknown pattern", lambda d: d["components"]["model"].update(pattern="sharded"), True, ManifestError,
-     "pattern has unknown value 'sharded'"),
+    ("unknown pattern", lambda d: d["components"]["model"].update(pattern="striped"), True, ManifestError,
+     "pattern has unknown value 'striped'"),
     ("inconsistent topology", lambda d: d["topology"].update(world_size=3), True, ManifestError,
      "topology is inconsistent"),
     ("metric that is an object", lambda d: d["metrics"].update(loss={"x": 1}), True, ManifestError,

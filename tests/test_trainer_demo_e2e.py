@@ -18,8 +18,8 @@ TINY = ["--max-steps", "24", "--eval-steps", "4", "--save-steps", "8", "--loggin
         "--save-total-limit", "1", "--preserve-n-best", "1", "--sample-bytes", "24", "--threads", "1"]
 
 
-def _demo(run_dir: str, *extra: str) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+def _demo(run_dir: str, *extra: str, nproc: int = 2) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "trainers.demo", "--run-dir", run_dir, *TINY, *extra]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -51,6 +51,19 @@ def test_demo_stopped_and_resumed_matches_a_straight_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "trainers.demo", "--run-dir", str(tmp_path / "straight"), *TINY],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_demo_fsdp_stopped_and_resumed_bit_exact_and_at_another_world_size(tmp_path):
+    straight = _demo(str(tmp_path / "straight"), "--trainer", "fsdp")
+    _demo(str(tmp_path / "resumed"), "--trainer", "fsdp", "--stop-at-step", "12")
+    resumed = _demo(str(tmp_path / "resumed"), "--trainer", "fsdp", "--resume")
+    assert _digest(straight) == _digest(resumed) and _digest(straight)[0] == "24"
+    assert "sample: Day 7." in resumed
+    # The 2-rank checkpoint of step 12 resumes at 1 rank (RNG and data reseeded, weights loaded from the shards).
+    _demo(str(tmp_path / "moved"), "--trainer", "fsdp", "--stop-at-step", "12")
+    moved = _demo(str(tmp_path / "moved"), "--trainer", "fsdp", "--resume", nproc=1)
+    assert "resumed from" in moved and _digest(moved)[0] == "24"
 
 
 def test_demo_help_explains_the_flags(capsys):

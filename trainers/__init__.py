@@ -1,5 +1,5 @@
-"""trainers: training loops that checkpoint through ckpt (Simple, DDP, Pipeline, Hybrid, Accelerate), with stateful
-callbacks."""
+"""trainers: training loops that checkpoint through ckpt (Simple, DDP, FSDP, Pipeline, Hybrid, Accelerate), with
+stateful callbacks."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from .base import StepOutput, Trainer, TrainingError
 from .callbacks import TrainerCallback, TrainerControl
 from .data import EpochSampler, StatefulDataLoader
 from .ddp import DDPTrainer, init_distributed
+from .fsdp import FSDPTrainer
 from .hybrid import HybridTrainer
 from .parallel_config import LayoutChange, ParallelConfig, PipelineConfig
 from .pipeline import PipelineTrainer
@@ -20,6 +21,7 @@ __all__ = [
     "AccelTrainer",
     "DDPTrainer",
     "EpochSampler",
+    "FSDPTrainer",
     "HybridTrainer",
     "LayoutChange",
     "ParallelConfig",

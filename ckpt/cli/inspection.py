@@ -29,7 +29,8 @@ from ..format.manifest import (
 from ..format.serialization import join_path, unflatten_state
 from ..format.tensor_io import DTYPE_TO_ST, ST_TO_DTYPE, read_blob
 from ..io.storage import Storage, is_url, norm_path, storage_for, walk_files
-from ..load.loading import check_copy, checked_path, read_copy_tensors
+from ..load.full import full_tensors
+from ..load.loading import check_copy, checked_path
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 _CHUNK = 8 * 1024 * 1024
@@ -108,7 +109,7 @@ def read_copy(ck: Opened, key: str, owner: int | None, verify: bool = True,
               on_file: Callable[[int], Any] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of one copy of a component, merged from its files (REPLICATED parts included).
     `on_file(nbytes)` is called after each file is read."""
-    return read_copy_tensors(ck.storage, ck.path, key, ck.manifest.components[key], owner, verify, on_file=on_file)
+    return dict(full_tensors(ck.storage, ck.path, key, ck.manifest.components[key], owner, verify, on_file=on_file))
 
 
 # ---- tensors stored as raw bytes -----------------------------------------------------------------

@@ -277,6 +277,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return EXIT_ERROR if outcome.failed else EXIT_OK
 
 
+def _print_reads(components: list[dict]) -> None:
+    """Per SHARDED component and rank: the byte ranges it will read, and how they compare to its shards."""
+    for c in components:
+        if "reads" not in c:
+            continue
+        _out()
+        _out(f"{c['key']}: bytes each rank reads (every range: --json)")
+        rows = []
+        for r in c["reads"]:
+            spans = "; ".join(f"{os.path.basename(f)} {', '.join(f'{b}..{e}' for b, e in v[:3])}"
+                              + (f" (+{len(v) - 3} more ranges)" if len(v) > 3 else "") for f, v in r["ranges"].items())
+            rows.append([r["rank"], human_size(r["read_bytes"]), human_size(r["target_bytes"]), spans or "-"])
+        _out(table(["RANK", "READS", "ITS SHARDS", "BYTE RANGES"], rows, right=(0, 1, 2)))
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     ck = open_checkpoint(args.checkpoint)
     with deletion_noticed(ck.storage, ck.path, "inspected"):
@@ -313,6 +328,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         _out(f"load at {args.at}:")
         _out(table(["COMPONENT", "PATTERN", "WHAT THE LOAD DOES"],
                    [[c["key"], c["pattern"], c["action"]] for c in info["load_at"]["components"]]))
+        _print_reads(info["load_at"]["components"])
     if args.tensors:
         _out()
         _out(table(["COMPONENT", "COPY", "TENSOR", "DTYPE", "SHAPE", "FILE"],

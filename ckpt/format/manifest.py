@@ -26,7 +26,10 @@ from ..io.storage import Storage, is_inside, is_url, resolved, storage_for
 from .layout import MANIFEST_NAME, parse_step
 from .tensor_io import ST_TO_DTYPE, ChunkInfo, TensorInfo
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this ckpt writes
+# Version 1 has no SHARDED components; a manifest without one is still written as version 1, so a ckpt that
+# reads only version 1 keeps reading every checkpoint it can understand.
+READABLE_VERSIONS = (1, 2)
 FILE_KINDS = ("tensors", "state")  # safetensors, or the msgpack skeleton with every non-tensor value
 DIGEST_FIELD = "manifest_xxh3_128"  # digest of the manifest's own content, every other field included
 
@@ -35,12 +38,15 @@ _FIELDS = {
     "manifest": {"format_version", DIGEST_FIELD, "step", "created_utc", "topology", "versions", "metrics",
                  "components"},
     "topology": {"world_size", "num_nodes", "local_world_size", "process_groups"},
-    "component": {"pattern", "process_group", "required", "validation_level", "replica_sets", "files"},
+    "component": {"pattern", "process_group", "required", "validation_level", "replica_sets", "files", "tensors"},
     "file": {"path", "kind", "writer_rank", "owner", "nbytes", "xxh3_128", "tensors"},
     "tensor": {"name", "dtype", "shape", "chunk"},
     "chunk": {"shape", "start", "stop"},
+    "sharded_tensor": {"dtype", "shape", "pieces"},
+    "piece": {"file", "offsets", "lengths", "start", "stop", "bytes"},
 }
 _OPTIONAL = {DIGEST_FIELD, "process_group", "owner", "tensors", "chunk"}
+_V2_ONLY = {"tensors"}  # component fields version 1 does not have
 _HEX128 = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -59,6 +65,29 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class SavedPiece:
+    """Part of a SHARDED tensor on disk: elements [start, stop) of the box [offsets, offsets + lengths) of the
+    full tensor, flattened in row-major order, stored at bytes [begin, end) of `file` (from the file's start)."""
+
+    file: str
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+    start: int
+    stop: int
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class ShardedTensor:
+    """A tensor of a SHARDED component: its full shape, dtype (safetensors code) and where its pieces are."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: tuple[SavedPiece, ...]
+
+
+@dataclass(frozen=True)
 class ComponentEntry:
     pattern: SharingPattern
     process_group: str | None
@@ -66,6 +95,7 @@ class ComponentEntry:
     validation_level: ValidationLevel
     replica_sets: tuple[tuple[int, ...], ...]  # groups (PER_GROUP), nodes (PER_NODE), all ranks (REPLICATED)
     files: tuple[FileEntry, ...]
+    tensors: dict[str, ShardedTensor] | None = None  # SHARDED only: every tensor by name, with its pieces
 
     def files_for(self, owner: int | None) -> list[FileEntry]:
         return [f for f in self.files if f.owner == owner]
@@ -93,7 +123,9 @@ class Manifest:
 
     def to_json(self) -> str:
         plain = _to_plain(self)
-        plain = {"format_version": plain.pop("format_version"), **plain}
+        plain.pop("format_version")
+        version = 2 if any(c.tensors is not None for c in self.components.values()) else 1
+        plain = {"format_version": version, **plain}
         plain = {"format_version": plain["format_version"], DIGEST_FIELD: content_digest(plain), **plain}
         return _format(plain, 0) + "\n"
 
@@ -128,6 +160,11 @@ def _format(value: Any, depth: int) -> str:
 def _to_plain(obj: Any) -> Any:
     if isinstance(obj, SharingPattern | ValidationLevel):
         return obj.value
+    if isinstance(obj, ComponentEntry) and obj.tensors is None:
+        return {k: _to_plain(getattr(obj, k)) for k in obj.__dataclass_fields__ if k != "tensors"}
+    if isinstance(obj, SavedPiece):
+        return {"file": obj.file, "offsets": list(obj.offsets), "lengths": list(obj.lengths), "start": obj.start,
+                "stop": obj.stop, "bytes": [obj.begin, obj.end]}
     if isinstance(obj, TensorInfo):
         plain = {"name": obj.name, "dtype": obj.dtype, "shape": list(obj.shape)}
         if obj.chunk is not None:
@@ -227,9 +264,10 @@ def parse_manifest(data: Any, path: str) -> Manifest:
     p = _Parser(path)
     d = p.obj(data, "manifest")
     version = p.get(d, "format_version", int, "manifest")
-    if version != FORMAT_VERSION:
-        raise ManifestError(f"{path}: format_version {version} is not supported (this ckpt reads version "
-                            f"{FORMAT_VERSION}); use the ckpt release that wrote it", path=path)
+    if version not in READABLE_VERSIONS:
+        raise ManifestError(f"{path}: format_version {version} is not supported (this ckpt reads versions "
+                            f"{list(READABLE_VERSIONS)}); use the ckpt release that wrote it", path=path)
+    p.version = version
     p.fields(d, "manifest", "manifest")
     topology = p.topology(p.get(d, "topology", dict, "manifest"))
     p.world_size = topology.world_size
@@ -272,13 +310,14 @@ class _Parser:
     def __init__(self, path: str):
         self.path = path
         self.world_size = 0  # known once the topology is read; ranks are checked against it
+        self.version = FORMAT_VERSION
 
     def fields(self, d: dict, kind: str, where: str) -> None:
         """Refuse fields this version does not know, and name the first required one that is missing."""
-        allowed = _FIELDS[kind]
+        allowed = _FIELDS[kind] - (_V2_ONLY if kind == "component" and self.version < 2 else set())
         unknown = sorted(str(k) for k in d if k not in allowed)
         if unknown:
-            raise self.fail(where, f"has unknown fields {unknown} (format_version {FORMAT_VERSION} has "
+            raise self.fail(where, f"has unknown fields {unknown} (format_version {self.version} has "
                                    f"{sorted(allowed)})")
         for name in sorted(allowed - _OPTIONAL):
             if name not in d:
@@ -355,16 +394,60 @@ class _Parser:
         group = c.get("process_group")
         if group is not None and not isinstance(group, str):
             raise self.fail(f"{where}.process_group", "should be a string or null")
+        pattern = self.enum(SharingPattern, self.get(c, "pattern", str, where), f"{where}.pattern")
+        files = tuple(self.file(key, i, f) for i, f in enumerate(self.get(c, "files", list, where)))
+        if (pattern is SharingPattern.SHARDED) != ("tensors" in c):
+            raise self.fail(f"{where}.tensors", "is present without pattern sharded, or missing with it")
+        tensors = None
+        if "tensors" in c:
+            sizes = {f.path: f.nbytes for f in files if f.kind == "tensors"}
+            tensors = {name: self.sharded(value, sizes, f"{where}.tensors.{name}")
+                       for name, value in self.obj(c["tensors"], f"{where}.tensors").items()}
         return ComponentEntry(
-            pattern=self.enum(SharingPattern, self.get(c, "pattern", str, where), f"{where}.pattern"),
+            pattern=pattern,
             process_group=group,
             required=self.get(c, "required", bool, where),
             validation_level=self.enum(ValidationLevel, self.get(c, "validation_level", str, where),
                                        f"{where}.validation_level"),
             replica_sets=tuple(tuple(self.rank(r, f"{where}.replica_sets") for r in self.ints(m, f"{where}.replica_sets"))
                                for m in self.list(self.get(c, "replica_sets", list, where), f"{where}.replica_sets")),
-            files=tuple(self.file(key, i, f) for i, f in enumerate(self.get(c, "files", list, where))),
+            files=files,
+            tensors=tensors,
         )
+
+    def sharded(self, value: Any, sizes: Mapping[str, int], where: str) -> ShardedTensor:
+        t = self.obj(value, where)
+        self.fields(t, "sharded_tensor", where)
+        dtype = self.get(t, "dtype", str, where)
+        if dtype not in ST_TO_DTYPE:
+            raise self.fail(f"{where}.dtype", f"is unknown: {dtype!r}")
+        shape = tuple(self.ints(t.get("shape"), f"{where}.shape"))
+        itemsize = ST_TO_DTYPE[dtype].itemsize
+        pieces = tuple(self.piece(p, shape, itemsize, sizes, f"{where}.pieces[{i}]")
+                       for i, p in enumerate(self.list(t.get("pieces"), f"{where}.pieces")))
+        return ShardedTensor(dtype, shape, pieces)
+
+    def piece(self, value: Any, shape: tuple[int, ...], itemsize: int, sizes: Mapping[str, int],
+              where: str) -> SavedPiece:
+        p = self.obj(value, where)
+        self.fields(p, "piece", where)
+        file = self.get(p, "file", str, where)
+        if file not in sizes:
+            raise self.fail(f"{where}.file", f"{file!r} is not one of the component's tensor files")
+        offsets, lengths = tuple(self.ints(p.get("offsets"), f"{where}.offsets")), tuple(
+            self.ints(p.get("lengths"), f"{where}.lengths"))
+        if not len(offsets) == len(lengths) == len(shape) or any(
+                o + n > s for o, n, s in zip(offsets, lengths, shape, strict=True)):
+            raise self.fail(where, f"box at {list(offsets)} of {list(lengths)} does not fit shape {list(shape)}")
+        start, stop = self.get(p, "start", int, where), self.get(p, "stop", int, where)
+        span = self.ints(p.get("bytes"), f"{where}.bytes")
+        if not 0 <= start <= stop <= math.prod(lengths):
+            raise self.fail(where, f"range {start}..{stop} does not fit its box of {math.prod(lengths)} elements")
+        begin, end = (span[0], span[1]) if len(span) == 2 else (0, -1)
+        if end - begin != (stop - start) * itemsize or end > sizes[file]:
+            raise self.fail(f"{where}.bytes", f"{p['bytes']} do not hold {stop - start} elements of {itemsize} bytes "
+                                              f"inside {file!r} ({sizes[file]} bytes)")
+        return SavedPiece(file, offsets, lengths, start, stop, begin, end)
 
     def chunk(self, value: Any, shape: tuple[int, ...], where: str) -> ChunkInfo | None:
         if value is None:
@@ -428,5 +511,6 @@ def manifest_dict(manifest: Manifest) -> dict[str, Any]:
     return _to_plain(manifest)
 
 
-__all__ = ["DIGEST_FIELD", "FORMAT_VERSION", "ComponentEntry", "FileEntry", "Manifest", "Topology",
+__all__ = ["DIGEST_FIELD", "FORMAT_VERSION", "ComponentEntry", "FileEntry", "Manifest", "SavedPiece",
+           "ShardedTensor", "Topology",
            "content_digest", "manifest_dict", "parse_manifest", "plain_metrics", "read_manifest"]

@@ -77,6 +77,7 @@ class WrittenFile:
     nbytes: int
     digest: str
     tensors: tuple[TensorInfo, ...] = ()
+    spans: tuple[tuple[int, int], ...] = ()  # each tensor's bytes [begin, end), counted from the file's start
 
 
 def new_hasher() -> xxhash.xxh3_128:
@@ -135,6 +136,9 @@ def write_safetensors(
         header["__metadata__"] = dict(metadata)
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-(8 + len(header_bytes)) % _ALIGN)
+    data_start = 8 + len(header_bytes)
+    spans = tuple((data_start + e["data_offsets"][0], data_start + e["data_offsets"][1])  # type: ignore[index]
+                  for name, e in header.items() if name != "__metadata__")
     hasher = new_hasher()
 
     def chunks() -> Iterator[memoryview | bytes]:
@@ -157,7 +161,7 @@ def write_safetensors(
             yield from _hashed_slices(hasher, b"".join(pending))
 
     nbytes = storage.write_file(path, chunks())
-    return WrittenFile(nbytes=nbytes, digest=hasher.hexdigest(), tensors=tuple(infos))
+    return WrittenFile(nbytes=nbytes, digest=hasher.hexdigest(), tensors=tuple(infos), spans=spans)
 
 
 def _hashed_slices(hasher: xxhash.xxh3_128, data: memoryview | bytes) -> Iterator[memoryview]:

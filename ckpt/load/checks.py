@@ -24,6 +24,7 @@ from ..format.manifest import ComponentEntry, Manifest, Topology, read_manifest
 from ..format.serialization import flatten_state
 from ..format.tensor_io import DTYPE_TO_ST
 from ..io.storage import Storage
+from ..patterns.dtensor import is_dtensor
 from ..save.planning import owner_for_load
 from ..topology import RankTopology
 from .read_phase import VERIFICATION_ERRORS, ReadOptions, check_unique
@@ -120,6 +121,8 @@ def precheck(storage: Storage, path: str, components: Sequence[StateComponent], 
 
 def saved_tensors(entry: ComponentEntry, owner: int | None) -> dict[str, TensorSpec]:
     """The tensors of the copy `owner` as the manifest records them (a tensor stored in pieces at full shape)."""
+    if entry.tensors is not None:  # SHARDED: every tensor at its full shape, whatever the pieces
+        return {n: (t.dtype, tuple(t.shape)) for n, t in entry.tensors.items()}
     out: dict[str, TensorSpec] = {}
     for f in entry.files_for(owner):
         for t in f.tensors:
@@ -134,7 +137,7 @@ def live_tensors(c: StateComponent) -> dict[str, TensorSpec] | None:
         return None
     tensors = flatten_state(c.state_dict(), c.key).tensors
     return {n: (DTYPE_TO_ST.get(t.dtype, str(t.dtype)), tuple(t.shape)) for n, t in tensors.items()
-            if type(t) in (torch.Tensor, torch.nn.Parameter)}
+            if type(t) in (torch.Tensor, torch.nn.Parameter) or is_dtensor(t)}  # a DTensor at its full shape
 
 
 def compare(key: str, saved: Mapping[str, TensorSpec], live: Mapping[str, TensorSpec]

@@ -14,6 +14,7 @@ from ..errors import CheckpointError, CorruptCheckpointError, ManifestError
 from ..format.manifest import ComponentEntry, Manifest, Topology, read_manifest
 from ..format.serialization import flatten_state
 from ..io.storage import Storage
+from ..patterns import placement_for
 from ..save.planning import owner_for_load
 from ..topology import RankTopology
 from .loading import read_component
@@ -92,6 +93,11 @@ def read_share(storage: Storage, path: str, components: Sequence[StateComponent]
                     f"component {c.key!r} is required but {path} does not have it (it has "
                     f"{sorted(manifest.components)}); pass strict=False, or mark it required=False", path=path)
             out.skipped.append(c.key)
+            continue
+        placement = placement_for(entry.pattern)
+        if placement is not None:  # a pattern with its own placement class reads its share at any layout
+            _read_guarded(out, c, topo.rank, opts, lambda c=c, entry=entry, p=placement: p.read(
+                storage, path, c.key, entry, c.stateful, opts.verify, opts.threads))
             continue
         if opts.reshard and needs_reshard(entry, manifest.topology, topo):
             if _read_guarded(out, c, topo.rank, opts, lambda c=c, entry=entry: read_merged(

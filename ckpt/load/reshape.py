@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..component import SharingPattern
 from ..format.manifest import ComponentEntry, Manifest
+from ..patterns import placement_for
 from .reshard import groups_named, same_groups
 
 
@@ -108,6 +109,11 @@ def load_plan(manifest: Manifest, shape: list[tuple[str, int]]) -> list[dict[str
     lws = manifest.topology.local_world_size
     rows = []
     for key, entry in sorted(manifest.components.items()):
+        placement = placement_for(entry.pattern)
+        if placement is not None:
+            action, details = placement.load_action(key, entry, world)
+            rows.append({"key": key, "pattern": entry.pattern.value, "action": action, **details})
+            continue
         rows.append({"key": key, "pattern": entry.pattern.value, "action": _action(entry, manifest, world, lws, groups)})
     return rows
 

@@ -12,7 +12,7 @@ before writing. Bytes per rank other than 0: its declarations (or a digest) and 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import xxhash
 
@@ -20,7 +20,14 @@ from ..comm import Communicator, Decision
 from ..errors import CheckpointError
 from ..messages import pack
 from ..topology import RankTopology
-from .planning import ComponentDecl, ComponentPlan, FileAssignment, build_plan
+from .planning import (
+    ComponentDecl,
+    ComponentPlan,
+    FileAssignment,
+    build_plan,
+    check_shared_shards,
+    shard_digest_key,
+)
 from .validation import ReplicaChecks, find_suspects
 
 
@@ -73,11 +80,15 @@ class PlanCache:
 
 def declaration(decls: Sequence[ComponentDecl], cache: PlanCache) -> Declaration:
     """This rank's message, sending its declarations only when they differ from the ones its plan came from."""
-    bare = tuple(ComponentDecl(d.key, d.pattern, d.process_group, d.required, d.validation, d.tensor_sizes, None)
+    # A SHARDED component's shards keep their boxes here; their digests, new every save, go with the others.
+    bare = tuple(ComponentDecl(d.key, d.pattern, d.process_group, d.required, d.validation, d.tensor_sizes, None,
+                               None if d.shards is None else tuple(replace(m, digest=None) for m in d.shards))
                  for d in decls)
     shape = xxhash.xxh3_64_hexdigest(pack([d.to_wire() for d in bare]))
     unchanged = cache.generation > 0 and cache.shape == shape
-    return Declaration(cache.generation, shape, None if unchanged else bare, {d.key: d.digest for d in decls})
+    digests = {d.key: d.digest for d in decls}
+    digests.update({shard_digest_key(d.key, m.name): m.digest for d in decls for m in d.shards or () if m.shared})
+    return Declaration(cache.generation, shape, None if unchanged else bare, digests)
 
 
 def decide_plan(messages: Sequence[Declaration], cache: PlanCache, topology: RankTopology) -> Decision:
@@ -89,6 +100,7 @@ def decide_plan(messages: Sequence[Declaration], cache: PlanCache, topology: Ran
         decls = tuple(_decls_of(r, m, cache) for r, m in enumerate(messages))
         plans = build_plan(decls, topology)
         generation = cache.generation + 1
+    check_shared_shards(decls, [m.digests for m in messages])
     verdict = PrepareVerdict(generation, not reuse, find_suspects(plans, [m.digests for m in messages]))
     if reuse:
         return Decision(verdict.to_wire(), None, cache)

@@ -8,11 +8,15 @@ REPLICATED and PER_GROUP tensors are spread over a replica set's members, balanc
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..component import SharingPattern, ValidationLevel
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ReplicationError
+from ..format.tensor_io import ST_TO_DTYPE
+from ..patterns.boxes import Box
+from ..patterns.sharded import STATE_FILE, ShardMeta, shard_file
 from ..topology import RankTopology
 
 SKELETON_EXT = ".msgpack"
@@ -32,16 +36,21 @@ class ComponentDecl:
     # the split.
     tensor_sizes: tuple[tuple[str, int, int], ...] | None
     digest: str | None  # QUICK/TENSOR summary digest of this rank's copy
+    shards: tuple[ShardMeta, ...] | None = None  # SHARDED: what this rank holds of every tensor
 
     def to_wire(self) -> list:
         return [self.key, self.pattern, self.process_group, self.required, self.validation,
-                None if self.tensor_sizes is None else [list(t) for t in self.tensor_sizes], self.digest]
+                None if self.tensor_sizes is None else [list(t) for t in self.tensor_sizes], self.digest,
+                None if self.shards is None else [s.to_wire() for s in self.shards]]
 
     @classmethod
     def from_wire(cls, w: list) -> ComponentDecl:
         sizes = None if w[5] is None else tuple((str(n), int(b), int(i)) for n, b, i in w[5])
-        return cls(w[0], w[1], w[2], w[3], w[4], sizes, w[6])
+        shards = None if w[7] is None else tuple(ShardMeta.from_wire(s) for s in w[7])
+        return cls(w[0], w[1], w[2], w[3], w[4], sizes, w[6], shards)
 
+
+_ITEMSIZE = {code: dtype.itemsize for code, dtype in ST_TO_DTYPE.items()}
 
 # Tensors above a writer's fair share are cut into pieces no smaller than this, so one dominant tensor
 # (an embedding, say) does not leave one replica writing most of the bytes.
@@ -93,15 +102,19 @@ class ComponentPlan:
     validation: ValidationLevel
     replica_sets: tuple[tuple[int, ...], ...]
     files: tuple[FileAssignment, ...]
+    sharded: dict[str, tuple[str, tuple[int, ...]]] | None = None  # SHARDED: name -> (dtype, full shape)
 
     def to_wire(self) -> list:
+        sharded = None if self.sharded is None else {n: [d, list(shape)] for n, (d, shape) in self.sharded.items()}
         return [self.key, self.pattern.value, self.process_group, self.required, self.validation.value,
-                [list(m) for m in self.replica_sets], [f.to_wire() for f in self.files]]
+                [list(m) for m in self.replica_sets], [f.to_wire() for f in self.files], sharded]
 
     @classmethod
     def from_wire(cls, w: list) -> ComponentPlan:
+        sharded = None if w[7] is None else {str(n): (str(d), tuple(shape)) for n, (d, shape) in w[7].items()}
         return cls(str(w[0]), SharingPattern(w[1]), w[2], bool(w[3]), ValidationLevel(w[4]),
-                   tuple(tuple(int(r) for r in m) for m in w[5]), tuple(FileAssignment.from_wire(f) for f in w[6]))
+                   tuple(tuple(int(r) for r in m) for m in w[5]), tuple(FileAssignment.from_wire(f) for f in w[6]),
+                   sharded)
 
     def writes_of(self, rank: int) -> tuple[FileAssignment, ...]:
         """The files `rank` writes."""
@@ -192,6 +205,11 @@ def _plan_component(key: str, pattern: SharingPattern, ref: ComponentDecl, decla
                                   f"save(); {what} must all declare it")
 
     files: list[FileAssignment] = []
+    if pattern is SharingPattern.SHARDED:
+        need_all(range(topo.world_size), "all ranks (a SHARDED component spans the job)")
+        files, sharded = plan_sharded(key, {r: decls[r][key].shards or () for r in declaring})
+        return ComponentPlan(key, pattern, ref.process_group, ref.required, ValidationLevel(ref.validation),
+                             (tuple(declaring),), tuple(files), sharded)
     if pattern is SharingPattern.GLOBAL:
         need_all([0], "rank 0 (its writer)")
         replica_sets: tuple[tuple[int, ...], ...] = ((0,),)
@@ -229,6 +247,85 @@ def _plan_component(key: str, pattern: SharingPattern, ref: ComponentDecl, decla
                                             writer, owner, tuple(pieces)))
     return ComponentPlan(key, pattern, ref.process_group, ref.required, ValidationLevel(ref.validation),
                          replica_sets, tuple(files))
+
+
+def plan_sharded(key: str, shards: dict[int, Sequence[ShardMeta]]
+                 ) -> tuple[list[FileAssignment], dict[str, tuple[str, tuple[int, ...]]]]:
+    """Files of a SHARDED component: every distinct box written once, its bytes balanced across the ranks
+    that hold it (a Replicate mesh dimension, or a plain tensor every rank holds), one file per writing rank;
+    the skeleton by the lowest rank. Also each tensor's dtype and full shape."""
+    holders: dict[tuple[str, Box], list[int]] = {}
+    meta: dict[str, ShardMeta] = {}
+    for rank in sorted(shards):
+        for s in shards[rank]:
+            first = meta.setdefault(s.name, s)
+            if (s.dtype, s.shape, s.replicated) != (first.dtype, first.shape, first.replicated):
+                raise CheckpointError(
+                    f"component {key!r}, tensor {s.name!r}: rank {rank} holds a {s.dtype} piece of {list(s.shape)}"
+                    f"{' (plain)' if s.replicated else ''} but another rank a {first.dtype} piece of "
+                    f"{list(first.shape)}{' (plain)' if first.replicated else ''}; every rank must hold the same "
+                    "tensors with the same full shapes")
+            holders.setdefault((s.name, s.box), []).append(rank)
+    by_set: dict[tuple[int, ...], list[tuple[str, int, int]]] = {}
+    for (name, box), ranks in holders.items():
+        itemsize = _ITEMSIZE[meta[name].dtype]
+        if box.numel or not math.prod(meta[name].shape):
+            by_set.setdefault(tuple(ranks), []).append((name, box.numel * itemsize, itemsize))
+    _check_cover(key, meta, holders)
+    per_rank: dict[int, list[Piece]] = {}
+    for members, sizes in sorted(by_set.items()):
+        for m, pieces in zip(members, balance(split(sizes, len(members)), len(members)), strict=True):
+            per_rank.setdefault(m, []).extend(pieces)
+    files = [FileAssignment(f"{key}/{STATE_FILE}", "state", min(shards), None, None)]
+    files += [FileAssignment(f"{key}/{shard_file(r)}", "tensors", r, None, tuple(sorted(p)))
+              for r, p in sorted(per_rank.items()) if p]
+    return files, {n: (m.dtype, m.shape) for n, m in sorted(meta.items())}
+
+
+def shard_digest_key(key: str, name: str) -> str:
+    """Where a shared shard's digest travels in a rank's replica digests (beside the components' own)."""
+    return f"{key}\x00shard\x00{name}"
+
+
+def check_shared_shards(decls: Sequence[Mapping[str, ComponentDecl]], summaries: Sequence[Mapping[str, str | None]]
+                        ) -> None:
+    """The ranks holding one shard of a SHARDED component (a Replicate() mesh dimension) must hold the same
+    bytes: written once, a drifted copy would be saved half from one rank and half from another. Rank 0 runs
+    this at every save (digests change every time; the plan may be reused)."""
+    for key in sorted({k for per in decls for k in per}):
+        holders: dict[tuple[str, Box], list[int]] = {}
+        for rank, per in enumerate(decls):
+            for s in (per[key].shards or ()) if key in per else ():
+                if s.shared:
+                    holders.setdefault((s.name, s.box), []).append(rank)
+        found: dict[str, set[int]] = {}
+        sets = []
+        for (name, _), ranks in sorted(holders.items(), key=lambda item: (item[0][0], item[0][1].offsets)):
+            digest = {r: summaries[r].get(shard_digest_key(key, name)) for r in ranks}
+            bad = [r for r in ranks[1:] if digest[r] != digest[ranks[0]]]
+            if bad:
+                found.setdefault(name, set()).update(bad)
+                sets.append(ranks)
+        if found:
+            shown = ", ".join(f"{n!r} (ranks {sorted(r)})" for n, r in sorted(found.items())[:10])
+            raise ReplicationError(
+                f"component {key!r} (SHARDED): shards that several ranks hold (a Replicate() mesh dimension) differ "
+                f"between their holders {[list(s) for s in sets[:4]]}: {shown} differ from the copy on rank "
+                f"{sets[0][0]}. Nothing was saved. The replicas drifted apart (a missed all-reduce over the "
+                "replicated dimension, or a rank-dependent update); fix the cause",
+                component=key, mismatches={n: sorted(r) for n, r in found.items()}, replica_ranks=sets[0])
+
+
+def _check_cover(key: str, meta: dict[str, ShardMeta], holders: dict[tuple[str, Box], list[int]]) -> None:
+    """The distinct shards of each tensor must add up to it (they come from one layout)."""
+    cover: dict[str, int] = {}
+    for name, box in holders:
+        cover[name] = cover.get(name, 0) + box.numel
+    for name, n in cover.items():
+        if n != math.prod(meta[name].shape):
+            raise CheckpointError(
+                f"component {key!r}, tensor {name!r}: the shards the ranks hold add up to {n} elements of its "
+                f"{math.prod(meta[name].shape)}; they do not come from one DeviceMesh layout")
 
 
 def owner_for_load(pattern: SharingPattern, topo: RankTopology, replica_sets: Sequence[Sequence[int]],

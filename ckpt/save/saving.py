@@ -14,12 +14,14 @@ from .. import __version__
 from ..component import SharingPattern, StateComponent, ValidationLevel
 from ..errors import CheckpointError
 from ..format.layout import MANIFEST_NAME, REPLACED_SUFFIX, parse_step
-from ..format.manifest import ComponentEntry, FileEntry, Manifest, plain_metrics
+from ..format.manifest import ComponentEntry, FileEntry, Manifest, SavedPiece, ShardedTensor, plain_metrics
 from ..format.serialization import FlatState, flatten_state
 from ..format.tensor_io import ChunkInfo, TensorInfo, WrittenFile, write_blob, write_safetensors
 from ..io.staging import StagingPool
 from ..io.storage import Storage
 from ..io.threads import parallel_map
+from ..patterns import placement_for
+from ..patterns.sharded import ShardMeta, refuse_dtensors, replicated_view, with_digests
 from .planning import MIN_CHUNK_BYTES, ComponentDecl, ComponentPlan, FileAssignment, Piece, balance
 from .validation import summary_digest
 
@@ -32,6 +34,12 @@ class Snapshot:
     pattern: SharingPattern
     validation: ValidationLevel
     flat: FlatState
+    shards: dict[str, ShardMeta] | None = None  # SHARDED: what this rank holds of each tensor
+
+    @property
+    def replicated(self) -> FlatState:
+        """What the replicas of this component hold alike, and the replica check compares."""
+        return self.flat if self.shards is None else replicated_view(self.flat, self.shards)
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,8 @@ class PreparedComponent:
     decl: ComponentDecl
     flat: FlatState
     table: dict[str, str] | None
+    shards: dict[str, ShardMeta] | None = None
+    replicated: FlatState | None = None  # what the replica check compares (`flat` unless SHARDED)
 
 
 def snapshot(component: StateComponent, staging: StagingPool | None) -> Snapshot:
@@ -52,22 +62,32 @@ def snapshot(component: StateComponent, staging: StagingPool | None) -> Snapshot
     except Exception as exc:
         raise CheckpointError(f"component {component.key!r}: state_dict() raised {type(exc).__name__}: {exc}") from exc
     flat = flatten_state(state, component.key)
+    shards = None
+    placement = placement_for(pattern)
+    if placement is not None:
+        flat, shards = placement.take(flat, component.key)
+    else:
+        refuse_dtensors(flat, component.key, pattern.name)
     if staging is not None:
         flat = staging.stage(component.key, flat)
-    return Snapshot(component, pattern, component.resolve_validation(pattern), flat)
+    return Snapshot(component, pattern, component.resolve_validation(pattern), flat, shards)
 
 
 def declare(snap: Snapshot, is_planner: bool, threads: int = 1) -> PreparedComponent:
     """Digest a snapshot (on `threads` threads) for the replication check. `is_planner`: this rank plans its
     replica set's split."""
-    digest, table = summary_digest(snap.flat, snap.validation, threads)
+    digest, table = summary_digest(snap.replicated, snap.validation, threads)
     sizes = None
     if is_planner:
         sizes = tuple((name, t.numel() * t.element_size(), t.element_size()) for name, t in snap.flat.tensors.items())
     c = snap.component
+    metas = snap.shards
+    if metas is not None and snap.validation is not ValidationLevel.NONE:
+        metas = with_digests(snap.flat, metas)
+    shards = None if metas is None else tuple(metas.values())
     decl = ComponentDecl(c.key, snap.pattern.value, c.process_group_name, c.required, snap.validation.value, sizes,
-                         digest)
-    return PreparedComponent(decl, snap.flat, table)
+                         digest, shards)
+    return PreparedComponent(decl, snap.flat, table, snap.shards, snap.replicated)
 
 
 # A writer's tensors for one component are spread over several files of at least this size (so from twice
@@ -102,7 +122,8 @@ def write_files(storage: Storage, root: str, assignments: Sequence[FileAssignmen
             key = job.relpath.split("/", 1)[0]
             return _record(job, write_blob(storage, path, prepared[key].flat.skeleton))
         try:
-            return _record(job, write_safetensors(storage, path, job.entries, chunks=job.chunks))
+            return _record(job, write_safetensors(storage, path, job.entries, chunks=job.chunks),
+                           prepared[job.relpath.split("/", 1)[0]].shards)
         except TypeError as exc:
             raise CheckpointError(f"component {job.relpath.split('/', 1)[0]!r}: {exc}") from exc
 
@@ -175,14 +196,22 @@ def _cut(pieces: Sequence[Piece], tensors: Mapping[str, torch.Tensor]
     return tuple(entries), chunks
 
 
-def _record(job: _FileJob, w: WrittenFile) -> dict:
+def _record(job: _FileJob, w: WrittenFile, shards: Mapping[str, ShardMeta] | None = None) -> dict:
     def plain(t: TensorInfo) -> list:
         chunk = None if t.chunk is None else [list(t.chunk.shape), t.chunk.start, t.chunk.stop]
         return [t.name, t.dtype, list(t.shape), chunk]
 
     a = job.assignment
-    return {"path": job.relpath, "kind": a.kind, "writer_rank": a.writer, "owner": a.owner, "nbytes": w.nbytes,
-            "xxh3_128": w.digest, "tensors": [plain(t) for t in w.tensors]}
+    record = {"path": job.relpath, "kind": a.kind, "writer_rank": a.writer, "owner": a.owner, "nbytes": w.nbytes,
+              "xxh3_128": w.digest, "tensors": [plain(t) for t in w.tensors]}
+    if shards is not None:  # SHARDED: where each piece sits in its full tensor, and in this file
+        record["pieces"] = [_piece(t, span, shards[t.name]) for t, span in zip(w.tensors, w.spans, strict=True)]
+    return record
+
+
+def _piece(t: TensorInfo, span: tuple[int, int], meta: ShardMeta) -> list:
+    start, stop = (0, meta.box.numel) if t.chunk is None else (t.chunk.start, t.chunk.stop)
+    return [t.name, list(meta.box.offsets), list(meta.box.lengths), start, stop, span[0], span[1]]
 
 
 def build_manifest(step: int, plans: Mapping[str, ComponentPlan], records: Sequence[Sequence[dict]],
@@ -195,10 +224,24 @@ def build_manifest(step: int, plans: Mapping[str, ComponentPlan], records: Seque
                               tensors=tuple(TensorInfo(n, d, tuple(s), None if c is None else ChunkInfo(tuple(c[0]), c[1], c[2]))
                                             for n, d, s, c in r["tensors"]))
             by_key[r["path"].split("/", 1)[0]].append(entry)
+    pieces: dict[str, dict[str, list[SavedPiece]]] = {}
+    for per_rank in records:
+        for r in per_rank:
+            for name, offsets, lengths, start, stop, begin, end in r.get("pieces", ()):
+                pieces.setdefault(r["path"].split("/", 1)[0], {}).setdefault(name, []).append(
+                    SavedPiece(r["path"], tuple(offsets), tuple(lengths), start, stop, begin, end))
+
+    def sharded(key: str, p: ComponentPlan) -> dict[str, ShardedTensor] | None:
+        if p.sharded is None:
+            return None
+        found = pieces.get(key, {})
+        return {n: ShardedTensor(dtype, shape, tuple(sorted(found.get(n, []), key=lambda s: (s.offsets, s.start))))
+                for n, (dtype, shape) in p.sharded.items()}
+
     components = {
         key: ComponentEntry(pattern=p.pattern, process_group=p.process_group, required=p.required,
                             validation_level=p.validation, replica_sets=p.replica_sets,
-                            files=tuple(sorted(by_key[key], key=lambda f: f.path)))
+                            files=tuple(sorted(by_key[key], key=lambda f: f.path)), tensors=sharded(key, p))
         for key, p in sorted(plans.items())
     }
     return Manifest(

@@ -8,6 +8,7 @@ its `ckpt report` page (RUN_DIR/report.html), and a digest of the final paramete
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -17,11 +18,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import xxhash
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from ckpt import CheckpointError
-from trainers import DDPTrainer, SimpleTrainer, Trainer, TrainerCallback, TrainingArguments, TrainingError
+from trainers import (
+    DDPTrainer,
+    FSDPTrainer,
+    LayoutChange,
+    ParallelConfig,
+    SimpleTrainer,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    TrainingError,
+)
 from trainers.ddp import cuda_device_for_local_rank
 from trainers.recovery import init_process_group_for_restarts
+from trainers.recovery.policy import load_recovery_policy
 
 from .faults import add_recovery_flags, recovery_callbacks, recovery_option, recovery_report
 from .model import GPTConfig, TinyGPT
@@ -49,6 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="stop after step K with a checkpoint, as an interrupted job would; finish with --resume")
     run.add_argument("--save-total-limit", type=int, default=2, help="keep the newest N checkpoints ...")
     run.add_argument("--preserve-n-best", type=int, default=2, help="... plus the N best by eval_loss")
+    run.add_argument("--trainer", choices=("ddp", "fsdp"), default="ddp",
+                     help="under torchrun: ddp (DistributedDataParallel, state REPLICATED) or fsdp (FSDP2's fully_shard "
+                          "per block, model and optimizer SHARDED: each rank saves and loads only its shards); "
+                          "without torchrun the demo runs one process (SimpleTrainer)")
     run.add_argument("--dispatch-batches", action="store_true",
                      help="rank 0 draws each global batch and scatters slices (default: a sampler per rank)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -102,7 +120,7 @@ def parameter_digest(model: torch.nn.Module) -> str:
     """xxh3-128 over every parameter and buffer's name, dtype, shape and bytes, in state_dict order."""
     h = xxhash.xxh3_128()
     for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
+        t = (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().contiguous()
         h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -117,6 +135,16 @@ def device_setup(opts: argparse.Namespace) -> tuple[str, str]:
     return "nccl", f"cuda:{cuda_device_for_local_rank(int(os.environ.get('RANK', 0)))}"
 
 
+def _recovery_for(opts: argparse.Namespace) -> Any:
+    """The recovery policy; with --trainer fsdp without out-of-memory retry (FSDP2's forward gathers weights
+    from the other ranks, so one rank cannot retry a step alone)."""
+    option = recovery_option(opts)
+    if opts.trainer != "fsdp" or option is None:
+        return option
+    policy = load_recovery_policy(option)
+    return dataclasses.replace(policy, oom_retry=False) if policy is not None else None
+
+
 def build_trainer(opts: argparse.Namespace, distributed: bool) -> Trainer:
     backend, device = device_setup(opts)
     train_data, eval_data = split(read_corpus(opts.corpus))
@@ -129,20 +157,49 @@ def build_trainer(opts: argparse.Namespace, distributed: bool) -> Trainer:
         preserve_best_model=opts.preserve_n_best > 0, preserve_n_best=max(1, opts.preserve_n_best),
         best_model_metric="loss", resume_from_checkpoint="latest" if opts.resume else None, seed=opts.seed,
         dispatch_batches=opts.dispatch_batches, full_determinism=True, max_grad_norm=1.0,
-        recovery=recovery_option(opts), step_timeout_s=opts.step_timeout, device=device, ddp_backend=backend)
+        recovery=_recovery_for(opts), step_timeout_s=opts.step_timeout, device=device, ddp_backend=backend)
     torch.manual_seed(opts.seed)  # the initial weights (the same on every rank; DDP checks it)
     model = TinyGPT(cfg)
     callbacks = [StopAtStep(opts.stop_at_step)] if opts.stop_at_step else []
     callbacks += recovery_callbacks(opts)
+    common = {"train_dataset": ByteWindows(train_data, cfg.block_size),
+              "eval_dataset": ByteWindows(eval_data, cfg.block_size, limit=opts.eval_windows),
+              "optimizer_factory": lambda params: torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95),
+                                                                     weight_decay=0.01),
+              "lr_scheduler_factory": cosine_with_warmup(opts.warmup_steps, opts.max_steps), "callbacks": callbacks}
+    if opts.trainer == "fsdp":
+        if not distributed:
+            raise ValueError("--trainer fsdp shards the model over ranks: launch it with torchrun "
+                             "(torchrun --standalone --nproc-per-node N -m trainers.demo --trainer fsdp)")
+        if opts.dispatch_batches:
+            raise ValueError("--trainer fsdp keeps a sampler per rank; leave out --dispatch-batches")
+        world = int(os.environ["WORLD_SIZE"])
+        return FSDPTrainer(model, args, parallel=ParallelConfig(dp=world, on_layout_change=LayoutChange.RESEED),
+                           **common)
     cls = DDPTrainer if distributed else SimpleTrainer
-    return cls(model, args, train_dataset=ByteWindows(train_data, cfg.block_size),
-               eval_dataset=ByteWindows(eval_data, cfg.block_size, limit=opts.eval_windows),
-               optimizer_factory=lambda params: torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95),
-                                                                   weight_decay=0.01),
-               lr_scheduler_factory=cosine_with_warmup(opts.warmup_steps, opts.max_steps), callbacks=callbacks)
+    return cls(model, args, **common)
 
 
-def report(trainer: Trainer, opts: argparse.Namespace) -> None:
+def final_words(trainer: Trainer, opts: argparse.Namespace) -> tuple[str, str | None]:
+    """The final parameters' digest and a sample of generated text, computed on every rank (an FSDP2 model
+    gathers its weights in both, a collective)."""
+    model = trainer.unwrapped_model
+    digest = parameter_digest(model)
+    if opts.sample_bytes <= 0:
+        return digest, None
+    model.eval()
+    device = next(model.parameters()).device
+    prompt = torch.tensor(list(b"Day 7. "), dtype=torch.int64, device=device)
+    sharded = isinstance(model, FSDPModule)
+    if sharded:  # generate() calls logits(), not forward(): gather the root's own weights by hand
+        model.unshard()
+    text = model.generate(prompt, opts.sample_bytes, generator=torch.Generator(device=device).manual_seed(0))
+    if sharded:
+        model.reshard()
+    return digest, bytes(text.tolist()).decode("ascii", errors="replace")
+
+
+def report(trainer: Trainer, opts: argparse.Namespace, final: tuple[str, str | None]) -> None:
     """Rank 0: the best checkpoints (the coordinator's summary), the `ckpt ls` view of the run dir, the final
     parameters' digest and a sample of generated text."""
     coord = trainer.coordinator
@@ -157,14 +214,10 @@ def report(trainer: Trainer, opts: argparse.Namespace) -> None:
     out.write(recovery_report(opts.run_dir))
     out.flush()
     ckpt_main(["report", opts.run_dir])  # the run as one HTML page: loss, checkpoints, recovery events
-    model = trainer.unwrapped_model
-    out.write(f"\nfinal parameters at step {trainer.state.global_step}: xxh3-128 {parameter_digest(model)}\n")
-    if opts.sample_bytes > 0:
-        model.eval()
-        device = next(model.parameters()).device
-        prompt = torch.tensor(list(b"Day 7. "), dtype=torch.int64, device=device)
-        text = model.generate(prompt, opts.sample_bytes, generator=torch.Generator(device=device).manual_seed(0))
-        out.write("sample: " + bytes(text.tolist()).decode("ascii", errors="replace") + "\n")
+    digest, sample = final
+    out.write(f"\nfinal parameters at step {trainer.state.global_step}: xxh3-128 {digest}\n")
+    if sample is not None:
+        out.write("sample: " + sample + "\n")
     out.flush()
 
 
@@ -181,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             init_process_group_for_restarts(device_setup(opts)[0])
         trainer = build_trainer(opts, distributed)
         trainer.train()
+        final = final_words(trainer, opts)
         if trainer.rank == 0:
-            report(trainer, opts)
+            report(trainer, opts, final)
     except ValueError as exc:  # options and state the user can fix; the message says how
         if rank == 0:
             sys.stderr.write(f"trainers.demo: error: {exc}\n")

@@ -1,0 +1,59 @@
+"""What ckpt needs to know about a DTensor: where its local shard sits, and how to rebuild one around a
+local tensor with today's mesh and placements. The one use of a private torch function is here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .boxes import Box, row_major_strides
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # torch built without distributed support: there are no DTensors to meet
+    DTensor = None  # type: ignore[assignment,misc]
+    Replicate = Shard = None  # type: ignore[assignment,misc]
+
+
+def is_dtensor(value: Any) -> bool:
+    return DTensor is not None and isinstance(value, DTensor)
+
+
+def unsupported_placement(t: Any) -> str | None:
+    """Why the DTensor's local shard is not one box of the full tensor (Partial sums, strided shards), or
+    None when it is."""
+    for p in t.placements:
+        if type(p) is not Replicate and type(p) is not Shard:
+            return (f"has placement {p!r}; ckpt saves Shard(dim) and Replicate() placements (redistribute it, e.g. "
+                    "t.redistribute(placements=[...]), or call full_tensor() before saving)")
+    return None
+
+
+def local_box(t: Any) -> Box:
+    """The box of the full tensor that this rank's shard of DTensor `t` holds."""
+    # No public function gives this yet; DCP's own planner uses the same one.
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return Box(tuple(int(o) for o in offsets), tuple(int(n) for n in shape))
+
+
+def is_shared(t: Any) -> bool:
+    """Whether other ranks hold the same shard of `t` (a Replicate() placement over a mesh dimension > 1)."""
+    return any(type(p) is Replicate and t.device_mesh.size(d) > 1 for d, p in enumerate(t.placements))
+
+
+def holds_shard(t: Any) -> bool:
+    """Whether this rank is part of the DTensor's mesh (ranks outside it hold nothing)."""
+    return t.device_mesh.get_coordinate() is not None
+
+
+def like(local: torch.Tensor, target: Any) -> Any:
+    """A DTensor with `target`'s mesh, placements and global shape around `local` (this rank's shard)."""
+    shape = tuple(target.shape)
+    return DTensor.from_local(local.to(target.device), target.device_mesh, target.placements, run_check=False,
+                              shape=torch.Size(shape), stride=row_major_strides(shape))
+
+
+__all__ = ["holds_shard", "is_dtensor", "is_shared", "like", "local_box", "unsupported_placement"]
