@@ -127,6 +127,18 @@ def test_cli_export_diff_and_inspect_across_shardings(tmp_path, capsys):
     exported = load_file(out)
     assert sorted(exported) == ["0.bias", "0.weight", "2.bias", "2.weight"]
     assert all(np.array_equal(exported[k].numpy(), saved[k]) for k in exported)
+    # The Hugging Face layout too: full tensors by name, in shards with an index when over --max-shard-size.
+    hf = str(tmp_path / "hf")
+    assert main(["export", ca, "--format", "hf", "--component", "model", "--max-shard-size", "100", "-o", hf]) == 0
+    with open(os.path.join(hf, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    assert sorted(weight_map) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    for name, shard in weight_map.items():
+        assert np.array_equal(load_file(os.path.join(hf, shard))[name].numpy(), saved[name])
+    pt = str(tmp_path / "model.pt")
+    assert main(["export", ca, "--format", "torch", "--component", "model", "-o", pt]) == 0
+    whole = torch.load(pt, weights_only=True)
+    assert sorted(whole) == sorted(weight_map) and all(np.array_equal(whole[k].numpy(), saved[k]) for k in whole)
     # inspect --at world=4 names the byte ranges each rank reads: its own rows, nothing more.
     capsys.readouterr()
     assert main(["inspect", ca, "--at", "world=4", "--json"]) == 0

@@ -11,7 +11,8 @@ copy for the job (REPLICATED tensors split across writers are put back by the re
 PER_NODE have one copy per rank, group or node, merged by tensor name (pipeline stages keyed by parameter
 name add up to the whole model; the same name in several copies must hold the same values), and a shard entry
 (`ckpt.shard_entry`: a tensor-parallel piece with its offsets) becomes one piece of its full tensor.
-A pattern with another layout on disk adds its own finder.
+SHARDED lists every tensor with its full shape in the manifest; its reader assembles each one from the byte ranges
+of its saved pieces. A pattern with another layout on disk adds its own finder.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from ..format.serialization import join_path, unflatten_state
 from ..format.tensor_io import ST_TO_DTYPE, parse_header
 from ..load.loading import checked_path
 from ..load.reshard import check_shard_entry, is_shard_entry
+from ..patterns.boxes import whole
+from ..patterns.sharded import Target, read_targets
 from .inspection import Opened, copy_label, owners, read_skeleton, state_file
 
 _HASH_CHUNK = 8 << 20
@@ -120,6 +123,16 @@ def every_copy(ck: Opened, key: str, entry: ComponentEntry, found: dict[str, lis
         _copy_pieces(ck, key, owner, found, other)
 
 
+def sharded_pieces(ck: Opened, key: str, entry: ComponentEntry, found: dict[str, list], other: list[str]) -> None:
+    """SHARDED: the manifest lists every tensor with its full shape; the reader assembles it from the byte
+    ranges of its saved pieces (`ckpt.patterns.sharded`), so the plan holds one whole piece per tensor."""
+    for name, t in (entry.tensors or {}).items():
+        found.setdefault(name, []).append((ST_TO_DTYPE[t.dtype], tuple(t.shape), Piece(None, name)))
+    for path, value in _leaves(_meta_state(ck, key, None)):
+        if not isinstance(value, torch.Tensor) and path not in found and path not in other:
+            other.append(path)
+
+
 PieceFinder = Callable[[Opened, str, ComponentEntry, dict, list], None]
 PIECE_FINDERS: dict[SharingPattern, PieceFinder] = {
     SharingPattern.GLOBAL: single_copy,
@@ -127,6 +140,7 @@ PIECE_FINDERS: dict[SharingPattern, PieceFinder] = {
     SharingPattern.PER_RANK: every_copy,
     SharingPattern.PER_GROUP: every_copy,
     SharingPattern.PER_NODE: every_copy,
+    SharingPattern.SHARDED: sharded_pieces,
 }
 
 
@@ -203,6 +217,10 @@ class TensorReader:
 
     def materialize(self, planned: PlannedTensor) -> torch.Tensor:
         """The full tensor: its pieces read and put in place (pieces saved twice must be equal)."""
+        if self.entry.pattern is SharingPattern.SHARDED:
+            saved = (self.entry.tensors or {})[planned.name]
+            target = {planned.name: Target(whole(saved.shape))}
+            return read_targets(self.ck.storage, self.ck.path, self.key, self.entry, target)[planned.name]
         if planned.pieces[0].box is None:
             first = self.stored(planned.pieces[0], planned.dtype)
             for piece in planned.pieces[1:]:

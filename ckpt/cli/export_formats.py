@@ -31,6 +31,7 @@ import torch
 from ..errors import CheckpointError
 from ..format.tensor_io import DTYPE_TO_ST, tensor_bytes
 from ..load.reshard import is_shard_entry, read_merged
+from ..patterns.base import placement_for
 from .assemble import PlannedTensor, TensorReader, plan_component
 from .inspection import Opened
 
@@ -179,7 +180,11 @@ def full_state(ck: Opened, component: str | None = None) -> tuple[dict[str, Any]
             raise CheckpointError(f"{ck.path} has no component {key!r}; it has {sorted(ck.manifest.components)}",
                                   path=ck.path)
         try:
-            state[key] = _whole(read_merged(ck.storage, ck.path, key, entry, verify=True), key)
+            placement = placement_for(entry.pattern)
+            if placement is not None:  # one copy, read whole (no live state: every tensor is its full box)
+                state[key] = placement.read(ck.storage, ck.path, key, entry, None, True, 1)
+            else:
+                state[key] = _whole(read_merged(ck.storage, ck.path, key, entry, verify=True), key)
         except CheckpointError as exc:
             if component is not None:
                 raise

@@ -205,7 +205,10 @@ def read_sharded(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntr
 
 
 def live_tensors(stateful: Any, key: str) -> dict[str, Any]:
-    """The component's current tensors by name (DTensors as they are), the targets of a load."""
+    """The component's current tensors by name (DTensors as they are), the targets of a load; none for no live
+    object (an offline export), so every tensor is read whole."""
+    if stateful is None:
+        return {}
     return flatten_state(stateful.state_dict(), key).tensors
 
 
