@@ -198,3 +198,19 @@ def test_a_second_job_is_refused_and_a_dead_jobs_lock_expires(s3_server, s3_run)
         except RunDirInUseError:
             assert time.monotonic() < deadline, "the dead job's lock never expired"
             time.sleep(0.5)
+
+
+def test_fsdp2_sharded_state_on_s3_loads_at_another_world_size(s3_server, s3_run):
+    """SHARDED on object storage: 2 FSDP2 ranks upload their own shards; 1 plain rank and 4 FSDP2 ranks read
+    back only their byte ranges (ranged GETs), exact by value."""
+    import numpy as np
+
+    from tests.sharded_support import load_worker, save_worker
+
+    saved = expect_ok(run_ranks(2, save_worker, s3_run, "fsdp", "fqn", timeout=300))[0]
+    for world, layout in ((1, "plain"), (4, "fsdp")):
+        for loaded in expect_ok(run_ranks(world, load_worker, s3_run, layout, "fqn", timeout=300)):
+            assert loaded["world"] == world
+            for name, value in saved.items():
+                assert np.array_equal(loaded[name], value), (world, name)
+            assert np.array_equal(loaded["extra"]["table"], np.arange(6.0, dtype=np.float32))
