@@ -46,9 +46,9 @@ from .io.lock import RunDirLock, take_run_dir
 from .io.staging import StagingPool
 from .io.storage import Storage, is_url, norm_path, storage_for
 from .io.threads import gc_paused
-from .load.agreement import ReadVerdict, decide_apply, decide_read
+from .load.agreement import CheckVerdict, ReadVerdict, decide_apply, decide_check, decide_read
 from .load.applying import apply_staged
-from .load.checks import CheckReport, merged_keys, precheck, refusal
+from .load.checks import precheck
 from .load.read_phase import (
     ReadOptions,
     Staged,
@@ -474,8 +474,7 @@ class CheckpointCoordinator:
                           manifest=manifest, damaged=tuple(damaged),
                           resharded=tuple(k for k in staged.resharded if k in staged.state),
                           fallback_from=tuple(p for p, _ in rejected),
-                          missing_keys=merged_keys(checks, "missing"),
-                          unexpected_keys=merged_keys(checks, "unexpected"))
+                          missing_keys=checks.missing, unexpected_keys=checks.unexpected)
 
     def _resolve(self, checkpoint: str | int | os.PathLike, fallback: bool, missing_ok: bool = False) -> list[list]:
         """[path, step] of the checkpoint to load; with `fallback`, of every committed one, newest first; none
@@ -489,30 +488,26 @@ class CheckpointCoordinator:
 
     def _read_first_good(self, candidates: Sequence[Sequence], components: Sequence[StateComponent],
                          opts: ReadOptions, fallback: bool
-                         ) -> tuple[Staged, int, ReadVerdict, list, list[CheckReport]]:
+                         ) -> tuple[Staged, int, ReadVerdict, list, CheckVerdict]:
         """The check and read phases, on each candidate in turn until one verifies on every rank. Returns what
         this rank staged, the step, what every rank read (rank 0's summary), the (path, failures by rank) of
-        those passed over, and every rank's check report."""
+        those passed over, and the check phase's verdict."""
         rejected: list[tuple[str, dict[int, str]]] = []
         for i, (path, step) in enumerate(candidates):
             box: list[Staged] = []
             read = functools.partial(read_or_reject, self.storage, path, components, self.topology, opts,
                                      fallback, box)
             check = functools.partial(precheck, self.storage, path, components, self.topology, opts, fallback)
-            reports: list[CheckReport] = []
             with hold(path, "being loaded"):
-                checked = self.comm.run_phase("check", check, what=f"load of {path}")  # before anything is read
-                bad = {r: d["bad"] for r, d in enumerate(checked) if d["bad"] is not None}
+                checked = CheckVerdict.from_wire(self.comm.gather_phase(  # before anything is read
+                    "check", check, what=f"load of {path}", decide=functools.partial(decide_check, path)).common)
+                bad = checked.bad
                 if not bad:
-                    reports = [CheckReport.from_wire(d["report"]) for d in checked]
-                    refused = refusal(path, reports)
-                    if refused is not None:
-                        raise refused
                     verdict = ReadVerdict.from_wire(
                         self.comm.gather_phase("read", read, what=f"load of {path}", decide=decide_read).common)
                     bad = verdict.bad
             if not bad:
-                return box[0], step, verdict, rejected, reports
+                return box[0], step, verdict, rejected, checked
             rejected.append((path, bad))
             if self.rank == 0:
                 following = candidates[i + 1][0] if i + 1 < len(candidates) else None
