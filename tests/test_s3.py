@@ -124,6 +124,11 @@ def test_the_ckpt_command_on_s3_urls(s3_server, s3_run, tmp_path, capsys):
     assert not [k for k in s3_server.keys(s3_run) if k.startswith("checkpoint-00000002/")]
     code, err = _cli(capsys, "ls", f"s3://{BUCKET}/no-such-run")
     assert code == 2 and "does not exist" in err["error"]
+    # The run's picture from the bucket: every checkpoint marked (2 was pruned: it is no longer listed).
+    page = tmp_path / "report.html"
+    code, drawn = _cli(capsys, "report", s3_run, "-o", str(page))
+    assert code == 0 and sorted(m["step"] for m in drawn["checkpoints"]) == [1, 3]
+    assert "<svg" in page.read_text()
 
 
 def _prune_in_another_process(url: str) -> tuple[int, dict]:

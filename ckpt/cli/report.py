@@ -24,7 +24,7 @@ from typing import Any
 
 from ..format.layout import ABANDONED_DIR, MANIFEST_NAME, parse_step
 from ..format.manifest import read_manifest
-from ..io.storage import LocalStorage, Storage
+from ..io.storage import LocalStorage, Storage, is_url, norm_path, storage_for
 from ..retention.catalog import human_size, layer_policy, scan
 from ..retention.rules import RetentionPolicy
 from .report_svg import COLORS, plot_svg
@@ -259,12 +259,16 @@ def _short(value: Any) -> str:
 
 
 def write_report(run_dir: str, output: str | None = None, storage: Storage | None = None) -> dict[str, Any]:
-    """Write the page for `run_dir` to `output` (default: RUN_DIR/report.html), replaced atomically."""
-    run_dir = os.path.normpath(run_dir)
-    if not os.path.isdir(run_dir):
+    """Write the page for `run_dir` to `output`, replaced atomically. The default is RUN_DIR/report.html for a
+    local run dir and `<prefix name>-report.html` in the current folder for an `s3://` one (a page to open
+    in a browser is a local file)."""
+    storage = storage_for(run_dir, storage)
+    run_dir = norm_path(run_dir) if is_url(run_dir) else os.path.normpath(run_dir)
+    if not storage.is_dir(run_dir):
         raise FileNotFoundError(f"{run_dir} is not a run directory (it does not exist)")
     pic = gather(run_dir, storage)
-    output = output or os.path.join(run_dir, "report.html")
+    default = f"{os.path.basename(run_dir)}-report.html" if is_url(run_dir) else os.path.join(run_dir, "report.html")
+    output = output or default
     tmp = f"{output}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(render(pic))
@@ -278,7 +282,8 @@ def add_report_command(command: Any) -> None:
     """Register `ckpt report` with main's `command(name, func, help)` helper."""
     p = command("report", cmd_report, "write one HTML page with the run's loss, checkpoints and recovery events")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("-o", "--output", help="the .html file to write (default: RUN_DIR/report.html)")
+    p.add_argument("-o", "--output", help="the .html file to write (default: RUN_DIR/report.html; for an s3:// "
+                   "run dir, PREFIX-report.html in the current folder)")
 
 
 def cmd_report(args: Any) -> int:
