@@ -199,6 +199,23 @@ def test_import_refuses_a_dcp_metadata_file_that_would_run_code(tmp_path, capsys
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("module, name", [("torch.distributed.checkpoint.filesystem", "os.system"),
+                                          ("torch.distributed.checkpoint.metadata", "os.system"),
+                                          ("torch.distributed.checkpoint.state_dict_saver", "save")])
+def test_import_refuses_dcp_metadata_reaching_code_through_a_dcp_module(tmp_path, capsys, module, name):
+    # A protocol-4 STACK_GLOBAL with a dotted name walks the module's imports: filesystem.os.system is os.system.
+    dcp.save({"w": torch.ones(2)}, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    marker = tmp_path / "ran"
+    arg = f"touch {marker}".encode()
+    payload = (b"\x80\x04\x8c" + bytes([len(module)]) + module.encode() + b"\x8c" + bytes([len(name)]) + name.encode()
+               + b"\x93\x8c" + bytes([len(arg)]) + arg + b"\x85R.")
+    (tmp_path / "dcp" / ".metadata").write_bytes(payload)
+    assert main(["import", str(tmp_path / "dcp"), str(tmp_path / "run"), "--step", "1"]) == 2
+    assert f"{module}.{name} is not part of DCP's metadata" in capsys.readouterr().err
+    assert not marker.exists()
+    assert not (tmp_path / "run" / "checkpoint-00000001").exists()
+
+
 def test_import_console_script_round_trip(tmp_path):
     """The installed entry point: export to torch, import back, the model is bit for bit the same."""
     model, _ = _save_simple(str(tmp_path / "run"))

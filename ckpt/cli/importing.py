@@ -19,6 +19,8 @@ is (manifest, digests, retention); `ckpt verify` checks it, and a trainer resume
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import io
 import json
 import os
@@ -104,18 +106,28 @@ def read_torch(path: str) -> Any:
     return _safe_load(path)
 
 
-_DCP_MODULES = ("torch.distributed.checkpoint.",)
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                "torch.distributed.checkpoint.planner")
 _DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
                 ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("builtins", "set"), ("builtins", "frozenset")}
 
 
+def _is_metadata_class(obj: Any) -> bool:
+    """DCP's metadata records are dataclasses and enums; nothing else of its modules belongs in `.metadata`."""
+    return isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """Rebuilds DCP's metadata classes, torch sizes and dtypes, and nothing else."""
+    """Rebuilds DCP's metadata classes, torch sizes and dtypes, and nothing else. Dotted names are refused: pickle
+    would follow them through a module's imports (`filesystem` + `os.system` is `os.system`)."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module.startswith(_DCP_MODULES) or (module, name) in _DCP_GLOBALS or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
+        if "." not in name:
+            if (module, name) in _DCP_GLOBALS or (
+                    module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+                return super().find_class(module, name)
+            if module in _DCP_MODULES and _is_metadata_class(found := super().find_class(module, name)):
+                return found
         raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata; refusing to load it")
 
 
