@@ -18,7 +18,7 @@ PIN_NAME = "PINNED"  # a file inside a checkpoint that protects it from every re
 # Checkpoints of an abandoned timeline (newer than the step a job went back to): run_dir/abandoned/<label>/<name>.
 # Never loaded as latest, never ranked; retention removes them unless pinned (see ckpt/retention/timeline.py).
 ABANDONED_DIR = "abandoned"
-LOCK_NAME = ".ckpt.lock"  # in the run dir: held by the coordinator that owns the run (see ckpt/lock.py)
+LOCK_NAME = ".ckpt.lock"  # in the run dir: held by the coordinator that owns the run (see ckpt/io/lock.py)
 STEP_DIGITS = 8
 # At least STEP_DIGITS digits: `checkpoint-5` is not ours, so no two folders claim the same step.
 _COMMITTED_RE = re.compile(r"^checkpoint-(\d{8,})$")
