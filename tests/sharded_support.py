@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 
 from ckpt import CheckpointCoordinator, SharingPattern, StateComponent
+from trainers.fsdp import OptimizerByName
 
 # Uneven on purpose: 7 and 3 rows do not split evenly over 2 or 4 ranks.
 SIZES = (5, 7, 3)
@@ -59,19 +59,6 @@ def full_values(model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> di
     return out
 
 
-class ByName:
-    """An optimizer's state keyed by parameter name (torch's get/set_optimizer_state_dict)."""
-
-    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer):
-        self.model, self.opt = model, opt
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.opt)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.opt, state)
-
-
 class Extra:
     """Plain values next to the DTensors: replicated on every rank."""
 
@@ -90,7 +77,7 @@ def components(model: torch.nn.Module, opt: torch.optim.Optimizer | None, form: 
     comps = [StateComponent("model", model, SharingPattern.SHARDED),
              StateComponent("extra", extra, SharingPattern.SHARDED)]
     if opt is not None:
-        comps.append(StateComponent("optim", ByName(model, opt) if form == "fqn" else opt, SharingPattern.SHARDED))
+        comps.append(StateComponent("optim", OptimizerByName(opt, model) if form == "fqn" else opt, SharingPattern.SHARDED))
     return comps
 
 

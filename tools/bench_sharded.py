@@ -33,19 +33,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ckpt import CheckpointCoordinator, LocalStorage, SharingPattern, StateComponent
-
-
-class OptimByName:
-    """The optimizer's state keyed by parameter name (torch's get/set_optimizer_state_dict)."""
-
-    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer):
-        self.model, self.opt = model, opt
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.opt)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.opt, state)
+from trainers.fsdp import OptimizerByName
 
 
 class CountingStorage(LocalStorage):
@@ -123,7 +111,7 @@ def timed(fn) -> float:
 def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     model, opt = build(args.width, args.layers, sharded=True)
     comps = [StateComponent("model", model, SharingPattern.SHARDED),
-             StateComponent("optim", OptimByName(model, opt), SharingPattern.SHARDED)]
+             StateComponent("optim", OptimizerByName(opt, model), SharingPattern.SHARDED)]
     state_bytes = [0]
     rank = dist.get_rank()
     state_bytes[0] = local_bytes({"m": model.state_dict(), "o": get_optimizer_state_dict(model, opt)})
@@ -161,7 +149,7 @@ def run_reads(args: argparse.Namespace) -> dict[str, Any]:
     model, opt = build(args.width, args.layers, sharded=world > 1)
     storage = CountingStorage()
     comps = [StateComponent("model", model, SharingPattern.SHARDED),
-             StateComponent("optim", OptimByName(model, opt), SharingPattern.SHARDED)]
+             StateComponent("optim", OptimizerByName(opt, model), SharingPattern.SHARDED)]
     target = local_bytes({"m": model.state_dict(), "o": get_optimizer_state_dict(model, opt)})
     with CheckpointCoordinator(os.path.join(args.root, f"ckpt-{args.repeats - 1}"), timeout=600, storage=storage, read_only=True) as c:
         c.load(comps)
