@@ -28,33 +28,14 @@ import textwrap
 import time
 from collections.abc import Callable
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The same state and Stateful as the local benchmark (this script's folder, tools/, is on the path).
+from bench_save import Holder, make_state
+
 from ckpt import CheckpointCoordinator, RetentionPolicy, SharingPattern, StateComponent, ValidationLevel
 from ckpt.io.s3 import S3Options, S3Storage
 
 CREDS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-class Holder:
-    """A Stateful whose load copies into the tensors it already has, as a model's load_state_dict does."""
-
-    def __init__(self, state: dict[str, torch.Tensor]):
-        self.state = state
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.state
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, tensor in state.items():
-            self.state[name].copy_(tensor)
-
-
-def make_state(size_mb: float, count: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    per = max(1, int(size_mb * 1e6 / 4 / count))
-    return {f"layer{i:05d}.weight": torch.randn(per, generator=gen) for i in range(count)}
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
