@@ -12,6 +12,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 
 from ckpt import CheckpointCoordinator, SharingPattern, StateComponent
+from tests.workers import Box  # plain values next to the DTensors
 from trainers.fsdp import OptimizerByName
 
 # Uneven on purpose: 7 and 3 rows do not split evenly over 2 or 4 ranks.
@@ -59,20 +60,7 @@ def full_values(model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> di
     return out
 
 
-class Extra:
-    """Plain values next to the DTensors: replicated on every rank."""
-
-    def __init__(self, value: dict[str, Any]):
-        self.value = value
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.value
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.value = state
-
-
-def components(model: torch.nn.Module, opt: torch.optim.Optimizer | None, form: str, extra: Extra
+def components(model: torch.nn.Module, opt: torch.optim.Optimizer | None, form: str, extra: Box
                ) -> list[StateComponent]:
     comps = [StateComponent("model", model, SharingPattern.SHARDED),
              StateComponent("extra", extra, SharingPattern.SHARDED)]
@@ -89,7 +77,7 @@ def save_worker(rank: int, world: int, run_dir: str, layout: str, form: str, asy
     opt = None if layout == "2d" else torch.optim.AdamW(model.parameters(), lr=0.1)
     if opt is not None:
         train_step(model, opt, seed=1)
-    extra = Extra({"epoch": 3, "table": torch.arange(6.0), "name": "run"})
+    extra = Box({"epoch": 3, "table": torch.arange(6.0), "name": "run"})
     with CheckpointCoordinator(run_dir, timeout=60) as coord:
         coord.save(1, components(model, opt, form, extra), async_save=async_save)
         saved = full_values(model, opt)
@@ -106,11 +94,11 @@ def load_worker(rank: int, world: int, run_dir: str, layout: str, form: str, opt
     opt = torch.optim.AdamW(model.parameters(), lr=0.1) if optim else None
     if opt is not None and form == "index":
         train_step(model, opt, seed=9)  # FSDP2's own optimizer state dict has no entries before a first step
-    extra = Extra({})
+    extra = Box({})
     with CheckpointCoordinator(run_dir, timeout=60) as coord:
         coord.load(components(model, opt, form, extra), strict=optim)
     out = full_values(model, opt)
-    out["extra"] = {k: full(v) if isinstance(v, torch.Tensor) else v for k, v in extra.value.items()}
+    out["extra"] = {k: full(v) if isinstance(v, torch.Tensor) else v for k, v in extra.state.items()}
     out["world"] = dist.get_world_size()
     return out
 

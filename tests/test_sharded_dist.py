@@ -101,10 +101,10 @@ def test_plain_tensors_of_a_sharded_component_are_checked_as_replicas(tmp_path, 
 
 def _drifted_worker(rank: int, world: int, run_dir: str) -> None:
     from ckpt import CheckpointCoordinator, SharingPattern, StateComponent
-    from tests.sharded_support import Extra
+    from tests.workers import Box as Plain  # not ckpt.patterns.boxes.Box
 
     with CheckpointCoordinator(run_dir, timeout=60) as coord:
-        coord.save(1, [StateComponent("extra", Extra({"table": torch.arange(3.0) + rank}), SharingPattern.SHARDED)])
+        coord.save(1, [StateComponent("extra", Plain({"table": torch.arange(3.0) + rank}), SharingPattern.SHARDED)])
 
 
 def test_cli_export_diff_and_inspect_across_shardings(tmp_path, capsys):
