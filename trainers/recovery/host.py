@@ -14,7 +14,6 @@ if TYPE_CHECKING:
 
     from ckpt import CheckpointCoordinator, LoadResult, StateComponent
 
-    from ..arguments import TrainingArguments
     from ..callback_handler import CallbackHandler
     from ..state import TrainerState
 
@@ -24,7 +23,7 @@ class RecoveryHost(Protocol):
 
     rank: int
     world_size: int
-    args: TrainingArguments
+    args: Any  # the TrainingArguments (not imported: trainers.arguments builds on this package's policy)
     state: TrainerState
     run_dir: str
     model: torch.nn.Module
