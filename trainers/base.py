@@ -36,6 +36,8 @@ from .keys import CALLBACK_PREFIX, CHECKPOINT_KIND, EVAL_PREFIX, TRAIN_LOSS, TRA
 from .liveness import StepWatchdog, die_with_parent, under_launcher
 from .metrics_log import MetricsLogger
 from .outcomes import StepConsensus, StepOutput, TrainingError
+from .recovery.controller import RecoveryController
+from .recovery.events import DIVERGENCE, RecoveryEvent
 from .recovery.guard import guard_save
 from .recovery.policy import DIVERGENCE_ACTIONS
 from .rng import RNGState, prepare_full_determinism, set_seed
@@ -168,9 +170,14 @@ class Trainer:
         policy = self.args.recovery_policy()
         if policy is None:
             return None
-        from .recovery.controller import RecoveryController  # it builds on this module
-
-        return RecoveryController(self, policy)
+        recovery = RecoveryController(self, policy)
+        if type(self).training_step is not Trainer.training_step and not getattr(
+                self, "recovery_aware_step", False) and self.rank == 0:
+            log.warning("%s overrides training_step: recovery's per-step checks (NaN/Inf consensus, gradient spikes, "
+                        "out-of-memory retry) and the LR cut after a rollback apply only where it calls "
+                        "trainer.recovery.gate_step() and scales its optimizer step (docs/recovery.md)",
+                        type(self).__name__)
+        return recovery
 
     def all_components(self) -> list[StateComponent]:
         """The trainer's components plus one per stateful callback (and recovery's): what every checkpoint holds."""
@@ -540,8 +547,6 @@ class Trainer:
         if self.recovery is not None:
             self.recovery.report(event)
             return
-        from .recovery.events import DIVERGENCE, RecoveryEvent
-
         self._diverged = True
         info = dict(event) if isinstance(event, Mapping) else {"reason": str(event)}
         shown = RecoveryEvent(DIVERGENCE, self.state.global_step, str(info.pop("action", "stop")),

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .arguments import TrainingArguments
     from .state import TrainerState
 
 
@@ -39,39 +38,42 @@ class TrainerControl:
 
 
 class TrainerCallback:
-    """Base class for callbacks; override the hooks you need. Every hook runs on every rank."""
+    """Base class for callbacks; override the hooks you need. Every hook runs on every rank.
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+    `args` is the trainer's TrainingArguments (typed Any: trainers.arguments builds on this module, through the
+    recovery policy's DivergenceDetector)."""
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> TrainerControl | None:
         """Before the first step (after a resume has restored state). kwargs: `resumed_from` (path or None)."""
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+    def on_step_begin(self, args: Any, state: TrainerState, control: TrainerControl,
                       **kwargs: Any) -> TrainerControl | None:
         """Before each training step; `state.global_step` is the number of steps done so far."""
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> TrainerControl | None:
         """After each optimizer step. kwargs: `loss` (this rank's loss, a float), `grad_norm`."""
 
-    def on_step_agreed(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+    def on_step_agreed(self, args: Any, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> TrainerControl | None:
         """After each step's agreement across ranks. kwargs: `loss` (the mean of the ranks' losses: identical on
         every rank), `grad_norm` (this rank's), `skipped` (recovery left the optimizer step out). A flag set here
         is agreed on with the next step's."""
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+    def on_log(self, args: Any, state: TrainerState, control: TrainerControl,
                **kwargs: Any) -> TrainerControl | None:
         """After a log line. kwargs: `logs` (the entry appended to state.log_history, plus throughput)."""
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+    def on_evaluate(self, args: Any, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> TrainerControl | None:
         """After an evaluation. kwargs: `metrics` (eval_<name> -> value, identical on every rank)."""
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+    def on_save(self, args: Any, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> TrainerControl | None:
         """After a checkpoint is committed. kwargs: `checkpoint` (its path), `metrics`."""
 
-    def on_instability(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+    def on_instability(self, args: Any, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> TrainerControl | None:
         """Something looks wrong. With a recovery policy: every recovery decision, as kwargs `event` (a
         trainers.recovery.RecoveryEvent; set `event.action` to one of `event.allowed` to change the decision)
@@ -79,7 +81,7 @@ class TrainerCallback:
         `grad_norm`), or a reported divergence (`event`, `reason`). See docs/recovery.md.
         """
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+    def on_train_end(self, args: Any, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> TrainerControl | None:
         """After the last step and the final save."""
 
@@ -91,15 +93,3 @@ EVENTS = ("on_train_begin", "on_step_begin", "on_step_end", "on_step_agreed", "o
 def is_stateful(callback: object) -> bool:
     """Whether a callback is saved with checkpoints (it has state_dict() and load_state_dict())."""
     return callable(getattr(callback, "state_dict", None)) and callable(getattr(callback, "load_state_dict", None))
-
-
-_DETECTORS = ("DivergenceDetector", "DualTimeScaleDivergenceDetector", "DualWindowDivergenceDetector")
-
-
-def __getattr__(name: str) -> Any:
-    # trainers.callbacks.DivergenceDetector, imported lazily: divergence.py itself builds on this module.
-    if name in _DETECTORS:
-        from . import divergence
-
-        return getattr(divergence, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,5 @@
-"""What a training step reports, what the ranks agree on after it, and the error a failed step raises on every
-rank."""
+"""What a training step reports, what the ranks agree on after it, and the errors a failed step raises on every
+rank (recovery's included)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ class TrainingError(RuntimeError):
         super().__init__(message)
         self.ranks = tuple(ranks)
         self.step = step
+
+
+class RecoveryError(TrainingError):
+    """Recovery gave up (max_rollbacks reached, nothing to roll back to, NaNs that do not stop); on every rank."""
 
 
 @dataclass(frozen=True)

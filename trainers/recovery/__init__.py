@@ -2,11 +2,14 @@
 cut and ramp (from host-memory copies of recent checkpoints when they are kept), out-of-memory retry,
 liveness checks, SIGTERM saves, and an event log. See docs/recovery.md.
 
-The controller is imported by the trainer when a policy is set (it builds on trainers.base).
+The controller knows the trainer only through the narrow RecoveryHost interface (host.py), so the trainer builds
+on recovery and never the reverse.
 """
 
 from __future__ import annotations
 
+from ..outcomes import RecoveryError
+from .controller import RecoveryController
 from .events import EVENTS_FILE, RecoveryEvent, read_events
 from .inject import FaultInjection
 from .policy import RecoveryPolicy, load_recovery_policy
@@ -17,6 +20,8 @@ __all__ = [
     "EVENTS_FILE",
     "HEALTH_EXIT_CODE",
     "FaultInjection",
+    "RecoveryController",
+    "RecoveryError",
     "RecoveryEvent",
     "RecoveryPolicy",
     "init_process_group_for_restarts",
@@ -24,11 +29,3 @@ __all__ = [
     "read_events",
 ]
 
-
-def __getattr__(name: str):
-    # RecoveryController and RecoveryError build on trainers.base, which imports this package: load on use.
-    if name in ("RecoveryController", "RecoveryError"):
-        from . import controller
-
-        return getattr(controller, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,28 +1,27 @@
-"""What recovery does at a step boundary: roll back, stop or abort on divergence, save on a signal."""
+"""What recovery does at a step boundary: roll back, stop or abort on divergence, save on a signal.
+
+`ctl` is the RecoveryController that calls these functions (typed Any: controller.py imports this module).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
+from ..outcomes import RecoveryError
 from . import events as ev
 from .events import RecoveryEvent
 from .lr import LRRamp
 from .memory import restore
 from .rollback import choose_target
 
-if TYPE_CHECKING:
-    from .controller import RecoveryController
-
 log = logging.getLogger("trainers")
 
 
-def give_up(ctl: RecoveryController, message: str) -> None:
+def give_up(ctl: Any, message: str) -> None:
     """Record why recovery stops, wait for a save in flight, and raise RecoveryError on every rank."""
-    from .controller import RecoveryError
-
     step = ctl.trainer.state.global_step
     ctl.dispatch(RecoveryEvent(ev.GAVE_UP, step, "stop", message, values={"rollbacks": ctl.rollbacks}), quiet=True)
     if ctl.rank == 0:
@@ -31,7 +30,7 @@ def give_up(ctl: RecoveryController, message: str) -> None:
     raise RecoveryError(message, step=step)
 
 
-def rollback(ctl: RecoveryController, reason: str, first_bad: int, checked: int) -> None:
+def rollback(ctl: Any, reason: str, first_bad: int, checked: int) -> None:
     """Reload the chosen checkpoint (every component, every rank), then cut the LR and ramp it back."""
     t, policy = ctl.trainer, ctl.policy
     step, started = t.state.global_step, time.perf_counter()
@@ -85,7 +84,7 @@ def rollback(ctl: RecoveryController, reason: str, first_bad: int, checked: int)
                     ctl.ramp.start_scale, policy.lr_ramp_steps)
 
 
-def reload(ctl: RecoveryController, target: int) -> tuple[int, str, str]:
+def reload(ctl: Any, target: int) -> tuple[int, str, str]:
     """Load checkpoint `target` on every rank: from the host copies when every rank holds one (no disk read),
     else from the disk. Returns (its step, its path, "memory" or "disk")."""
     t = ctl.trainer
@@ -114,7 +113,7 @@ def reload(ctl: RecoveryController, target: int) -> tuple[int, str, str]:
     return result.step, result.path, "disk"
 
 
-def divergence_action(ctl: RecoveryController, action: str, event: RecoveryEvent | None = None) -> bool:
+def divergence_action(ctl: Any, action: str, event: RecoveryEvent | None = None) -> bool:
     """"stop": set aside the checkpoints no good observation vouches for (a resume from "latest" would pick
     them), save (marked diverged, never over an existing checkpoint), then
     stop; "abort": just stop."""
@@ -133,7 +132,7 @@ def divergence_action(ctl: RecoveryController, action: str, event: RecoveryEvent
     return True
 
 
-def emergency_save(ctl: RecoveryController, signal_name: str) -> None:
+def emergency_save(ctl: Any, signal_name: str) -> None:
     """Save at this boundary (unless this step was just saved or rolled back to), so the job can stop."""
     t = ctl.trainer
     step = t.state.global_step

@@ -22,17 +22,21 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ckpt import SharingPattern, StateComponent, read_manifest
 
-from ..base import StepOutput, Trainer, TrainingError
 from ..divergence import DivergenceDetector
+from ..outcomes import RecoveryError as RecoveryError  # re-exported: where it was defined before
+from ..outcomes import StepOutput
 from . import events as ev
+from .actions import divergence_action, emergency_save, rollback
 from .events import EventLog, RecoveryEvent, read_events
 from .guard import DIVERGED, agree_on_save, mark_diverged
+from .host import RecoveryHost
 from .lr import LRRamp
 from .memory import MIB, HostCopies
 from .policy import DIVERGENCE_ACTIONS, RecoveryPolicy
 from .rollback import LastGoodGuard
 from .signals import StopSignals
 from .spikes import RunningMedian
+from .step import gate_step, recovered_step
 from .watchdog import HEALTH_EXIT_CODE, HealthCheckFailure, HealthWatchdog
 
 log = logging.getLogger("trainers")
@@ -41,14 +45,10 @@ COMPONENT = "recovery"
 _FORMAT = 1
 
 
-class RecoveryError(TrainingError):
-    """Recovery gave up (max_rollbacks reached, nothing to roll back to, NaNs that do not stop); on every rank."""
-
-
 class RecoveryController:
     """Construct on every rank at the same point (it may create process groups)."""
 
-    def __init__(self, trainer: Trainer, policy: RecoveryPolicy):
+    def __init__(self, trainer: RecoveryHost, policy: RecoveryPolicy):
         self.trainer, self.policy = trainer, policy
         self.rank, self.world_size = trainer.rank, trainer.world_size
         if policy.rollback_to == "best" and not trainer.args.preserve_best_model:
@@ -69,12 +69,6 @@ class RecoveryController:
                                                    for cb in trainer.callback_handler.callbacks):
             trainer.callback_handler.add(policy.make_detector())
         self.exit = os._exit  # replaced in tests
-        if type(trainer).training_step is not Trainer.training_step and not getattr(
-                trainer, "recovery_aware_step", False) and self.rank == 0:
-            log.warning("%s overrides training_step: recovery's per-step checks (NaN/Inf consensus, gradient spikes, "
-                        "out-of-memory retry) and the LR cut after a rollback apply only where it calls "
-                        "trainer.recovery.gate_step() and scales its optimizer step (docs/recovery.md)",
-                        type(trainer).__name__)
         # Saved state.
         self.rollbacks = 0
         self.ramp = LRRamp()
@@ -219,8 +213,6 @@ class RecoveryController:
     # ---- the training step ---------------------------------------------------------------------------
 
     def training_step(self, batch: Any) -> StepOutput:
-        from .step import recovered_step
-
         return recovered_step(self, batch)
 
     def lr_scale(self, step: int) -> float:
@@ -229,8 +221,6 @@ class RecoveryController:
 
     def gate_step(self, loss: float, grad_norm: float) -> bool:
         """For trainers with their own training_step; see step.gate_step."""
-        from .step import gate_step
-
         return gate_step(self, loss, grad_norm)
 
     def log_fields(self) -> dict[str, Any]:
@@ -346,8 +336,6 @@ class RecoveryController:
     def at_step_boundary(self, stop: bool) -> bool:
         """Act on what the ranks agreed during the step; returns whether training stops."""
         self._skip_if_due()
-        from .actions import divergence_action, emergency_save, rollback
-
         rolled = False
         if self._agreed is not None:
             action, event = self._agreed

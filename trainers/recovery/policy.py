@@ -24,6 +24,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from ..divergence import DivergenceDetector
+
 NAN_ACTIONS = ("warn", "skip", "raise", "rollback")
 DIVERGENCE_ACTIONS = ("stop", "abort", "rollback")
 ROLLBACK_TARGETS = ("last_good", "best", "steps_back:N")
@@ -162,12 +164,10 @@ class RecoveryPolicy:
         """N of rollback_to="steps_back:N", else None."""
         return _steps_back(self.rollback_to)
 
-    def make_detector(self) -> Any:
+    def make_detector(self) -> DivergenceDetector | None:
         """The DivergenceDetector these settings describe (None when `detector` is None)."""
         if self.detector is None:
             return None
-        from ..divergence import DivergenceDetector
-
         return DivergenceDetector(**dict(self.detector), action=self.divergence_action)
 
     def to_plain(self) -> dict[str, Any]:

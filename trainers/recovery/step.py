@@ -8,6 +8,8 @@ all-reduce), the agreement comes before the last micro-batch's backward, so a ra
 never leaves the others waiting in the gradient exchange; the gradient flags are then decided after it
 from the all-reduced gradients' norm, which is the same on every rank. Every rank then takes the same
 action: retry with half the micro-batch, skip the optimizer step, apply it, or raise.
+
+`ctl` is the RecoveryController that calls these functions (typed Any: controller.py imports this module).
 """
 
 from __future__ import annotations
@@ -15,19 +17,16 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..base import StepOutput, TrainingError
+from ..outcomes import RecoveryError, StepOutput, TrainingError
 from . import events as ev
 from .events import RecoveryEvent
 from .lr import finish_step
 from .microbatch import batch_length, is_out_of_memory, release_memory, split_batch
 from .policy import DIVERGENCE_ACTIONS
-
-if TYPE_CHECKING:
-    from .controller import RecoveryController
 
 OOM, ERROR, NAN_LOSS, NAN_GRAD, SPIKE, SAMPLES, LOSS = range(7)
 N_FLAGS = 7
@@ -44,7 +43,7 @@ class Attempt:
     oom: bool = False
 
 
-def forward_backward(ctl: RecoveryController, batch: Any, micro: int) -> Attempt:
+def forward_backward(ctl: Any, batch: Any, micro: int) -> Attempt:
     t = ctl.trainer
     pieces = split_batch(batch, micro)
     total = sum(n for _, n in pieces)
@@ -68,7 +67,7 @@ def forward_backward(ctl: RecoveryController, batch: Any, micro: int) -> Attempt
     return att
 
 
-def recovered_step(ctl: RecoveryController, batch: Any) -> StepOutput:
+def recovered_step(ctl: Any, batch: Any) -> StepOutput:
     t = ctl.trainer
     step, n = t.state.global_step + 1, batch_length(batch)
     while True:
@@ -109,7 +108,7 @@ def recovered_step(ctl: RecoveryController, batch: Any) -> StepOutput:
     return StepOutput(loss=loss, grad_norm=grad_norm, skipped=not apply)
 
 
-def _abandon_backward(ctl: RecoveryController) -> bool:
+def _abandon_backward(ctl: Any) -> bool:
     """Every rank leaves this step's DDP forward without its backward: make DDP stop expecting that backward
     (else the next backward, even under no_sync(), would start the gradient all-reduce on some ranks only).
     A private torch API (the one DDP's own _update_process_group uses), guarded; False when it is missing."""
@@ -122,7 +121,7 @@ def _abandon_backward(ctl: RecoveryController) -> bool:
     return True
 
 
-def _synced_backward(ctl: RecoveryController, att: Attempt, step: int, *, skip: bool) -> float:
+def _synced_backward(ctl: Any, att: Attempt, step: int, *, skip: bool) -> float:
     """The last micro-batch's backward (which all-reduces the gradients), unless the step is skipped anyway."""
     if skip and _abandon_backward(ctl):
         return math.nan
@@ -137,7 +136,7 @@ def _synced_backward(ctl: RecoveryController, att: Attempt, step: int, *, skip: 
     return float(ctl.trainer.clip_gradients())
 
 
-def _judge(ctl: RecoveryController, step: int, loss: float, grad_norm: float, agreed: list[float], *,
+def _judge(ctl: Any, step: int, loss: float, grad_norm: float, agreed: list[float], *,
            local_bad: bool) -> bool:
     """Apply the optimizer step? Identical on every rank: it depends on agreed flags and global values only."""
     policy = ctl.policy
@@ -155,7 +154,7 @@ def _judge(ctl: RecoveryController, step: int, loss: float, grad_norm: float, ag
     return True
 
 
-def _spike(ctl: RecoveryController, step: int, grad_norm: float, mean_loss: float) -> bool:
+def _spike(ctl: Any, step: int, grad_norm: float, mean_loss: float) -> bool:
     """A gradient-norm spike. With clipping on (max_grad_norm) the clipped step is applied ("clip"), unless the
     loss jumped too on the first spike of a streak; without clipping it is skipped. A streak of max_consecutive_spikes is divergence (divergence_action, from
     its first spike) only when the loss jumped on at least half of them; otherwise the new norm level is
@@ -194,7 +193,7 @@ def _spike(ctl: RecoveryController, step: int, grad_norm: float, mean_loss: floa
     return action in ("clip", "warn")
 
 
-def _non_finite(ctl: RecoveryController, step: int, loss: float, grad_norm: float, local_bad: bool, *,
+def _non_finite(ctl: Any, step: int, loss: float, grad_norm: float, local_bad: bool, *,
                 in_loss: bool) -> bool:
     policy = ctl.policy
     ctl.nan_streak += 1
@@ -213,8 +212,6 @@ def _non_finite(ctl: RecoveryController, step: int, loss: float, grad_norm: floa
                 "streak_start": ctl.nan_streak_start}, allowed=("warn", "skip", "raise", "rollback"))
     action = ctl.dispatch(event)
     if action == "raise":
-        from .controller import RecoveryError
-
         raise RecoveryError(f"non-finite {what} at step {step} on ranks {list(event.ranks) or 'all'} "
                             f"({ctl.nan_streak} in a row; nan_action={policy.nan_action!r}). Lower the learning rate, "
                             "check the data of that step, or set nan_action='rollback'", ranks=event.ranks, step=step)
@@ -223,7 +220,7 @@ def _non_finite(ctl: RecoveryController, step: int, loss: float, grad_norm: floa
     return action == "warn"
 
 
-def _out_of_memory(ctl: RecoveryController, step: int, micro: int, n: int, here: bool) -> None:
+def _out_of_memory(ctl: Any, step: int, micro: int, n: int, here: bool) -> None:
     """Halve the micro-batch on every rank (or raise at 1 sample)."""
     new = max(1, micro // 2)
     event = RecoveryEvent(
@@ -232,15 +229,13 @@ def _out_of_memory(ctl: RecoveryController, step: int, micro: int, n: int, here:
         values={"micro_batch_size": micro, "new_micro_batch_size": new, "accumulation_steps": -(-n // new),
                 "per_device_batch_size": n}, allowed=("retry", "raise") if micro > 1 else ())
     if ctl.dispatch(event) == "raise":
-        from .controller import RecoveryError
-
         raise RecoveryError(f"out of memory at step {step} on ranks {list(event.ranks)} with a micro-batch of {micro} "
                             "sample(s); nothing smaller is left to try. Use a smaller model, shorter sequences or "
                             "more memory per rank", ranks=event.ranks, step=step)
     ctl.micro_batch_size = new
 
 
-def gate_step(ctl: RecoveryController, loss: float, grad_norm: float) -> bool:
+def gate_step(ctl: Any, loss: float, grad_norm: float) -> bool:
     """For a trainer with its own training_step: after backward and clipping, before the optimizer step, agree
     on NaN/Inf and spikes across the ranks; True when the optimizer step should be applied (inside
     `scaled_lr(optimizer, ctl.lr_scale(step))`). `grad_norm` must be the whole model's norm."""
