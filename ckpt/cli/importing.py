@@ -43,19 +43,6 @@ OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim")
 DCP_METADATA = ".metadata"
 
 
-class _Value:
-    """A plain state dict as a Stateful, for the coordinator to save."""
-
-    def __init__(self, state: dict[str, Any]):
-        self.state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = state
-
-
 def source_kind(src: str) -> str:
     """"torch", "dcp" or "hf" for what `src` is, or an error saying what it is not."""
     if os.path.isfile(src):
@@ -252,7 +239,7 @@ def import_checkpoint(src: str, run_dir: str, step: int, *, model_key: str | Non
         left_out = sorted(n for n in os.listdir(src) if not n.endswith(".safetensors") and n != HF_INDEX)
     plain = {key: _plain_tensors(value) for key, value in components.items()}
     with CheckpointCoordinator(run_dir) as coordinator:
-        path = coordinator.save(step, [StateComponent(key, _Value(value), SharingPattern.GLOBAL)
+        path = coordinator.save(step, [StateComponent(key, value, SharingPattern.GLOBAL)
                                        for key, value in plain.items()], overwrite=overwrite)
     return {"source": src, "source_format": kind, "checkpoint": path, "step": step, "components": sorted(plain),
             "tensors": {key: sum(1 for _ in _leaf_tensors(v)) for key, v in plain.items()},
