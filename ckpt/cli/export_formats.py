@@ -33,7 +33,7 @@ from ..format.tensor_io import DTYPE_TO_ST, tensor_bytes
 from ..load.reshard import is_shard_entry, read_merged
 from ..patterns.base import placement_for
 from .assemble import PlannedTensor, TensorReader, plan_component
-from .inspection import Opened
+from .inspection import Opened, tensors_in
 
 HF_SINGLE = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
@@ -245,22 +245,12 @@ def export_dcp(ck: Opened, output: str, component: str | None = None) -> dict[st
 
 
 def _result(ck: Opened, output: str, fmt: str, state: dict, left_out: dict, component: str | None) -> dict[str, Any]:
-    tensors = sum(1 for v in _tensors(state))
+    tensors = sum(1 for v in tensors_in(state))
     return {"output": output, "format": fmt, "step": ck.manifest.step, "components": sorted(state),
             "whole_file_is": component, "tensors": tensors, "nbytes": sum(t.numel() * t.element_size()
-                                                                          for t in _tensors(state)),
+                                                                          for t in tensors_in(state)),
             "left_out": left_out}
 
-
-def _tensors(value: Any):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, list | tuple):
-        for v in value:
-            yield from _tensors(v)
 
 
 __all__ = ["DEFAULT_TIES", "DTYPES", "HF_INDEX", "HF_SINGLE", "export_dcp", "export_hf", "export_torch",

@@ -36,6 +36,7 @@ from ..component import SharingPattern, StateComponent
 from ..coordinator import CheckpointCoordinator
 from ..errors import CheckpointError
 from .export_formats import HF_INDEX, HF_SINGLE
+from .inspection import tensors_in
 
 MODEL, OPTIMIZER = "model", "optimizer"  # the keys trainers give these components
 MODEL_KEYS = ("model", "state_dict", "model_state_dict", "module")
@@ -242,7 +243,7 @@ def import_checkpoint(src: str, run_dir: str, step: int, *, model_key: str | Non
         path = coordinator.save(step, [StateComponent(key, value, SharingPattern.GLOBAL)
                                        for key, value in plain.items()], overwrite=overwrite)
     return {"source": src, "source_format": kind, "checkpoint": path, "step": step, "components": sorted(plain),
-            "tensors": {key: sum(1 for _ in _leaf_tensors(v)) for key, v in plain.items()},
+            "tensors": {key: sum(1 for _ in tensors_in(v)) for key, v in plain.items()},
             "left_out": left_out}
 
 
@@ -258,16 +259,6 @@ def _plain_tensors(value: Any) -> Any:
         return tuple(_plain_tensors(v) for v in value)
     return value
 
-
-def _leaf_tensors(value: Any):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _leaf_tensors(v)
-    elif isinstance(value, list | tuple):
-        for v in value:
-            yield from _leaf_tensors(v)
 
 
 def add_import_command(command: Any) -> None:

@@ -130,6 +130,11 @@ def leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
         yield path or "(root)", value
 
 
+def tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a (nested) state dict, in state-dict order."""
+    return (v for _, v in leaves(value) if isinstance(v, torch.Tensor))
+
+
 def read_skeleton(ck: Opened, key: str, owner: int | None,
                   on_file: Callable[[int], Any] | None = None) -> bytes | None:
     """The msgpack skeleton of one copy (digest checked), or None when the copy has none."""
