@@ -38,16 +38,6 @@ def _rank(rank: int, world: int, init_file: str, run_dir: str, tensors: int, que
 
     from ckpt import CheckpointCoordinator, SharingPattern, StateComponent
 
-    class Box:
-        def __init__(self, state: dict):
-            self.state = state
-
-        def state_dict(self) -> dict:
-            return self.state
-
-        def load_state_dict(self, state: dict) -> None:
-            self.state = state
-
     try:
         if world > 1:
             dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -56,10 +46,11 @@ def _rank(rank: int, world: int, init_file: str, run_dir: str, tensors: int, que
         coord.comm.reset_stats()
 
         def components() -> list[StateComponent]:
-            return [StateComponent("model", Box({f"w{i}": torch.ones(8) * i for i in range(tensors)}),
+            # Plain dicts are components (loaded in place).
+            return [StateComponent("model", {f"w{i}": torch.ones(8) * i for i in range(tensors)},
                                    SharingPattern.REPLICATED),
-                    StateComponent("rng", Box({"seed": rank}), SharingPattern.PER_RANK),
-                    StateComponent("data", Box({"epoch": 1}), SharingPattern.GLOBAL)]
+                    StateComponent("rng", {"seed": rank}, SharingPattern.PER_RANK),
+                    StateComponent("data", {"epoch": 1}, SharingPattern.GLOBAL)]
 
         out: dict[str, Any] = {}
         for op, call in zip(OPS, (lambda: coord.save(1, components()), lambda: coord.save(2, components()),
