@@ -189,6 +189,15 @@ def test_import_refuses_code_in_a_torch_save_file(tmp_path, capsys):
     assert not (tmp_path / "run" / "checkpoint-00000001").exists()
 
 
+def test_import_of_a_file_that_is_no_torch_save_file_says_so(tmp_path, capsys):
+    (tmp_path / "page.html").write_text("<html>not a checkpoint</html>")
+    assert main(["import", str(tmp_path / "page.html"), str(tmp_path / "run"), "--step", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "page.html is not a torch.save file that torch.load(weights_only=True) can read" in err
+    assert "weights_only` set to `False`" not in err  # never the advice to run the file's code
+    assert not (tmp_path / "run" / "checkpoint-00000001").exists()
+
+
 def test_import_refuses_a_dcp_metadata_file_that_would_run_code(tmp_path, capsys):
     dcp.save({"w": torch.ones(2)}, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
     marker = tmp_path / "ran"

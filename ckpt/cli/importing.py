@@ -80,18 +80,28 @@ def read_torch(path: str) -> Any:
     """A torch.save file's contents, loaded with weights_only=True (tensors, containers, numbers, strings, NumPy
     arrays)."""
     try:
-        return _safe_load(path, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):  # the legacy (non-zip) format cannot be mapped
-            raise CheckpointError(f"{path} cannot be read as a torch.save file with weights_only=True: "
-                                  f"{str(exc).splitlines()[0]}", path=path) from None
+        try:
+            return _safe_load(path, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # the legacy (non-zip) format cannot be mapped
+                raise CheckpointError(f"{path} cannot be read as a torch.save file with weights_only=True: "
+                                      f"{str(exc).splitlines()[0]}", path=path) from None
+        return _safe_load(path)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        what = found.group(1) if found else str(exc).splitlines()[-1]
-        raise CheckpointError(f"{path} holds objects torch.load(weights_only=True) refuses (it would have to run "
-                              f"code to rebuild them): {what}. Save plain state dicts, e.g. "
-                              "torch.save({'model': model.state_dict()}, path)", path=path) from None
-    return _safe_load(path)
+        raise _refused(path, str(exc)) from None
+
+
+def _refused(path: str, text: str) -> CheckpointError:
+    """The one error for a file weights_only refuses: objects that need code to rebuild, or no torch.save file."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return CheckpointError(f"{path} holds objects torch.load(weights_only=True) refuses (it would have to run "
+                               f"code to rebuild them): {found.group(1)}. Save plain state dicts, e.g. "
+                               "torch.save({'model': model.state_dict()}, path)", path=path)
+    why = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. |$)", text)
+    return CheckpointError(f"{path} is not a torch.save file that torch.load(weights_only=True) can read"
+                           f"{f' ({why.group(1)})' if why else ''}; pass a torch.save file, a DCP folder or a "
+                           "Hugging Face model folder", path=path)
 
 
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
