@@ -263,14 +263,11 @@ class CheckpointCoordinator:
         try:  # a failure here is raised inside the first phase, so every rank raises it together
             plain = plain_metrics(metrics)
             check_unique([c.key for c in components])
-            staging = self._staging if run_async else None
-            if staging is not None:
-                staging.begin()
+            self._staging.begin()
             with gc_paused():
                 for c in components:
-                    snapshots[c.key] = snapshot(c, staging)
-            if staging is not None:
-                staging.end()
+                    snapshots[c.key] = snapshot(c, self._staging, host_too=run_async)
+            self._staging.end()
         except Exception as exc:
             error, plain = exc, {}
         went_back, self._went_back_to = self._went_back_to, None
@@ -339,6 +336,7 @@ class CheckpointCoordinator:
     def _declare(self, snapshots: Mapping[str, Snapshot], error: Exception | None,
                  out: dict[str, PreparedComponent], final: str, partial: str, overwrite: bool,
                  went_back: int | None) -> list[ComponentDecl]:
+        self._staging.settle()  # device tensors' copies to the host have landed
         if error is not None:
             raise error
         if self.rank == 0:

@@ -37,6 +37,8 @@ MODELS = {
     # ~75M parameters: 0.3 GB of weights and 0.6 GB of AdamW moments, ~0.9 GB of state; a small batch keeps
     # the CPU step around a second.
     "1gb": (GPTConfig(n_layer=6, n_head=16, d_model=1024, block_size=32), 1),
+    # For a GPU (--device cuda): ~340M parameters, ~4 GB of weights and AdamW moments, steps of real size.
+    "gpu4gb": (GPTConfig(n_layer=12, n_head=16, d_model=1536, block_size=256), 16),
 }
 
 
@@ -55,18 +57,20 @@ class Result:
 _MAX_STEPS_BESIDE = 500
 
 
-def _trainer(name: str) -> tuple[TinyGPT, torch.optim.Optimizer, Callable[[], None]]:
+def _trainer(name: str, device: str) -> tuple[TinyGPT, torch.optim.Optimizer, Callable[[], None]]:
     cfg, batch = MODELS[name]
     torch.manual_seed(0)
-    model = TinyGPT(cfg)
+    model = TinyGPT(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator(device=device).manual_seed(1)
 
     def step() -> None:
-        ids = torch.randint(0, VOCAB, (batch, cfg.block_size + 1), generator=gen)
+        ids = torch.randint(0, VOCAB, (batch, cfg.block_size + 1), generator=gen, device=device)
         model(ids[:, :-1], ids[:, 1:]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device != "cpu":  # a step's time is the device's, not the launch's
+            torch.cuda.synchronize()
 
     return model, opt, step
 
@@ -77,8 +81,8 @@ def _state_mb(model: torch.nn.Module, opt: torch.optim.Optimizer) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 1e6
 
 
-def measure(name: str, run_dir: str, steps: int, rounds: int) -> Result:
-    model, opt, step = _trainer(name)
+def measure(name: str, run_dir: str, steps: int, rounds: int, device: str = "cpu") -> Result:
+    model, opt, step = _trainer(name, device)
     for _ in range(2):  # warm-up, and AdamW's moments exist from here on
         step()
     comps = [StateComponent("model", model, SharingPattern.REPLICATED),
@@ -124,15 +128,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads for the training step (on a machine shared with other jobs, "
                              "more threads than free cores make every step wait for the slowest)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the model trains (cuda: device tensors staged through pinned buffers)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.threads} training thread(s), "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"torch {torch.__version__} on {where}, {os.cpu_count()} CPUs, {args.threads} training thread(s), "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     results = []
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
-            res = measure(name, tmp, args.steps, args.rounds)
+            res = measure(name, tmp, args.steps, args.rounds, args.device)
         results.append(res)
         slow = f"{res.step_beside_save_s / res.step_s:.2f}x ({res.steps_beside_save} steps)"
         print(f"{res.model}: state {res.state_mb:.0f} MB; step {res.step_s * 1e3:.1f} ms; "

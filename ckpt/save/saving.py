@@ -53,9 +53,9 @@ class PreparedComponent:
     replicated: FlatState | None = None  # what the replica check compares (`flat` unless SHARDED)
 
 
-def snapshot(component: StateComponent, staging: StagingPool | None) -> Snapshot:
-    """Take a component's state now. With `staging`, its tensors are copied into reusable buffers, so
-    training may change the live state while the copies are written."""
+def snapshot(component: StateComponent, staging: StagingPool, host_too: bool = True) -> Snapshot:
+    """Take a component's state now. Its device tensors (and with `host_too` its host tensors) are copied into
+    the pool's reusable buffers, so training may change the live state while the copies are written."""
     pattern = component.resolve_pattern()
     try:
         state = component.state_dict()
@@ -68,8 +68,7 @@ def snapshot(component: StateComponent, staging: StagingPool | None) -> Snapshot
         flat, shards = placement.take(flat, component.key)
     else:
         refuse_dtensors(flat, component.key, pattern.name)
-    if staging is not None:
-        flat = staging.stage(component.key, flat)
+    flat = staging.stage(component.key, flat, host_too=host_too)
     return Snapshot(component, pattern, component.resolve_validation(pattern), flat, shards)
 
 
