@@ -460,8 +460,9 @@ class CheckpointCoordinator:
         asked = {c.key for c in components}
         skipped = staged.skipped + [k for k in damaged if k not in staged.skipped and k in asked]
         unused = sorted(set(manifest.components) - set(read.keys))
-        self.comm.gather_phase("apply", lambda: apply_staged(components, staged.state, self.rank, strict),
-                               what=f"load of {path}", decide=lambda reports: decide_apply(path, reports))
+        with hold(path, "being loaded"):  # files checked in the read phase are read into place here
+            self.comm.gather_phase("apply", lambda: apply_staged(components, staged.state, self.rank, strict),
+                                   what=f"load of {path}", decide=lambda reports: decide_apply(path, reports))
         self.resumed_from = path
         if _same_dir(os.path.dirname(os.path.normpath(path)), self.run_dir):  # one of this run's own checkpoints
             self._went_back_to = step if step >= 0 else manifest.step

@@ -294,6 +294,31 @@ def read_header(storage: Storage, path: str, expected_size: int | None,
     return {e.name: (e.dtype, list(e.shape)) for e in entries}
 
 
+def verify_tensor_file(storage: Storage, path: str, expected_size: int | None, expected_digest: str,
+                       component: str | None = None) -> dict[str, tuple[torch.dtype, list[int]]]:
+    """Check a safetensors file's size, header and digest without keeping its bytes: it is streamed through
+    one small buffer (so checking a checkpoint allocates nothing of its size). Returns the tensors
+    (dtype, shape) its header describes."""
+    size = _checked_size(storage, path, expected_size, component)
+    hasher = new_hasher()
+    with storage.open_read(path) as f:
+        prefix, header_bytes = _read_prefix(f, size, path, component)
+        entries = parse_header(header_bytes, size - len(prefix) - len(header_bytes), path, component)
+        hasher.update(prefix)
+        hasher.update(header_bytes)
+        left = size - len(prefix) - len(header_bytes)
+        buf = memoryview(bytearray(min(_READ_CHUNK, max(left, 1))))
+        while left:
+            n = f.readinto(buf[: min(len(buf), left)])
+            if not n:
+                raise CorruptCheckpointError(f"file {path} (component {component!r}) ended early", path=path,
+                                             component=component)
+            hasher.update(buf[:n])
+            left -= n
+    _check_digest(hasher, expected_digest, path, component)
+    return {e.name: (e.dtype, list(e.shape)) for e in entries}
+
+
 def read_blob(storage: Storage, path: str, expected_size: int | None, expected_digest: str | None,
               component: str | None = None) -> bytes:
     """A whole small file (a msgpack skeleton), size- and digest-checked."""

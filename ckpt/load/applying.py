@@ -9,6 +9,8 @@ from typing import Any
 
 from ..component import StateComponent
 from ..errors import PartialLoadError
+from ..format.serialization import flatten_state
+from .loading import VerifiedCopy
 
 log = logging.getLogger("ckpt")
 
@@ -21,11 +23,20 @@ def apply_staged(components: Sequence[StateComponent], staged: Mapping[str, Any]
     applied: list[str] = []
     for c in components:
         if c.key in staged:
+            state = staged[c.key]
             try:
-                c.load_state_dict(staged[c.key], strict)
+                if isinstance(state, VerifiedCopy):  # checked on every rank; its bytes go straight into place
+                    state = state.read(flatten_state(c.state_dict(), c.key).tensors)
+            except Exception as exc:
+                log.debug("rank %d: reading %r into place failed", rank, c.key, exc_info=True)
+                return {"applied": applied, "failed": c.key,
+                        "error": f"reading its files into the live tensors failed: {type(exc).__name__}: {exc}"}
+            try:
+                c.load_state_dict(state, strict)
             except Exception as exc:
                 log.debug("rank %d: load_state_dict() of %r failed", rank, c.key, exc_info=True)
-                return {"applied": applied, "failed": c.key, "error": f"{type(exc).__name__}: {exc}"}
+                return {"applied": applied, "failed": c.key,
+                        "error": f"load_state_dict() raised {type(exc).__name__}: {exc}"}
             applied.append(c.key)
     return {"applied": applied, "failed": None, "error": None}
 
@@ -33,7 +44,7 @@ def apply_staged(components: Sequence[StateComponent], staged: Mapping[str, Any]
 def apply_failure(path: str, reports: Sequence[Mapping[str, Any]]) -> PartialLoadError:
     """One error for every rank: which component failed where, and what each rank had applied by then."""
     failed = {r: rep for r, rep in enumerate(reports) if rep["failed"] is not None}
-    where = ", ".join(f"rank {r}: component {rep['failed']!r}: load_state_dict() raised {rep['error']}"
+    where = ", ".join(f"rank {r}: component {rep['failed']!r}: {rep['error']}"
                       for r, rep in list(failed.items())[:8])
     applied = {r: tuple(rep["applied"]) for r, rep in enumerate(reports)}
     state = "; ".join(f"rank {r}: {list(keys)}" + (f", then {reports[r]['failed']!r} failed and may be partly "

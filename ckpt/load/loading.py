@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from ..errors import CorruptCheckpointError
 from ..format.manifest import ComponentEntry, FileEntry
 from ..format.serialization import unflatten_state
-from ..format.tensor_io import ST_TO_DTYPE, read_blob, read_header, read_safetensors
+from ..format.tensor_io import ST_TO_DTYPE, read_blob, read_header, read_safetensors, verify_tensor_file
 from ..io.storage import Storage, is_inside
 from ..io.threads import parallel_map
 
@@ -57,23 +58,86 @@ def check_copy(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry,
     each tensor file's header against the manifest (names, dtypes, shapes, byte ranges), pieces that cover
     their tensors exactly once, one state file, and that state file decoding (within the limits) over the
     tensors the manifest lists. Raises CorruptCheckpointError naming the file."""
+    verify_copy(storage, ckpt_dir, key, entry, owner, verify=False)
+
+
+@dataclass(frozen=True)
+class VerifiedCopy:
+    """One copy of a component whose files passed every check a load makes (sizes, digests, headers against
+    the manifest, the state file's decoding), with its tensors not read yet. `read` reads them once every rank
+    agreed to apply, straight into the live tensors that match (so a load costs one pass over the bytes into
+    place, not a fresh copy and then another). The bytes are not hashed a second time: each file's identity
+    (inode, size, times) must still be the one it had when it was checked, or the read is refused."""
+
+    storage: Storage
+    ckpt_dir: str
+    key: str
+    entry: ComponentEntry
+    owner: int | None
+    state_bytes: bytes
+    state_path: str
+    identities: tuple[tuple[str, tuple[int, ...]], ...]
+    threads: int
+
+    def read(self, into: Mapping[str, torch.Tensor] | None) -> Any:
+        for path, identity in self.identities:
+            if self.storage.identity(path) != identity:
+                raise CorruptCheckpointError(
+                    f"file {path} (component {self.key!r}) was replaced or rewritten after this load checked it; "
+                    "nothing of it was read. Load again", path=path, component=self.key)
+        tensors = read_copy_tensors(self.storage, self.ckpt_dir, self.key, self.entry, self.owner, False, into,
+                                    self.threads)
+        return unflatten_state(self.state_bytes, tensors, self.key, source=self.state_path)
+
+
+def _identity(identify: Callable[[str], tuple[int, ...]] | None, path: str) -> tuple[int, ...] | None:
+    if identify is None:
+        return None
+    try:
+        return tuple(identify(path))
+    except OSError:  # reported by the check itself, naming the file
+        return None
+
+
+def verify_copy(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, owner: int | None,
+                verify: bool = True, threads: int = 1) -> VerifiedCopy:
+    """Check one copy's files as a load does (with `verify`, each tensor file's digest too, streamed on
+    `threads` threads through small buffers) without keeping any tensor bytes. Raises CorruptCheckpointError
+    naming the file."""
     files = [f for f in entry.files_for(owner) if f.kind == "tensors"]
     stored = {name: torch.empty(shape, dtype=dtype, device="meta")
               for name, (dtype, shape) in _piece_layout(files, key, ckpt_dir).items()}
-    seen: set[str] = set()
-    for f in files:
+
+    identify = getattr(storage, "identity", None)
+    identities: list[tuple[str, tuple[int, ...]]] = []
+
+    def check(f: FileEntry) -> dict[str, tuple[torch.dtype, list[int]]]:
         path = checked_path(ckpt_dir, f, key)
-        found = read_header(storage, path, f.nbytes, key)
+        before = _identity(identify, path)
+        found = (verify_tensor_file(storage, path, f.nbytes, f.xxh3_128, key) if verify and f.xxh3_128
+                 else read_header(storage, path, f.nbytes, key))
         check_file_tensors(path, key, f, found)
+        if identify is not None:
+            after = _identity(identify, path)
+            if after is None or after != before:
+                raise CorruptCheckpointError(f"file {path} (component {key!r}) changed while this load checked it; "
+                                             "load again", path=path, component=key)
+            identities.append((path, after))
+        return found
+
+    seen: set[str] = set()
+    for f, found in zip(files, parallel_map(check, files, threads, "ckpt-verify"), strict=True):
         whole = {t.name for t in f.tensors if t.chunk is None}
         if whole & seen:
             raise CorruptCheckpointError(f"component {key!r}: tensors {sorted(whole & seen)[:5]} appear in two files",
-                                         path=path, component=key)
+                                         path=os.path.join(ckpt_dir, f.path), component=key)
         seen |= whole
         stored.update({n: torch.empty(found[n][1], dtype=found[n][0], device="meta") for n in whole})
     s = state_file(entry, owner, key, ckpt_dir)
     path = checked_path(ckpt_dir, s, key)
-    unflatten_state(read_blob(storage, path, s.nbytes, None, key), stored, key, source=path)
+    raw = read_blob(storage, path, s.nbytes, s.xxh3_128 if verify else None, key)
+    unflatten_state(raw, stored, key, source=path)  # CorruptCheckpointError for anything ckpt did not write
+    return VerifiedCopy(storage, ckpt_dir, key, entry, owner, raw, path, tuple(identities), threads)
 
 
 def state_file(entry: ComponentEntry, owner: int | None, key: str, ckpt_dir: str) -> FileEntry:

@@ -17,7 +17,7 @@ from ..io.storage import Storage
 from ..patterns import placement_for
 from ..save.planning import owner_for_load
 from ..topology import RankTopology
-from .loading import read_component
+from .loading import read_component, verify_copy
 from .reshard import needs_reshard, read_merged
 
 log = logging.getLogger("ckpt")
@@ -115,7 +115,10 @@ def read_share(storage: Storage, path: str, components: Sequence[StateComponent]
             out.skipped.append(c.key)
             continue
         if not opts.in_place:
-            _read_guarded(out, c, topo.rank, opts, lambda c=c, entry=entry, owner=owner: read_component(
+            # Checked now, read into place at apply (VerifiedCopy), where a second read costs nothing extra.
+            cheap = getattr(storage, "rereads_are_cheap", False) and hasattr(storage, "identity")
+            first = verify_copy if cheap else read_component
+            _read_guarded(out, c, topo.rank, opts, lambda c=c, entry=entry, owner=owner, first=first: first(
                 storage, path, c.key, entry, owner, opts.verify, threads=opts.threads))
             continue
         touched.append(c.key)
