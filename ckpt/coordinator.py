@@ -266,7 +266,8 @@ class CheckpointCoordinator:
             self._staging.begin()
             with gc_paused():
                 for c in components:
-                    snapshots[c.key] = snapshot(c, self._staging, host_too=run_async)
+                    snapshots[c.key] = snapshot(c, self._staging, host_too=run_async,
+                                                alone=self.comm.world_size == 1)
             self._staging.end()
         except Exception as exc:
             error, plain = exc, {}

@@ -98,7 +98,7 @@ def dcp_load(path: str, out: dict[str, torch.Tensor]) -> None:
     dcp.load(out, checkpoint_id=path, no_dist=not dist.is_initialized())
 
 
-def ours_save(coord: CheckpointCoordinator, state: dict[str, torch.Tensor], level: ValidationLevel,
+def ours_save(coord: CheckpointCoordinator, state: dict[str, torch.Tensor], level: ValidationLevel | None,
               pattern: SharingPattern = SharingPattern.REPLICATED, **kw) -> None:
     coord.save(1, [StateComponent("model", Holder(state), pattern, validation_level=level)], overwrite=True, **kw)
 
@@ -158,7 +158,6 @@ def bench_single(args: argparse.Namespace, root: str) -> dict:
     state = make_state(args.size_mb, args.tensors)
     total = nbytes(state)
     out = {k: torch.empty_like(v) for k, v in state.items()}
-    level = ValidationLevel(args.validation)
     raw_dir, pt_dir, dcp_dir = (os.path.join(root, n) for n in ("raw", "pt", "dcp"))
     coord = CheckpointCoordinator(os.path.join(root, "ours"), timeout=timedelta(minutes=30))
 
@@ -171,7 +170,7 @@ def bench_single(args: argparse.Namespace, root: str) -> dict:
 
     def ours_async() -> None:
         start = time.perf_counter()
-        ours_save(coord, state, level, async_save=True)
+        ours_save(coord, state, None, async_save=True)
         blocked.append(time.perf_counter() - start)
         coord.wait()
 
@@ -179,8 +178,9 @@ def bench_single(args: argparse.Namespace, root: str) -> dict:
         "raw write+fsync": (lambda: raw_write(state, raw_dir), lambda: fresh(root, "raw")),
         "torch.save": (lambda: torch_save(state, pt_dir), lambda: fresh(root, "pt")),
         "dcp.save": (lambda: dcp_save(state, dcp_dir), lambda: fresh(root, "dcp")),
-        "ckpt save (none)": (lambda: ours_save(coord, state, ValidationLevel.NONE), clear_ours),
-        f"ckpt save ({level.value})": (lambda: ours_save(coord, state, level), clear_ours),
+        # What a user gets: CheckpointCoordinator(run_dir) and a StateComponent with no options (one rank has
+        # no replicas to compare, so no validation level changes this case).
+        "ckpt save (defaults)": (lambda: ours_save(coord, state, None), clear_ours),
     }
     if supports_async(coord):
         # In the same rounds as the others (its untimed first run allocates the staging buffers it reuses).
@@ -276,6 +276,7 @@ def bench_ranks(args: argparse.Namespace, root: str) -> dict | None:
             one, lambda: ours_save(one, state, ValidationLevel.NONE, SharingPattern.GLOBAL), r),
         f"ckpt REPLICATED, {world} writers": timed_fresh(coord, lambda: ours_save(coord, state, ValidationLevel.NONE), r),
         f"ckpt REPLICATED, {world} writers ({level.value})": timed_fresh(coord, lambda: ours_save(coord, state, level), r),
+        f"ckpt REPLICATED, {world} writers (defaults)": timed_fresh(coord, lambda: ours_save(coord, state, None), r),
     }
     written: dict[int, int] = {}
     if rank == 0:
@@ -304,24 +305,20 @@ def table(title: str, total: int, rows: dict[str, float], ref: str) -> list[str]
 def targets(result: dict, args: argparse.Namespace) -> list[tuple[str, bool, str]]:
     out = []
     s = result.get("single", {}).get("seconds", {})
-    lvl = f"ckpt save ({args.validation})"
     if s:
-        ours = s["ckpt save (none)"]
+        ours = s["ckpt save (defaults)"]
         out.append(("sync save >= 0.9x raw write+fsync", s["raw write+fsync"] / ours >= 0.9,
                     f"{s['raw write+fsync'] / ours:.2f}x"))
         out.append(("sync save >= 1.2x torch.save", s["torch.save"] / ours >= 1.2, f"{s['torch.save'] / ours:.2f}x"))
         out.append(("sync save >= 1.2x dcp.save", s["dcp.save"] / ours >= 1.2, f"{s['dcp.save'] / ours:.2f}x"))
-        if lvl in s and args.validation != "none":
-            out.append((f"{args.validation} digests <= 10% slower than none", s[lvl] <= 1.10 * ours,
-                        f"{s[lvl] / ours - 1:+.1%}"))
         if "ckpt async: caller blocked" in s:
-            out.append(("async: caller blocked <= 15% of sync", s["ckpt async: caller blocked"] <= 0.15 * s[lvl],
-                        f"{s['ckpt async: caller blocked'] / s[lvl]:.1%}"))
-            out.append(("async: total <= 1.1x sync", s["ckpt async: total"] <= 1.1 * s[lvl],
-                        f"{s['ckpt async: total'] / s[lvl]:.2f}x"))
+            out.append(("async: caller blocked <= 10% of sync", s["ckpt async: caller blocked"] <= 0.10 * ours,
+                        f"{s['ckpt async: caller blocked'] / ours:.1%}"))
+            out.append(("async: total <= 1.1x sync", s["ckpt async: total"] <= 1.1 * ours,
+                        f"{s['ckpt async: total'] / ours:.2f}x"))
         for case in ("ckpt load", "ckpt load (in place)"):
             out.append((f"{case} >= 0.9x raw read", s["raw read"] / s[case] >= 0.9, f"{s['raw read'] / s[case]:.2f}x"))
-            out.append((f"{case} >= dcp.load", s["dcp.load"] / s[case] >= 1.0, f"{s['dcp.load'] / s[case]:.2f}x"))
+            out.append((f"{case} >= 1.2x dcp.load", s["dcp.load"] / s[case] >= 1.2, f"{s['dcp.load'] / s[case]:.2f}x"))
     sm = result.get("small", {}).get("seconds", {})
     if sm:
         out.append(("small tensors: save <= 1.5x torch.save", sm["ckpt save"] <= 1.5 * sm["torch.save"],
@@ -382,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--world-size", type=int, default=1, help="ranks; above 1 also runs the REPLICATED split case")
     p.add_argument("--dir", default=None, help="target folder (default: a temp folder, removed afterwards)")
     p.add_argument("--validation", default="tensor", choices=[v.value for v in ValidationLevel],
-                   help="validation level of the second ckpt save (default tensor)")
+                   help="validation level of the multi-rank case beside the defaults (default tensor)")
     p.add_argument("--repeats", type=int, default=3, help="runs per case; the median is reported")
     p.add_argument("--small-count", type=int, default=10_000, help="tensors in the small-tensor case (0 skips)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe")

@@ -32,11 +32,37 @@ def unsupported_placement(t: Any) -> str | None:
 
 def local_box(t: Any) -> Box:
     """The box of the full tensor that this rank's shard of DTensor `t` holds."""
-    # No public function gives this yet; DCP's own planner uses the same one.
+    if all(type(p) is Replicate or type(p) is Shard for p in t.placements):
+        coordinate = t.device_mesh.get_coordinate()
+        if coordinate is not None:
+            return shard_box(tuple(t.shape), tuple(t.device_mesh.shape), tuple(coordinate), t.placements)
+    # Other placements (strided shards): torch's own function, which DCP's planner uses too. It is slow (it
+    # builds index tensors as long as the sharded dimension), so plain Shard/Replicate never come here.
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     return Box(tuple(int(o) for o in offsets), tuple(int(n) for n in shape))
+
+
+def shard_box(global_shape: tuple[int, ...], mesh_shape: tuple[int, ...], coordinate: tuple[int, ...],
+              placements: Any) -> Box:
+    """The box a rank at `coordinate` of a mesh holds of a tensor placed by Shard(d)/Replicate() placements.
+    Shards split a dimension as torch.chunk does (pieces of ceil(n / k), the last ones shorter or empty), mesh
+    dimensions from left to right, each splitting what the previous ones left this rank."""
+    lengths, offsets = list(global_shape), [0] * len(global_shape)
+    for mesh_dim, p in enumerate(placements):
+        if type(p) is not Shard:
+            continue
+        d, parts, index = p.dim % len(global_shape), mesh_shape[mesh_dim], coordinate[mesh_dim]
+        size = lengths[d]
+        chunk = -(-size // parts)
+        start = chunk * index
+        if start >= size:  # an empty shard sits at the end of the full dimension, as torch places it
+            lengths[d], offsets[d] = 0, global_shape[d]
+            continue
+        lengths[d] = min(size, start + chunk) - start
+        offsets[d] += start
+    return Box(tuple(offsets), tuple(lengths))
 
 
 def is_shared(t: Any) -> bool:
@@ -56,4 +82,4 @@ def like(local: torch.Tensor, target: Any) -> Any:
                               shape=torch.Size(shape), stride=row_major_strides(shape))
 
 
-__all__ = ["holds_shard", "is_dtensor", "is_shared", "like", "local_box", "unsupported_placement"]
+__all__ = ["holds_shard", "is_dtensor", "is_shared", "like", "local_box", "shard_box", "unsupported_placement"]

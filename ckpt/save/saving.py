@@ -53,9 +53,11 @@ class PreparedComponent:
     replicated: FlatState | None = None  # what the replica check compares (`flat` unless SHARDED)
 
 
-def snapshot(component: StateComponent, staging: StagingPool, host_too: bool = True) -> Snapshot:
+def snapshot(component: StateComponent, staging: StagingPool, host_too: bool = True, alone: bool = False
+             ) -> Snapshot:
     """Take a component's state now. Its device tensors (and with `host_too` its host tensors) are copied into
-    the pool's reusable buffers, so training may change the live state while the copies are written."""
+    the pool's reusable buffers, so training may change the live state while the copies are written.
+    `alone`: this is a job of one rank, so there are no replicas to compare (no replica digests)."""
     pattern = component.resolve_pattern()
     try:
         state = component.state_dict()
@@ -69,7 +71,8 @@ def snapshot(component: StateComponent, staging: StagingPool, host_too: bool = T
     else:
         refuse_dtensors(flat, component.key, pattern.name)
     flat = staging.stage(component.key, flat, host_too=host_too)
-    return Snapshot(component, pattern, component.resolve_validation(pattern), flat, shards)
+    validation = ValidationLevel.NONE if alone else component.resolve_validation(pattern)
+    return Snapshot(component, pattern, validation, flat, shards)
 
 
 def declare(snap: Snapshot, is_planner: bool, threads: int = 1) -> PreparedComponent:
