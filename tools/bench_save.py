@@ -182,12 +182,22 @@ def bench_single(args: argparse.Namespace, root: str) -> dict:
         # no replicas to compare, so no validation level changes this case).
         "ckpt save (defaults)": (lambda: ours_save(coord, state, None), clear_ours),
     }
+    dcp_blocked: list[float] = []
+
+    def dcp_async() -> None:
+        start = time.perf_counter()
+        future = dcp.async_save(state, checkpoint_id=dcp_dir, no_dist=not dist.is_initialized())
+        dcp_blocked.append(time.perf_counter() - start)
+        future.result()
+
     if supports_async(coord):
         # In the same rounds as the others (its untimed first run allocates the staging buffers it reuses).
         save_cases["ckpt async: total"] = (ours_async, clear_ours)
+        save_cases["dcp.async_save: total"] = (dcp_async, lambda: fresh(root, "dcp"))
     rows = interleaved(save_cases, args.repeats)
     if blocked:
         rows["ckpt async: caller blocked"] = statistics.median(blocked[1:])
+        rows["dcp.async_save: caller blocked"] = statistics.median(dcp_blocked[1:])
 
     def ours_verify(flag: bool) -> Callable[[], object]:
         def setup() -> None:
@@ -316,6 +326,10 @@ def targets(result: dict, args: argparse.Namespace) -> list[tuple[str, bool, str
                         f"{s['ckpt async: caller blocked'] / ours:.1%}"))
             out.append(("async: total <= 1.1x sync", s["ckpt async: total"] <= 1.1 * ours,
                         f"{s['ckpt async: total'] / ours:.2f}x"))
+            if "dcp.async_save: caller blocked" in s:
+                theirs = s["dcp.async_save: caller blocked"]
+                out.append(("async: caller blocked <= dcp.async_save's", s["ckpt async: caller blocked"] <= theirs,
+                            f"{s['ckpt async: caller blocked'] / theirs:.2f}x"))
         for case in ("ckpt load", "ckpt load (in place)"):
             out.append((f"{case} >= 0.9x raw read", s["raw read"] / s[case] >= 0.9, f"{s['raw read'] / s[case]:.2f}x"))
             out.append((f"{case} >= 1.2x dcp.load", s["dcp.load"] / s[case] >= 1.2, f"{s['dcp.load'] / s[case]:.2f}x"))
