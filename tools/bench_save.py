@@ -256,7 +256,14 @@ def memory_child(size_mb: float, count: int, run_dir: str, level: str) -> None:
         f.write("5")  # resets VmHWM to the current RSS: the peak below belongs to the save alone
     before = _rss_kib("VmRSS")
     ours_save(CheckpointCoordinator(run_dir), state, ValidationLevel(level))
-    print(json.dumps({"before_save_bytes": before * 1024, "peak_bytes": _rss_kib("VmHWM") * 1024,
+    peak = _rss_kib("VmHWM")
+    coord = CheckpointCoordinator(run_dir)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before_load = _rss_kib("VmRSS")
+    coord.load([StateComponent("model", Holder(state), SharingPattern.REPLICATED)])
+    print(json.dumps({"before_save_bytes": before * 1024, "peak_bytes": peak * 1024,
+                      "before_load_bytes": before_load * 1024, "load_peak_bytes": _rss_kib("VmHWM") * 1024,
                       "state_bytes": nbytes(state)}))
 
 
@@ -347,6 +354,10 @@ def targets(result: dict, args: argparse.Namespace) -> list[tuple[str, bool, str
         state = result["single"]["bytes"]
         out.append(("save's peak extra memory <= 0.25x state", extra <= 0.25 * state,
                     f"+{extra / 1e9:.3f} GB over {state / 1e9:.2f} GB of state"))
+        if "load_peak_bytes" in mem:
+            extra = mem["load_peak_bytes"] - mem["before_load_bytes"]
+            out.append(("load's peak extra memory <= 0.25x state", extra <= 0.25 * state,
+                        f"+{extra / 1e9:.3f} GB over {state / 1e9:.2f} GB of state"))
     ranks = result.get("ranks")
     if ranks:
         share = max(ranks["share_written_by_rank"].values())
@@ -375,6 +386,9 @@ def report(result: dict, args: argparse.Namespace) -> None:
         m = result["memory"]
         lines.append(f"\npeak resident memory during a sync save: {m['peak_bytes'] / 1e9:.3f} GB; before it "
                      f"(interpreter + {m['state_bytes'] / 1e9:.2f} GB of state): {m['before_save_bytes'] / 1e9:.3f} GB")
+        if "load_peak_bytes" in m:
+            lines.append(f"peak resident memory during the default load that follows: {m['load_peak_bytes'] / 1e9:.3f} "
+                         f"GB; before it: {m['before_load_bytes'] / 1e9:.3f} GB")
     if "ranks" in result:
         rk = result["ranks"]
         lines += table(f"\n{rk['world_size']} ranks, each holding the same {rk['bytes'] / 1e9:.2f} GB", rk["bytes"],

@@ -337,7 +337,12 @@ def _hash_mapped(f: BinaryIO, start: int, size: int, hasher: xxhash.xxh3_128) ->
         view = memoryview(mapped)
         try:
             for at in range(start, size, _MAP_CHUNK):
-                hasher.update(view[at: min(at + _MAP_CHUNK, size)])
+                end = min(at + _MAP_CHUNK, size)
+                hasher.update(view[at:end])
+                # Out of this process's resident set again (the page cache keeps them): a load's memory stays
+                # the state plus one window per io thread, not the state plus every file it checked.
+                page = at - at % mmap.PAGESIZE
+                mapped.madvise(mmap.MADV_DONTNEED, page, end - page)
         finally:
             view.release()
     return True
