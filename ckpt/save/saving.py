@@ -35,6 +35,7 @@ class Snapshot:
     validation: ValidationLevel
     flat: FlatState
     shards: dict[str, ShardMeta] | None = None  # SHARDED: what this rank holds of each tensor
+    compared: bool = True  # False in a job of one rank: no replicas, so no digests are taken to compare
 
     @property
     def replicated(self) -> FlatState:
@@ -57,7 +58,8 @@ def snapshot(component: StateComponent, staging: StagingPool, host_too: bool = T
              ) -> Snapshot:
     """Take a component's state now. Its device tensors (and with `host_too` its host tensors) are copied into
     the pool's reusable buffers, so training may change the live state while the copies are written.
-    `alone`: this is a job of one rank, so there are no replicas to compare (no replica digests)."""
+    `alone`: this is a job of one rank, so there are no replicas to compare (no replica digests; the manifest
+    still records the component's validation level)."""
     pattern = component.resolve_pattern()
     try:
         state = component.state_dict()
@@ -71,20 +73,20 @@ def snapshot(component: StateComponent, staging: StagingPool, host_too: bool = T
     else:
         refuse_dtensors(flat, component.key, pattern.name)
     flat = staging.stage(component.key, flat, host_too=host_too)
-    validation = ValidationLevel.NONE if alone else component.resolve_validation(pattern)
-    return Snapshot(component, pattern, validation, flat, shards)
+    return Snapshot(component, pattern, component.resolve_validation(pattern), flat, shards, compared=not alone)
 
 
 def declare(snap: Snapshot, is_planner: bool, threads: int = 1) -> PreparedComponent:
     """Digest a snapshot (on `threads` threads) for the replication check. `is_planner`: this rank plans its
     replica set's split."""
-    digest, table = summary_digest(snap.replicated, snap.validation, threads)
+    level = snap.validation if snap.compared else ValidationLevel.NONE
+    digest, table = summary_digest(snap.replicated, level, threads)
     sizes = None
     if is_planner:
         sizes = tuple((name, t.numel() * t.element_size(), t.element_size()) for name, t in snap.flat.tensors.items())
     c = snap.component
     metas = snap.shards
-    if metas is not None and snap.validation is not ValidationLevel.NONE:
+    if metas is not None and level is not ValidationLevel.NONE:
         metas = with_digests(snap.flat, metas)
     shards = None if metas is None else tuple(metas.values())
     decl = ComponentDecl(c.key, snap.pattern.value, c.process_group_name, c.required, snap.validation.value, sizes,

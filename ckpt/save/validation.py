@@ -107,7 +107,8 @@ def find_suspects(plans: Mapping[str, ComponentPlan], summaries: Sequence[Mappin
                 bad = differing_ranks(members, {r: summaries[r].get(key) for r in members})
                 if bad:
                     suspects.setdefault(key, []).append((tuple(members), tuple(bad)))
-    full = tuple(k for k, p in sorted(plans.items()) if p.validation is ValidationLevel.FULL)
+    full = tuple(k for k, p in sorted(plans.items())
+                 if p.validation is ValidationLevel.FULL and any(len(m) > 1 for m in p.replica_sets))
     return ReplicaChecks({k: tuple(v) for k, v in suspects.items()}, full,
                          {k: plans[k] for k in sorted({*suspects, *full})})
 
