@@ -58,6 +58,7 @@ from .load.read_phase import (
     read_or_reject,
 )
 from .load.result import LoadResult, check_fallback, check_missing_ok
+from .patterns.placements import my_group
 from .retention.catalog import RetentionOutcome, delete_checkpoint, hold, retain, scan, summary_text
 from .retention.catalog import best as best_checkpoints
 from .retention.rules import BestCheckpoint, RetentionPolicy
@@ -379,10 +380,8 @@ class CheckpointCoordinator:
         if pattern is SharingPattern.REPLICATED:
             return self.rank == 0
         if pattern is SharingPattern.PER_GROUP:
-            name = c.process_group_name or ""
-            if name not in self.topology.groups:
-                return self.topology.world_size == 1
-            return self.topology.group_of(name)[0] == self.rank
+            mine = my_group(self.topology, c.process_group_name or "")
+            return mine is not None and mine[0] == self.rank
         return False
 
     def _commit(self, partial: str, final: str, manifest: Manifest, overwrite: bool) -> dict | None:

@@ -31,6 +31,7 @@ from ..format.tensor_io import DTYPE_TO_ST, ST_TO_DTYPE, read_blob
 from ..io.storage import Storage, is_url, norm_path, storage_for, walk_files
 from ..load.full import full_tensors
 from ..load.loading import check_copy, checked_path
+from ..patterns.placements import placement_for
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 _CHUNK = 8 * 1024 * 1024
@@ -88,10 +89,7 @@ def deletion_noticed(storage: Storage, path: str, doing: str) -> Iterator[None]:
 
 def copy_label(pattern: SharingPattern, owner: int | None) -> str:
     """How a copy is named in reports: "" for the job's single copy, else "rank 3", "group 1", "node 0"."""
-    if owner is None:
-        return ""
-    return {SharingPattern.PER_RANK: "rank", SharingPattern.PER_GROUP: "group",
-            SharingPattern.PER_NODE: "node"}.get(pattern, "copy") + f" {owner}"
+    return placement_for(pattern).copy_label(owner)
 
 
 def dtype_name(st_dtype: str) -> str:

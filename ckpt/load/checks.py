@@ -25,6 +25,7 @@ from ..format.serialization import flatten_state
 from ..format.tensor_io import DTYPE_TO_ST
 from ..io.storage import Storage
 from ..patterns.dtensor import is_dtensor
+from ..patterns.placements import my_group
 from ..save.planning import owner_for_load
 from ..topology import RankTopology
 from .read_phase import VERIFICATION_ERRORS, ReadOptions, check_unique
@@ -185,7 +186,7 @@ def layout_issue(key: str, entry: ComponentEntry, saved: Topology, topo: RankTop
                 f"this job has {_nodes(topo.num_nodes, topo.local_world_size)} (LOCAL_WORLD_SIZE="
                 f"{topo.local_world_size})")
     name = entry.process_group or ""
-    mine = topo.group_of(name) if name in topo.groups else (topo.rank,) if topo.world_size == 1 else None
+    mine = my_group(topo, name)
     return (f"component {key!r} (PER_GROUP over {name!r}): this rank's group {mine} is not one of the saved groups "
             f"{[tuple(s) for s in entry.replica_sets]}")
 

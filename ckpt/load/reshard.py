@@ -34,6 +34,7 @@ from ..component import SharingPattern
 from ..errors import CheckpointError
 from ..format.manifest import ComponentEntry, Topology
 from ..io.storage import Storage
+from ..patterns.placements import placement_for
 from ..topology import RankTopology
 from .loading import read_component
 
@@ -124,14 +125,7 @@ def same_groups(saved_world: int, saved_sets: Sequence[Sequence[int]], world: in
 
 def needs_reshard(entry: ComponentEntry, saved: Topology, topo: RankTopology) -> bool:
     """Whether this rank has no copy of its own of a component saved under `saved`'s layout."""
-    if entry.pattern is SharingPattern.PER_RANK:
-        return saved.world_size != topo.world_size
-    if entry.pattern is SharingPattern.PER_NODE:
-        return (saved.num_nodes, saved.local_world_size) != (topo.num_nodes, topo.local_world_size)
-    if entry.pattern is SharingPattern.PER_GROUP:
-        now = current_groups(entry.process_group or "", topo)
-        return not same_groups(saved.world_size, entry.replica_sets, topo.world_size, now)
-    return False
+    return placement_for(entry.pattern).needs_reshard(saved, entry.replica_sets, topo, entry.process_group)
 
 
 def read_merged(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, verify: bool,
@@ -150,12 +144,9 @@ def merge_copies(key: str, copies: Mapping[int | None, Any], pattern: SharingPat
     return _Merger(key, pattern, ckpt_dir).merge("", list(copies.items()))
 
 
-_WHAT = {SharingPattern.PER_RANK: "rank", SharingPattern.PER_GROUP: "group", SharingPattern.PER_NODE: "node"}
-
-
 class _Merger:
     def __init__(self, key: str, pattern: SharingPattern, ckpt_dir: str | None):
-        self.key, self.ckpt_dir, self.what = key, ckpt_dir, _WHAT.get(pattern, "copy")
+        self.key, self.ckpt_dir, self.what = key, ckpt_dir, placement_for(pattern).copy_word or "copy"
 
     def fail(self, path: str, why: str) -> CheckpointError:
         return CheckpointError(f"component {self.key!r} cannot be resharded: key {path or '(root)'!r} {why}",

@@ -16,6 +16,7 @@ from ..component import SharingPattern, ValidationLevel
 from ..errors import CheckpointError, ReplicationError
 from ..format.tensor_io import ST_TO_DTYPE
 from ..patterns.boxes import Box
+from ..patterns.placements import groups_of, placement_for
 from ..patterns.sharded import STATE_FILE, ShardMeta, shard_file
 from ..topology import RankTopology
 
@@ -230,7 +231,7 @@ def _plan_component(key: str, pattern: SharingPattern, ref: ComponentDecl, decla
             owners: list[int | None] = [None]
         else:
             name = ref.process_group or ""
-            replica_sets = topo.groups.get(name) or ((tuple(range(topo.world_size)),) if topo.world_size == 1 else ())
+            replica_sets = groups_of(topo, name)
             if not replica_sets:
                 raise CheckpointError(f"component {key!r} is PER_GROUP over {name!r}, but no process group of "
                                       "that name was passed to CheckpointCoordinator(process_groups=...)")
@@ -331,18 +332,4 @@ def _check_cover(key: str, meta: dict[str, ShardMeta], holders: dict[tuple[str, 
 def owner_for_load(pattern: SharingPattern, topo: RankTopology, replica_sets: Sequence[Sequence[int]],
                    process_group: str | None, key: str) -> int | None:
     """Whose copy this rank reads: its rank, its node, the index of its saved group, or None."""
-    if pattern is SharingPattern.PER_RANK:
-        return topo.rank
-    if pattern is SharingPattern.PER_NODE:
-        return topo.node
-    if pattern is SharingPattern.PER_GROUP:
-        name = process_group or ""
-        mine = topo.group_of(name) if name in topo.groups else (topo.rank,) if topo.world_size == 1 else None
-        saved = [tuple(s) for s in replica_sets]
-        if mine is None or mine not in saved:
-            raise CheckpointError(
-                f"component {key!r} (PER_GROUP over {name!r}): this rank's group {mine} is not one of the saved "
-                f"groups {saved}; the job's layout changed since the save. Load with reshard=True to assemble it "
-                "from every saved group's copy (see docs/parallelism.md), or resume with the saved layout")
-        return saved.index(mine)
-    return None
+    return placement_for(pattern).owner_for_load(topo, replica_sets, process_group, key)
