@@ -91,7 +91,7 @@ class AccelTrainer(Trainer):
                                shuffle=args.shuffle, num_replicas=self.world_size, rank=self.rank)
         return StatefulDataLoader(self.train_dataset, sampler, self.data_collator)
 
-    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         if self.cpu_group is not None:
             dist.all_reduce(values, group=self.cpu_group)
         return values

@@ -1,7 +1,7 @@
 """Trainer: the training loop, eval/save scheduling, callbacks, and saving/loading through the coordinator.
 
 A concrete trainer says how its ranks are laid out and how each piece of state is shared:
-`_setup_distributed`, `_wrap_model`, `_build_train_loader`, `_all_reduce_sum`, `get_state_components`
+`_setup_distributed`, `_wrap_model`, `_build_train_loader`, `all_reduce_sum`, `get_state_components`
 and, where it uses process groups, `get_process_groups`. The loop here is the same for all of them.
 The training step is one overridable method, `training_step`.
 """
@@ -128,7 +128,7 @@ class Trainer:
         """An endless iterator of this rank's batches with state_dict()/load_state_dict() and `progress`."""
         raise NotImplementedError
 
-    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum a small CPU float64 tensor over all ranks (in place) and return it."""
         return values
 
@@ -202,7 +202,7 @@ class Trainer:
         if self.recovery is not None:
             self.recovery.begin(resumed=resumed_from is not None)
         self.model.train()
-        self._call("on_train_begin", resumed_from=resumed_from)
+        self.run_callbacks("on_train_begin", resumed_from=resumed_from)
         self._clock = (time.perf_counter(), self.state.tokens_seen, self.state.global_step)
         self.watchdog.start()
         try:
@@ -222,9 +222,9 @@ class Trainer:
             self.metrics_logger.close()
             if self.recovery is not None:
                 self.recovery.end()
-        self._wait_for_save()  # the last checkpoint is committed before train() returns
+        self.wait_for_save()  # the last checkpoint is committed before train() returns
         self._agree_on_late_errors()
-        self._call("on_train_end")
+        self.run_callbacks("on_train_end")
         return self.state
 
     def _run_step(self) -> StepPlan:
@@ -309,7 +309,7 @@ class Trainer:
         rank raises alike."""
         mask = torch.zeros(self.world_size, dtype=torch.float64)
         mask[self.rank] = float(bool(self._late_errors))
-        ranks = tuple(r for r, v in enumerate(self._all_reduce_sum(mask).tolist()) if v > 0)
+        ranks = tuple(r for r, v in enumerate(self.all_reduce_sum(mask).tolist()) if v > 0)
         if ranks:
             first = self._late_errors[0] if self._late_errors else None
             raise TrainingError(f"callback on_step_agreed failed at step {self.state.global_step} on ranks {list(ranks)}"
@@ -327,7 +327,7 @@ class Trainer:
         c = self.control
         flags = [c.should_training_stop, c.should_save, c.should_evaluate, c.should_abort_without_save]
         values = torch.tensor([*map(float, flags), *extra], dtype=torch.float64)
-        return self._all_reduce_sum(values).tolist()
+        return self.all_reduce_sum(values).tolist()
 
     def _agreed_flags(self, summed: list[float]) -> dict[str, bool]:
         stop, save, evaluate, abort = (v > 0 for v in summed)
@@ -393,7 +393,7 @@ class Trainer:
         shown = {**entry, "tokens_per_s": (s.tokens_seen - tokens0) / elapsed,
                  "steps_per_s": (s.global_step - step0) / elapsed}
         self.metrics_logger.write("train", shown)
-        self._call("on_log", logs=shown)
+        self.run_callbacks("on_log", logs=shown)
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over eval_dataset, each rank taking its share; {"eval_loss": value} on every rank."""
@@ -411,7 +411,7 @@ class Trainer:
                 loss = self.compute_loss(model, to_device(batch, self.device))
                 totals += torch.tensor([float(loss) * n, n], dtype=torch.float64)
         model.train(was_training)
-        totals = self._all_reduce_sum(totals)
+        totals = self.all_reduce_sum(totals)
         return {EVAL_PREFIX + "loss": float(totals[0] / totals[1]) if totals[1] > 0 else math.nan}
 
     def _record_evaluation(self, metrics: dict[str, float]) -> None:
@@ -429,7 +429,7 @@ class Trainer:
                     value > s.best_metric if better else value < s.best_metric)):
                 s.best_metric, s.best_step = value, s.global_step
         self.metrics_logger.write("eval", {"step": s.global_step, **metrics})
-        self._call("on_evaluate", metrics=metrics)
+        self.run_callbacks("on_evaluate", metrics=metrics)
 
     # ---- checkpoints ------------------------------------------------------------------------------
 
@@ -447,11 +447,11 @@ class Trainer:
         if self.recovery is not None:
             recorded = self.recovery.before_save(recorded)
         else:
-            recorded = guard_save(self._all_reduce_sum, self.rank, s.global_step, recorded, diverged=self._diverged,
+            recorded = guard_save(self.all_reduce_sum, self.rank, s.global_step, recorded, diverged=self._diverged,
                                   exists=lambda: any(r.step == s.global_step for r in self.coordinator.checkpoints()))
         if recorded is None:
             return None
-        self._wait_for_save()  # a failed background save is reported before this one starts
+        self.wait_for_save()  # a failed background save is reported before this one starts
         self._saving_step = s.global_step
         # Newer checkpoints left by a resume or rollback to an older step are set aside by the coordinator's rule
         # (an abandoned timeline); overwrite=True only replaces a step this run saves again (guarded above).
@@ -475,9 +475,9 @@ class Trainer:
         deleted by retention) and the callbacks' on_save."""
         self.last_checkpoint = path
         self.metrics_logger.append(CHECKPOINT_KIND, {"step": step, "checkpoint": path.rsplit("/", 1)[-1]})
-        self._call("on_save", checkpoint=path, metrics=metrics)
+        self.run_callbacks("on_save", checkpoint=path, metrics=metrics)
 
-    def _wait_for_save(self) -> None:
+    def wait_for_save(self) -> None:
         """Wait for a background save; its failure is raised, or recorded with on_save_error="warn". A save that
         committed is announced to the callbacks (on_save) here."""
         in_flight, self._in_flight = self._in_flight, None
@@ -504,7 +504,7 @@ class Trainer:
         seen = torch.zeros(2, dtype=torch.float64)
         if self.rank == 0 and latest is not None:
             seen += torch.tensor([1.0, float(latest.step)], dtype=torch.float64)
-        has_checkpoint, newest = self._all_reduce_sum(seen).tolist()
+        has_checkpoint, newest = self.all_reduce_sum(seen).tolist()
         if resume is None or (resume == "latest" and not has_checkpoint):
             if has_checkpoint:
                 raise ValueError(f"output_dir {self.run_dir} already holds checkpoints (newest: step {int(newest)}); "
@@ -514,7 +514,7 @@ class Trainer:
             set_seed(self.args.seed)
             self._last_loss = math.nan
             return None
-        result = self._reload(resume)
+        result = self.reload(resume)
         if self.rank == 0:
             log.info("resumed from %s at step %d", result.path, self.state.global_step)
             if newest > result.step:
@@ -526,15 +526,15 @@ class Trainer:
         """Load every component from `checkpoint` (collective). Trainers that resume across layouts override it."""
         return load_components(self.coordinator, self.all_components(), checkpoint, rank=self.rank)
 
-    def _reload(self, checkpoint: str | int) -> LoadResult:
+    def reload(self, checkpoint: str | int) -> LoadResult:
         """Load `checkpoint` (a resume, or recovery's rollback) and pick the loop's bookkeeping up from it."""
         result = self._load_checkpoint(checkpoint)
         if TRAINER_STATE not in result.loaded:  # a checkpoint imported from another format
             warm_start(self, result)
-        self._after_load(result.metrics)
+        self.after_load(result.metrics)
         return result
 
-    def _after_load(self, metrics: Mapping[str, Any]) -> None:
+    def after_load(self, metrics: Mapping[str, Any]) -> None:
         """The loop's bookkeeping after every component was loaded (from a checkpoint, or recovery's host copy)."""
         loss = metrics.get(TRAIN_LOSS)
         self._last_loss = float(loss) if isinstance(loss, int | float) else math.nan
@@ -551,7 +551,7 @@ class Trainer:
         info = dict(event) if isinstance(event, Mapping) else {"reason": str(event)}
         shown = RecoveryEvent(DIVERGENCE, self.state.global_step, str(info.pop("action", "stop")),
                               str(info.pop("reason", "divergence")), values=info, allowed=DIVERGENCE_ACTIONS)
-        self._call("on_instability", event=shown, reason=shown.reason)
+        self.run_callbacks("on_instability", event=shown, reason=shown.reason)
         if shown.action == "abort":
             self.control.should_abort_without_save = True
         else:
@@ -563,7 +563,7 @@ class Trainer:
 
     # ---- callbacks ----------------------------------------------------------------------------------
 
-    def _call(self, event: str, /, **kwargs: Any) -> None:  # positional: on_instability gets event=...
+    def run_callbacks(self, event: str, /, **kwargs: Any) -> None:  # positional: on_instability gets event=...
         self.control = self.callback_handler.call(
             event, self.args, self.state, self.control, trainer=self, model=self.unwrapped_model,
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, **kwargs)
@@ -571,7 +571,7 @@ class Trainer:
     def _call_guarded(self, event: str, errors: list[BaseException], /, **kwargs: Any) -> None:
         """Run a per-step event; an error is held until the ranks agree on it (so no rank is left waiting)."""
         try:
-            self._call(event, **kwargs)
+            self.run_callbacks(event, **kwargs)
         except Exception as exc:
             log.error("rank %d: callback %s failed at step %d: %r", self.rank, event, self.state.global_step, exc)
             errors.append(exc)

@@ -108,7 +108,7 @@ class ParallelTrainer(Trainer):
         # Both mesh dimensions are passed, so the manifest records the mesh (`ckpt inspect` draws it).
         return {"dp": self.dp_group, self.inner_dim: self.inner_group}
 
-    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values, group=self.cpu_group)
         return values
 
@@ -179,7 +179,7 @@ class ParallelTrainer(Trainer):
                 loss_sum, n = self._eval_batch(to_device(batch, self.device))
                 totals += torch.tensor([loss_sum, n], dtype=torch.float64)
         model.train(was_training)
-        totals = self._all_reduce_sum(totals)
+        totals = self.all_reduce_sum(totals)
         return {EVAL_PREFIX + "loss": float(totals[0] / totals[1]) if totals[1] > 0 else math.nan}
 
     @staticmethod
@@ -242,7 +242,7 @@ class ParallelTrainer(Trainer):
     def _agree_on(self, keys: list[str]) -> list[str]:
         """The union over all ranks of `keys` (components some rank cannot load as saved)."""
         flags = torch.tensor([float(k in keys) for k in _PER_RANK_KEYS], dtype=torch.float64)
-        summed = self._all_reduce_sum(flags)
+        summed = self.all_reduce_sum(flags)
         return [k for k, v in zip(_PER_RANK_KEYS, summed.tolist(), strict=True) if v > 0]
 
 

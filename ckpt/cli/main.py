@@ -103,7 +103,8 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
                              "flags given replace only those parts of it)")
     g.add_argument("--save-total-limit", type=int, metavar="K", help="keep the newest K checkpoints")
     g.add_argument("--preserve-n-best", type=int, metavar="N", help="also keep the N best by --metric (0: off)")
-    g.add_argument("--metric", metavar="M", help="metric to rank by (looked up as given, then as eval_M)")
+    g.add_argument("--metric", "--metric-for-best-model", dest="metric", metavar="M",
+                   help="metric to rank by (looked up as given, then as eval_M)")
     way = g.add_mutually_exclusive_group()
     way.add_argument("--greater-is-better", dest="greater", action="store_true", default=None,
                      help="higher values of --metric are better")
