@@ -51,7 +51,7 @@ class AccelTrainer(Trainer):
         self._accelerator_kwargs = dict(accelerator_kwargs or {})
         super().__init__(model, args, **kwargs)
         self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
-        if self.recovery is not None:
+        if self.recovery.enabled:
             self._check_recovery()
 
     def _check_recovery(self) -> None:
@@ -101,7 +101,7 @@ class AccelTrainer(Trainer):
         return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def training_step(self, batch: Any) -> StepOutput:
-        if self.recovery is not None:
+        if self.recovery.enabled:
             return self.recovery.training_step(batch)
         loss = self.compute_loss(self.model, batch)
         self.accelerator.backward(loss)

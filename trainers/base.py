@@ -37,6 +37,7 @@ from .liveness import StepWatchdog, die_with_parent, under_launcher
 from .metrics_log import MetricsLogger
 from .outcomes import StepConsensus, StepOutput, TrainingError
 from .recovery.controller import RecoveryController
+from .recovery.disabled import NoRecovery
 from .recovery.events import DIVERGENCE, RecoveryEvent
 from .recovery.guard import guard_save
 from .recovery.policy import DIVERGENCE_ACTIONS
@@ -158,18 +159,17 @@ class Trainer:
         return max(timeout, health.timeout_s + health.follow_up_s + 5.0)
 
     def _record_hang(self, step: int, elapsed: float) -> None:
-        if self.recovery is not None:
-            self.recovery.record_hang(step, elapsed, self.watchdog.timeout_s)
+        self.recovery.record_hang(step, elapsed, self.watchdog.timeout_s)
 
     def _build_coordinator(self) -> CheckpointCoordinator:
         return CheckpointCoordinator(self.run_dir, process_groups=self.get_process_groups() or None,
                                      timeout=timedelta(seconds=self.args.checkpoint_timeout_s),
                                      retention=self.retention, async_save=self.args.async_save)
 
-    def _build_recovery(self) -> Any:
+    def _build_recovery(self) -> RecoveryController | NoRecovery:
         policy = self.args.recovery_policy()
         if policy is None:
-            return None
+            return NoRecovery()
         recovery = RecoveryController(self, policy)
         if type(self).training_step is not Trainer.training_step and not getattr(
                 self, "recovery_aware_step", False) and self.rank == 0:
@@ -186,8 +186,7 @@ class Trainer:
         if clash:
             raise ValueError(f"get_state_components() returned keys {clash}; the prefix {CALLBACK_PREFIX!r} is "
                              "reserved for callbacks")
-        recovery = self.recovery.components() if self.recovery is not None else []
-        return [*own, *self.callback_handler.components(), *recovery]
+        return [*own, *self.callback_handler.components(), *self.recovery.components()]
 
     # ---- the loop ---------------------------------------------------------------------------------
 
@@ -199,8 +198,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         resumed_from = self._resume_or_seed(resume)
         self.metrics_logger.start(self.state.global_step if resumed_from else None)
-        if self.recovery is not None:
-            self.recovery.begin(resumed=resumed_from is not None)
+        self.recovery.begin(resumed=resumed_from is not None)
         self.model.train()
         self.run_callbacks("on_train_begin", resumed_from=resumed_from)
         self._clock = (time.perf_counter(), self.state.tokens_seen, self.state.global_step)
@@ -212,16 +210,14 @@ class Trainer:
                     plan = self._run_step()
                 self.step_in_progress = None
                 stop = self._after_step(plan)
-                if self.recovery is not None:  # rollback, a signal's save, liveness checks
-                    stop = self.recovery.at_step_boundary(stop)
+                stop = self.recovery.at_step_boundary(stop)  # rollback, a signal's save, liveness checks
                 if stop:
                     break
         finally:
             self.step_in_progress = None
             self.watchdog.stop()
             self.metrics_logger.close()
-            if self.recovery is not None:
-                self.recovery.end()
+            self.recovery.end()
         self.wait_for_save()  # the last checkpoint is committed before train() returns
         self._agree_on_late_errors()
         self.run_callbacks("on_train_end")
@@ -235,7 +231,7 @@ class Trainer:
         out = self.training_step(to_device(batch, self.device))
         self.state.global_step += 1
         self.state.epoch = float(self.train_loader.progress)
-        if self.recovery is None and not (math.isfinite(out.loss) and math.isfinite(out.grad_norm)):
+        if not self.recovery.enabled and not (math.isfinite(out.loss) and math.isfinite(out.grad_norm)):
             self._call_guarded("on_instability", errors, reason="non_finite_loss" if not math.isfinite(out.loss)
                                else "non_finite_grad_norm", loss=out.loss, grad_norm=out.grad_norm)
         self._call_guarded("on_step_end", errors, loss=out.loss, grad_norm=out.grad_norm)
@@ -265,7 +261,7 @@ class Trainer:
         With a recovery policy the step runs in micro-batches and the ranks agree before the optimizer step
         (trainers/recovery/step.py).
         """
-        if self.recovery is not None:
+        if self.recovery.enabled:
             return self.recovery.training_step(batch)
         loss = self.compute_loss(self.model, batch)
         loss.backward()
@@ -317,11 +313,10 @@ class Trainer:
 
     def _recovery_requests(self) -> list[float]:
         """Recovery's requests that may start on some ranks only (a report, a signal), agreed with the flags."""
-        return self.recovery.local_requests() if self.recovery is not None else []
+        return self.recovery.local_requests()
 
     def _absorb_requests(self, summed: list[float]) -> None:
-        if self.recovery is not None:
-            self.recovery.absorb(summed)
+        self.recovery.absorb(summed)
 
     def _sum_with_flags(self, extra: list[float]) -> list[float]:
         c = self.control
@@ -340,7 +335,7 @@ class Trainer:
         """Log, evaluate and save as planned, then honour what callbacks asked for meanwhile; True to stop."""
         self._carry_out(plan, done=None)
         # With recovery the ranks agree even on the last step: a divergence reported there means a rollback.
-        if (plan.stop and self.recovery is None) or not (plan.log or plan.evaluate or plan.save):
+        if (plan.stop and not self.recovery.enabled) or not (plan.log or plan.evaluate or plan.save):
             return plan.stop
         # Hooks ran (on_log, on_evaluate, on_save): an early-stopping callback, say, may have set a flag.
         requests = self._recovery_requests()
@@ -373,7 +368,7 @@ class Trainer:
     def current_lr(self) -> float:
         """The learning rate the next step uses (with recovery's cut and ramp, when one is in force)."""
         lr = float(self.optimizer.param_groups[0]["lr"])
-        return lr * self.recovery.lr_scale(self.state.global_step + 1) if self.recovery is not None else lr
+        return lr * self.recovery.lr_scale(self.state.global_step + 1)
 
     def _log_window(self) -> None:
         s = self.state
@@ -382,8 +377,7 @@ class Trainer:
         entry = {"step": s.global_step, "epoch": s.epoch, "loss": s.window_loss_sum / s.window_steps,
                  "lr": self.current_lr(), "grad_norm": s.window_grad_norm_sum / s.window_steps,
                  "tokens_seen": s.tokens_seen}
-        if self.recovery is not None:
-            entry.update(self.recovery.log_fields())
+        entry.update(self.recovery.log_fields())
         s.log_history.append(entry)
         s.reset_window()
         now = time.perf_counter()
@@ -444,7 +438,7 @@ class Trainer:
         s = self.state
         recorded: dict[str, Any] | None = {TRAIN_LOSS: self._last_loss, "epoch": s.epoch, "tokens_seen": s.tokens_seen,
                                            **(metrics or {})}
-        if self.recovery is not None:
+        if self.recovery.enabled:
             recorded = self.recovery.before_save(recorded)
         else:
             recorded = guard_save(self.all_reduce_sum, self.rank, s.global_step, recorded, diverged=self._diverged,
@@ -462,8 +456,8 @@ class Trainer:
                 raise
             self._record_save_failure(exc)
             return None
-        if self.recovery is not None:  # a host copy of the state as saved, taken now (the save may be async)
-            self.recovery.after_save(self.coordinator.path_for(s.global_step), recorded)
+        # a host copy of the state as saved (with recovery), taken now: the save may be async
+        self.recovery.after_save(self.coordinator.path_for(s.global_step), recorded)
         if isinstance(saved, SaveHandle):  # announced once committed, at the next save or the end of training
             self._in_flight = (saved, recorded)
             return None
@@ -544,7 +538,7 @@ class Trainer:
         """A callback saw the run going bad (DivergenceDetector calls this with a dict: reason, metric, value,
         first_bad_step, action). With a recovery policy, recovery acts at the step boundary on every rank;
         without one, "stop" saves (marked diverged) and stops, "abort" stops without saving, "rollback" stops."""
-        if self.recovery is not None:
+        if self.recovery.enabled:
             self.recovery.report(event)
             return
         self._diverged = True

@@ -160,8 +160,8 @@ class ParallelTrainer(Trainer):
         grad_norm = self._clip(max_norm)
         # `loss` is this replica's and `grad_norm` the whole model's (the same on every rank), so the agreed
         # flags, and with them the decision, are the same on every rank.
-        apply = self.recovery is None or self.recovery.gate_step(loss, grad_norm)
-        scale = self.recovery.lr_scale(self.state.global_step + 1) if self.recovery is not None else 1.0
+        apply = self.recovery.gate_step(loss, grad_norm)
+        scale = self.recovery.lr_scale(self.state.global_step + 1)
         finish_step(self.optimizer, self.lr_scheduler, apply, scale)
         return StepOutput(loss=loss, grad_norm=grad_norm, skipped=not apply)
 
