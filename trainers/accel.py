@@ -107,11 +107,7 @@ class AccelTrainer(Trainer):
         self.accelerator.backward(loss)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else math.inf
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput(loss=float(loss.detach()), grad_norm=float(grad_norm))
+        return self.end_step(float(loss.detach()), float(grad_norm), apply=True)
 
     def get_state_components(self) -> list[StateComponent]:
         rep, level = SharingPattern.REPLICATED, self.args.replica_validation

@@ -40,6 +40,7 @@ from .recovery.controller import RecoveryController
 from .recovery.disabled import NoRecovery
 from .recovery.events import DIVERGENCE, RecoveryEvent
 from .recovery.guard import guard_save
+from .recovery.lr import finish_step
 from .recovery.policy import DIVERGENCE_ACTIONS
 from .rng import RNGState, prepare_full_determinism, set_seed
 from .schedule import StepPlan, plan_step
@@ -266,11 +267,20 @@ class Trainer:
         loss = self.compute_loss(self.model, batch)
         loss.backward()
         grad_norm = self.clip_gradients()
-        self.optimizer.step()
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput(loss=float(loss.detach()), grad_norm=float(grad_norm))
+        return self.end_step(float(loss.detach()), float(grad_norm), apply=True)
+
+    def end_step(self, loss: float, grad_norm: float, apply: bool | None = None) -> StepOutput:
+        """The one way every trainer ends a training step, after backward and clipping: the optimizer step (at
+        recovery's LR scale) when `apply`, then the scheduler step and cleared gradients either way.
+
+        `apply=None` asks recovery (every rank agrees on NaN/Inf and spikes; without a policy: always applied);
+        a caller that already decided (recovery's own step, a plain step) passes it. `grad_norm` must be the whole
+        model's norm, the same on every rank.
+        """
+        if apply is None:
+            apply = self.recovery.gate_step(loss, grad_norm)
+        finish_step(self.optimizer, self.lr_scheduler, apply, self.recovery.lr_scale(self.state.global_step + 1))
+        return StepOutput(loss=loss, grad_norm=grad_norm, skipped=not apply)
 
     def clip_gradients(self) -> torch.Tensor:
         """Clip the gradients to args.max_grad_norm (None: no clipping); returns the norm before clipping, which

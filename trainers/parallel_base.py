@@ -33,7 +33,6 @@ from .gradients import average_gradients
 from .keys import DATA, EVAL_PREFIX, LR_SCHEDULER, RNG, TRAINER_STATE
 from .layout_change import DataProgress, reseed_from_checkpoint
 from .parallel_config import LayoutChange, ParallelConfig
-from .recovery.lr import finish_step
 
 log = logging.getLogger("trainers")
 
@@ -160,10 +159,7 @@ class ParallelTrainer(Trainer):
         grad_norm = self._clip(max_norm)
         # `loss` is this replica's and `grad_norm` the whole model's (the same on every rank), so the agreed
         # flags, and with them the decision, are the same on every rank.
-        apply = self.recovery.gate_step(loss, grad_norm)
-        scale = self.recovery.lr_scale(self.state.global_step + 1)
-        finish_step(self.optimizer, self.lr_scheduler, apply, scale)
-        return StepOutput(loss=loss, grad_norm=grad_norm, skipped=not apply)
+        return self.end_step(loss, grad_norm)
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over eval_dataset; each replica takes its share, one rank of it counts."""
