@@ -32,6 +32,7 @@ from .checkpointing import (
     warm_start,
 )
 from .data import eval_batches
+from .hooks import MetricsHook, RecoveryHook, StepHook, WatchdogHook
 from .keys import CALLBACK_PREFIX, CHECKPOINT_KIND, EVAL_PREFIX, TRAIN_LOSS, TRAINER_STATE
 from .liveness import StepWatchdog, die_with_parent, under_launcher
 from .metrics_log import MetricsLogger
@@ -111,6 +112,8 @@ class Trainer:
             die_with_parent()  # a rank never outlives torchrun (nor keeps the run dir's lock)
         self.watchdog = StepWatchdog(self.rank, self._step_timeout_s(), watch_parent=under_launcher(),
                                      on_hang=self._record_hang)
+        self.step_hooks: list[StepHook] = [MetricsHook(self.metrics_logger, lambda: self._last_loss),
+                                           RecoveryHook(lambda: self.recovery), WatchdogHook(self.watchdog)]
 
     # ---- what a concrete trainer provides ---------------------------------------------------------
 
@@ -198,31 +201,45 @@ class Trainer:
         if args.full_determinism:
             torch.use_deterministic_algorithms(True)
         resumed_from = self._resume_or_seed(resume)
-        self.metrics_logger.start(self.state.global_step if resumed_from else None)
-        self.recovery.begin(resumed=resumed_from is not None)
-        self.model.train()
-        self.run_callbacks("on_train_begin", resumed_from=resumed_from)
-        self._clock = (time.perf_counter(), self.state.tokens_seen, self.state.global_step)
-        self.watchdog.start()
+        started: list[StepHook] = []
         try:
-            while self.state.global_step < args.max_steps:
-                self.step_in_progress = self.state.global_step + 1
-                with self.watchdog.step(self.step_in_progress):
-                    plan = self._run_step()
-                self.step_in_progress = None
-                stop = self._after_step(plan)
-                stop = self.recovery.at_step_boundary(stop)  # rollback, a signal's save, liveness checks
-                if stop:
-                    break
+            for hook in self.step_hooks:  # the metrics file, recovery, the step watchdog, and any added
+                hook.train_begin(self.state.global_step if resumed_from else None)
+                started.append(hook)
+            self.model.train()
+            self.run_callbacks("on_train_begin", resumed_from=resumed_from)
+            self._clock = (time.perf_counter(), self.state.tokens_seen, self.state.global_step)
+            while self.state.global_step < args.max_steps and not self._one_step():
+                pass
         finally:
             self.step_in_progress = None
-            self.watchdog.stop()
-            self.metrics_logger.close()
-            self.recovery.end()
+            for hook in reversed(started):
+                hook.train_end()
         self.wait_for_save()  # the last checkpoint is committed before train() returns
         self._agree_on_late_errors()
         self.run_callbacks("on_train_end")
         return self.state
+
+    def _one_step(self) -> bool:
+        """Compute one step between the hooks, then log, evaluate and save as planned; True to stop."""
+        step = self.step_in_progress = self.state.global_step + 1
+        for hook in self.step_hooks:
+            hook.step_begin(step)
+        try:
+            plan = self._run_step()
+        finally:
+            for hook in reversed(self.step_hooks):
+                hook.step_computed(step)
+        self.step_in_progress = None
+        stop = self._after_step(plan)
+        done = self.state.global_step
+        for hook in self.step_hooks:  # recovery's may roll back: every hook hears of the step just done
+            stop = hook.step_end(done, stop)
+        return stop
+
+    def add_step_hook(self, hook: StepHook) -> None:
+        """Call `hook` around every step, after the built-in ones (trainers/hooks.py)."""
+        self.step_hooks.append(hook)
 
     def _run_step(self) -> StepPlan:
         errors, self._late_errors = self._late_errors, []  # on_step_agreed's, of the step before
@@ -371,7 +388,6 @@ class Trainer:
         self._step_metrics = metrics
         if plan.save and not (done and done.save):
             self.save_checkpoint(metrics)
-        self.metrics_logger.progress(self.state.global_step, self._last_loss)
 
     # ---- logging and evaluation -------------------------------------------------------------------
 
