@@ -38,7 +38,7 @@ def test_a_user_rule_keeps_checkpoints_next_to_the_built_in_ones():
 
 
 def test_a_rule_without_keep_reasons_is_refused():
-    with pytest.raises(ValueError, match="extra_rules holds 'newest'.*keep_reasons"):
+    with pytest.raises(ValueError, match=r"extra_rules holds 'newest'.*keep_reasons"):
         RetentionPolicy(extra_rules=["newest"])
 
 

@@ -179,7 +179,7 @@ def test_trainers_has_no_import_cycles():
             if n in packages and m.startswith(n + "."):
                 continue  # a submodule reaching its own package's __init__
             if state.get(n) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(n):] + [n]))
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(n):], n]))
             if n not in state:
                 visit(n)
         path.pop()

@@ -163,7 +163,7 @@ class Trainer(TrainerCheckpoints):
                 self, "recovery_aware_step", False) and self.rank == 0:
             log.warning("%s overrides training_step: recovery's per-step checks (NaN/Inf consensus, gradient spikes, "
                         "out-of-memory retry) and the LR cut after a rollback apply only where it calls "
-                        "trainer.recovery.gate_step() and scales its optimizer step (docs/recovery.md)",
+                        "trainer.end_step(loss, grad_norm) to end its step (docs/recovery.md)",
                         type(self).__name__)
         return recovery
 

@@ -85,19 +85,15 @@ class WatchdogHook:
 
     def __init__(self, watchdog: StepWatchdog):
         self.watchdog = watchdog
-        self._timing: Any = None
 
     def train_begin(self, resumed_step: int | None) -> None:
         self.watchdog.start()
 
     def step_begin(self, step: int) -> None:
-        self._timing = self.watchdog.step(step)
-        self._timing.__enter__()
+        self.watchdog.arm(step)
 
     def step_computed(self, step: int) -> None:
-        timing, self._timing = self._timing, None
-        if timing is not None:
-            timing.__exit__(None, None, None)
+        self.watchdog.disarm()
 
     def step_end(self, step: int, stop: bool) -> bool:
         return stop
