@@ -57,7 +57,7 @@ def test_the_loop_calls_each_hook_around_every_step(tmp_path):
     trainer.train()
     expected = [("train_begin", None)]
     for step in range(1, 5):
-        expected += [("step_begin", step), ("step_computed", step), ("step_end", step, False)]
+        expected += [("step_begin", step), ("step_computed", step), ("step_end", step, step == 4)]  # 4: max_steps
     assert hook.calls == [*expected, ("train_end",)]
 
 
