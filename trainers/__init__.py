@@ -10,6 +10,7 @@ from .callbacks import TrainerCallback, TrainerControl
 from .data import EpochSampler, StatefulDataLoader
 from .ddp import DDPTrainer, init_distributed
 from .fsdp import FSDPTrainer
+from .hooks import StepHook
 from .hybrid import HybridTrainer
 from .parallel_config import LayoutChange, ParallelConfig, PipelineConfig
 from .pipeline import PipelineTrainer
@@ -30,6 +31,7 @@ __all__ = [
     "RNGState",
     "SimpleTrainer",
     "StatefulDataLoader",
+    "StepHook",
     "StepOutput",
     "Trainer",
     "TrainerCallback",

@@ -51,7 +51,7 @@ class AccelTrainer(Trainer):
         self._accelerator_kwargs = dict(accelerator_kwargs or {})
         super().__init__(model, args, **kwargs)
         self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
-        if self.recovery is not None:
+        if self.recovery.enabled:
             self._check_recovery()
 
     def _check_recovery(self) -> None:
@@ -91,7 +91,7 @@ class AccelTrainer(Trainer):
                                shuffle=args.shuffle, num_replicas=self.world_size, rank=self.rank)
         return StatefulDataLoader(self.train_dataset, sampler, self.data_collator)
 
-    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         if self.cpu_group is not None:
             dist.all_reduce(values, group=self.cpu_group)
         return values
@@ -101,17 +101,13 @@ class AccelTrainer(Trainer):
         return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def training_step(self, batch: Any) -> StepOutput:
-        if self.recovery is not None:
+        if self.recovery.enabled:
             return self.recovery.training_step(batch)
         loss = self.compute_loss(self.model, batch)
         self.accelerator.backward(loss)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else math.inf
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput(loss=float(loss.detach()), grad_norm=float(grad_norm))
+        return self.end_step(float(loss.detach()), float(grad_norm), apply=True)
 
     def get_state_components(self) -> list[StateComponent]:
         rep, level = SharingPattern.REPLICATED, self.args.replica_validation

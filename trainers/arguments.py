@@ -11,13 +11,14 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from ckpt import RetentionPolicy, ValidationLevel
+from ckpt import RetentionPolicy, ValidationLevel, infer_greater_is_better
 
 from .keys import EVAL_PREFIX
 from .recovery.policy import RecoveryPolicy, load_recovery_policy
 
 _BACKENDS = ("gloo", "nccl")
 SAVE_ERROR_CHOICES = ("raise", "warn")
+_DEFAULT_METRIC = "loss"
 
 
 def _is_int(value: Any) -> bool:
@@ -65,12 +66,19 @@ class TrainingArguments:
     preserve_best_model: bool = field(default=False, metadata={
         "help": "Also keep the preserve_n_best best checkpoints by best_model_metric; False keeps only "
                 "the newest."})
-    best_model_metric: str = field(default="loss", metadata={
+    best_model_metric: str = field(default=_DEFAULT_METRIC, metadata={
         "help": "Evaluation metric that ranks checkpoints; looked up as `eval_<name>` (\"loss\" means "
                 "eval_loss)."})
     best_model_greater_is_better: bool | None = field(default=None, metadata={
         "help": "Direction of best_model_metric; None infers it from the name (loss/error: lower, "
                 "accuracy/f1: higher)."})
+    metric_for_best_model: str | None = field(default=None, metadata={
+        "help": "Hugging Face's name for best_model_metric; either may be given (\"loss\", the default of "
+                "best_model_metric, yields to it). After construction both hold the metric in force."})
+    greater_is_better: bool | None = field(default=None, metadata={
+        "help": "Hugging Face's name for best_model_greater_is_better. After construction it holds the "
+                "direction in force: as given, or inferred once from the metric's name (None when the name "
+                "does not say)."})
     preserve_n_best: int = field(default=1, metadata={
         "help": "How many of the best checkpoints to keep when preserve_best_model is set."})
     keep_every_n_steps: int | None = field(default=None, metadata={
@@ -136,6 +144,7 @@ class TrainingArguments:
                 " always raise."})
 
     def __post_init__(self) -> None:
+        self._resolve_aliases()
         self._check_paths_and_counts()
         self._check_schedule()
         self._check_choices()
@@ -150,6 +159,27 @@ class TrainingArguments:
                 raise ValueError(f"TrainingArguments: {exc}") from None
 
     # ---- validation ------------------------------------------------------------------------------
+
+    def _resolve_aliases(self) -> None:
+        """Merge each option with its Hugging Face name, once; different values for both are an error."""
+        ours, theirs = self.best_model_metric, self.metric_for_best_model
+        if theirs is not None:
+            if ours != _DEFAULT_METRIC and _with_prefix(ours) != _with_prefix(theirs):
+                raise ValueError(
+                    f"TrainingArguments: best_model_metric={ours!r} and metric_for_best_model={theirs!r} name the "
+                    "same option with different values; give only one of them")
+            object.__setattr__(self, "best_model_metric", theirs)
+        object.__setattr__(self, "metric_for_best_model", self.best_model_metric)
+        mine, hf = self.best_model_greater_is_better, self.greater_is_better
+        if mine is not None and hf is not None and mine != hf:
+            raise ValueError(
+                f"TrainingArguments: best_model_greater_is_better={mine!r} and greater_is_better={hf!r} name the "
+                "same option with different values; give only one of them")
+        given = mine if mine is not None else hf
+        object.__setattr__(self, "best_model_greater_is_better", given)
+        metric = self.best_model_metric
+        inferred = infer_greater_is_better(metric) if isinstance(metric, str) and metric.strip() else None
+        object.__setattr__(self, "greater_is_better", given if given is not None else inferred)
 
     def _check_paths_and_counts(self) -> None:
         if not isinstance(self.output_dir, str | os.PathLike) or not os.fspath(self.output_dir):
@@ -219,6 +249,8 @@ class TrainingArguments:
             _fail("best_model_metric", self.best_model_metric, 'must be a metric name such as "loss"')
         if self.best_model_greater_is_better is not None and not isinstance(self.best_model_greater_is_better, bool):
             _fail("best_model_greater_is_better", self.best_model_greater_is_better, "must be True, False or None")
+        if self.greater_is_better is not None and not isinstance(self.greater_is_better, bool):
+            _fail("greater_is_better", self.greater_is_better, "must be True, False or None")
         if self.progress_bar is not None and not isinstance(self.progress_bar, bool):
             _fail("progress_bar", self.progress_bar, "must be True, False or None (automatic)")
         if self.on_save_error not in SAVE_ERROR_CHOICES:
@@ -260,6 +292,10 @@ class TrainingArguments:
                 os.fspath(value) if isinstance(value, os.PathLike) else
                 value.to_plain() if isinstance(value, RecoveryPolicy) else value)
         return out
+
+
+def _with_prefix(name: Any) -> Any:
+    return name if not isinstance(name, str) or name.startswith(EVAL_PREFIX) else EVAL_PREFIX + name
 
 
 def _fail(name: str, value: Any, what: str) -> None:

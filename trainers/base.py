@@ -1,7 +1,7 @@
 """Trainer: the training loop, eval/save scheduling, callbacks, and saving/loading through the coordinator.
 
 A concrete trainer says how its ranks are laid out and how each piece of state is shared:
-`_setup_distributed`, `_wrap_model`, `_build_train_loader`, `_all_reduce_sum`, `get_state_components`
+`_setup_distributed`, `_wrap_model`, `_build_train_loader`, `all_reduce_sum`, `get_state_components`
 and, where it uses process groups, `get_process_groups`. The loop here is the same for all of them.
 The training step is one overridable method, `training_step`.
 """
@@ -11,38 +11,30 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import timedelta
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
-from ckpt import CheckpointCoordinator, CheckpointError, LoadResult, SaveHandle, StateComponent
+from ckpt import SaveHandle, StateComponent
 
 from .arguments import TrainingArguments, check_eval_dataset
 from .batches import call_model, extract_loss, first_tensor, to_device
 from .callback_handler import CallbackHandler
 from .callbacks import TrainerControl
-from .checkpointing import (
-    SAVE_ERROR_KIND,
-    load_components,
-    resume_target,
-    save_failure_entry,
-    tolerates,
-    warm_start,
-)
 from .data import eval_batches
-from .keys import CALLBACK_PREFIX, CHECKPOINT_KIND, EVAL_PREFIX, TRAIN_LOSS, TRAINER_STATE
+from .hooks import MetricsHook, RecoveryHook, StepHook, WatchdogHook
+from .keys import EVAL_PREFIX
 from .liveness import StepWatchdog, die_with_parent, under_launcher
 from .metrics_log import MetricsLogger
 from .outcomes import StepConsensus, StepOutput, TrainingError
 from .recovery.controller import RecoveryController
-from .recovery.events import DIVERGENCE, RecoveryEvent
-from .recovery.guard import guard_save
-from .recovery.policy import DIVERGENCE_ACTIONS
-from .rng import RNGState, prepare_full_determinism, set_seed
+from .recovery.disabled import NoRecovery
+from .recovery.lr import finish_step
+from .rng import RNGState, prepare_full_determinism
 from .schedule import StepPlan, plan_step
 from .state import TrainerState
+from .trainer_checkpoints import TrainerCheckpoints
 
 log = logging.getLogger("trainers")
 
@@ -52,7 +44,7 @@ LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 _UNSET: Any = object()
 
 
-class Trainer:
+class Trainer(TrainerCheckpoints):
     """Runs a training loop and checkpoints it through a ckpt.CheckpointCoordinator.
 
     The model's forward returns the loss (or a dict / object with `loss`) given a batch (dicts are passed
@@ -109,6 +101,8 @@ class Trainer:
             die_with_parent()  # a rank never outlives torchrun (nor keeps the run dir's lock)
         self.watchdog = StepWatchdog(self.rank, self._step_timeout_s(), watch_parent=under_launcher(),
                                      on_hang=self._record_hang)
+        self.step_hooks: list[StepHook] = [MetricsHook(self.metrics_logger, lambda: self._last_loss),
+                                           RecoveryHook(lambda: self.recovery), WatchdogHook(self.watchdog)]
 
     # ---- what a concrete trainer provides ---------------------------------------------------------
 
@@ -128,7 +122,7 @@ class Trainer:
         """An endless iterator of this rank's batches with state_dict()/load_state_dict() and `progress`."""
         raise NotImplementedError
 
-    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum a small CPU float64 tensor over all ranks (in place) and return it."""
         return values
 
@@ -158,36 +152,20 @@ class Trainer:
         return max(timeout, health.timeout_s + health.follow_up_s + 5.0)
 
     def _record_hang(self, step: int, elapsed: float) -> None:
-        if self.recovery is not None:
-            self.recovery.record_hang(step, elapsed, self.watchdog.timeout_s)
+        self.recovery.record_hang(step, elapsed, self.watchdog.timeout_s)
 
-    def _build_coordinator(self) -> CheckpointCoordinator:
-        return CheckpointCoordinator(self.run_dir, process_groups=self.get_process_groups() or None,
-                                     timeout=timedelta(seconds=self.args.checkpoint_timeout_s),
-                                     retention=self.retention, async_save=self.args.async_save)
-
-    def _build_recovery(self) -> Any:
+    def _build_recovery(self) -> RecoveryController | NoRecovery:
         policy = self.args.recovery_policy()
         if policy is None:
-            return None
+            return NoRecovery()
         recovery = RecoveryController(self, policy)
         if type(self).training_step is not Trainer.training_step and not getattr(
                 self, "recovery_aware_step", False) and self.rank == 0:
             log.warning("%s overrides training_step: recovery's per-step checks (NaN/Inf consensus, gradient spikes, "
                         "out-of-memory retry) and the LR cut after a rollback apply only where it calls "
-                        "trainer.recovery.gate_step() and scales its optimizer step (docs/recovery.md)",
+                        "trainer.end_step(loss, grad_norm) to end its step (docs/recovery.md)",
                         type(self).__name__)
         return recovery
-
-    def all_components(self) -> list[StateComponent]:
-        """The trainer's components plus one per stateful callback (and recovery's): what every checkpoint holds."""
-        own = self.get_state_components()
-        clash = [c.key for c in own if c.key.startswith(CALLBACK_PREFIX)]
-        if clash:
-            raise ValueError(f"get_state_components() returned keys {clash}; the prefix {CALLBACK_PREFIX!r} is "
-                             "reserved for callbacks")
-        recovery = self.recovery.components() if self.recovery is not None else []
-        return [*own, *self.callback_handler.components(), *recovery]
 
     # ---- the loop ---------------------------------------------------------------------------------
 
@@ -198,34 +176,45 @@ class Trainer:
         if args.full_determinism:
             torch.use_deterministic_algorithms(True)
         resumed_from = self._resume_or_seed(resume)
-        self.metrics_logger.start(self.state.global_step if resumed_from else None)
-        if self.recovery is not None:
-            self.recovery.begin(resumed=resumed_from is not None)
-        self.model.train()
-        self._call("on_train_begin", resumed_from=resumed_from)
-        self._clock = (time.perf_counter(), self.state.tokens_seen, self.state.global_step)
-        self.watchdog.start()
+        started: list[StepHook] = []
         try:
-            while self.state.global_step < args.max_steps:
-                self.step_in_progress = self.state.global_step + 1
-                with self.watchdog.step(self.step_in_progress):
-                    plan = self._run_step()
-                self.step_in_progress = None
-                stop = self._after_step(plan)
-                if self.recovery is not None:  # rollback, a signal's save, liveness checks
-                    stop = self.recovery.at_step_boundary(stop)
-                if stop:
-                    break
+            for hook in self.step_hooks:  # the metrics file, recovery, the step watchdog, and any added
+                hook.train_begin(self.state.global_step if resumed_from else None)
+                started.append(hook)
+            self.model.train()
+            self.run_callbacks("on_train_begin", resumed_from=resumed_from)
+            self._clock = (time.perf_counter(), self.state.tokens_seen, self.state.global_step)
+            while self.state.global_step < args.max_steps and not self._one_step():
+                pass
         finally:
             self.step_in_progress = None
-            self.watchdog.stop()
-            self.metrics_logger.close()
-            if self.recovery is not None:
-                self.recovery.end()
-        self._wait_for_save()  # the last checkpoint is committed before train() returns
+            for hook in reversed(started):
+                hook.train_end()
+        self.wait_for_save()  # the last checkpoint is committed before train() returns
         self._agree_on_late_errors()
-        self._call("on_train_end")
+        self.run_callbacks("on_train_end")
         return self.state
+
+    def _one_step(self) -> bool:
+        """Compute one step between the hooks, then log, evaluate and save as planned; True to stop."""
+        step = self.step_in_progress = self.state.global_step + 1
+        for hook in self.step_hooks:
+            hook.step_begin(step)
+        try:
+            plan = self._run_step()
+        finally:
+            for hook in reversed(self.step_hooks):
+                hook.step_computed(step)
+        self.step_in_progress = None
+        stop = self._after_step(plan)
+        done = self.state.global_step
+        for hook in self.step_hooks:  # recovery's may roll back: every hook hears of the step just done
+            stop = hook.step_end(done, stop)
+        return stop
+
+    def add_step_hook(self, hook: StepHook) -> None:
+        """Call `hook` around every step, after the built-in ones (trainers/hooks.py)."""
+        self.step_hooks.append(hook)
 
     def _run_step(self) -> StepPlan:
         errors, self._late_errors = self._late_errors, []  # on_step_agreed's, of the step before
@@ -235,7 +224,7 @@ class Trainer:
         out = self.training_step(to_device(batch, self.device))
         self.state.global_step += 1
         self.state.epoch = float(self.train_loader.progress)
-        if self.recovery is None and not (math.isfinite(out.loss) and math.isfinite(out.grad_norm)):
+        if not self.recovery.enabled and not (math.isfinite(out.loss) and math.isfinite(out.grad_norm)):
             self._call_guarded("on_instability", errors, reason="non_finite_loss" if not math.isfinite(out.loss)
                                else "non_finite_grad_norm", loss=out.loss, grad_norm=out.grad_norm)
         self._call_guarded("on_step_end", errors, loss=out.loss, grad_norm=out.grad_norm)
@@ -265,16 +254,25 @@ class Trainer:
         With a recovery policy the step runs in micro-batches and the ranks agree before the optimizer step
         (trainers/recovery/step.py).
         """
-        if self.recovery is not None:
+        if self.recovery.enabled:
             return self.recovery.training_step(batch)
         loss = self.compute_loss(self.model, batch)
         loss.backward()
         grad_norm = self.clip_gradients()
-        self.optimizer.step()
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput(loss=float(loss.detach()), grad_norm=float(grad_norm))
+        return self.end_step(float(loss.detach()), float(grad_norm), apply=True)
+
+    def end_step(self, loss: float, grad_norm: float, apply: bool | None = None) -> StepOutput:
+        """The one way every trainer ends a training step, after backward and clipping: the optimizer step (at
+        recovery's LR scale) when `apply`, then the scheduler step and cleared gradients either way.
+
+        `apply=None` asks recovery (every rank agrees on NaN/Inf and spikes; without a policy: always applied);
+        a caller that already decided (recovery's own step, a plain step) passes it. `grad_norm` must be the whole
+        model's norm, the same on every rank.
+        """
+        if apply is None:
+            apply = self.recovery.gate_step(loss, grad_norm)
+        finish_step(self.optimizer, self.lr_scheduler, apply, self.recovery.lr_scale(self.state.global_step + 1))
+        return StepOutput(loss=loss, grad_norm=grad_norm, skipped=not apply)
 
     def clip_gradients(self) -> torch.Tensor:
         """Clip the gradients to args.max_grad_norm (None: no clipping); returns the norm before clipping, which
@@ -309,7 +307,7 @@ class Trainer:
         rank raises alike."""
         mask = torch.zeros(self.world_size, dtype=torch.float64)
         mask[self.rank] = float(bool(self._late_errors))
-        ranks = tuple(r for r, v in enumerate(self._all_reduce_sum(mask).tolist()) if v > 0)
+        ranks = tuple(r for r, v in enumerate(self.all_reduce_sum(mask).tolist()) if v > 0)
         if ranks:
             first = self._late_errors[0] if self._late_errors else None
             raise TrainingError(f"callback on_step_agreed failed at step {self.state.global_step} on ranks {list(ranks)}"
@@ -317,17 +315,16 @@ class Trainer:
 
     def _recovery_requests(self) -> list[float]:
         """Recovery's requests that may start on some ranks only (a report, a signal), agreed with the flags."""
-        return self.recovery.local_requests() if self.recovery is not None else []
+        return self.recovery.local_requests()
 
     def _absorb_requests(self, summed: list[float]) -> None:
-        if self.recovery is not None:
-            self.recovery.absorb(summed)
+        self.recovery.absorb(summed)
 
     def _sum_with_flags(self, extra: list[float]) -> list[float]:
         c = self.control
         flags = [c.should_training_stop, c.should_save, c.should_evaluate, c.should_abort_without_save]
         values = torch.tensor([*map(float, flags), *extra], dtype=torch.float64)
-        return self._all_reduce_sum(values).tolist()
+        return self.all_reduce_sum(values).tolist()
 
     def _agreed_flags(self, summed: list[float]) -> dict[str, bool]:
         stop, save, evaluate, abort = (v > 0 for v in summed)
@@ -340,7 +337,7 @@ class Trainer:
         """Log, evaluate and save as planned, then honour what callbacks asked for meanwhile; True to stop."""
         self._carry_out(plan, done=None)
         # With recovery the ranks agree even on the last step: a divergence reported there means a rollback.
-        if (plan.stop and self.recovery is None) or not (plan.log or plan.evaluate or plan.save):
+        if (plan.stop and not self.recovery.enabled) or not (plan.log or plan.evaluate or plan.save):
             return plan.stop
         # Hooks ran (on_log, on_evaluate, on_save): an early-stopping callback, say, may have set a flag.
         requests = self._recovery_requests()
@@ -366,14 +363,13 @@ class Trainer:
         self._step_metrics = metrics
         if plan.save and not (done and done.save):
             self.save_checkpoint(metrics)
-        self.metrics_logger.progress(self.state.global_step, self._last_loss)
 
     # ---- logging and evaluation -------------------------------------------------------------------
 
     def current_lr(self) -> float:
         """The learning rate the next step uses (with recovery's cut and ramp, when one is in force)."""
         lr = float(self.optimizer.param_groups[0]["lr"])
-        return lr * self.recovery.lr_scale(self.state.global_step + 1) if self.recovery is not None else lr
+        return lr * self.recovery.lr_scale(self.state.global_step + 1)
 
     def _log_window(self) -> None:
         s = self.state
@@ -382,8 +378,7 @@ class Trainer:
         entry = {"step": s.global_step, "epoch": s.epoch, "loss": s.window_loss_sum / s.window_steps,
                  "lr": self.current_lr(), "grad_norm": s.window_grad_norm_sum / s.window_steps,
                  "tokens_seen": s.tokens_seen}
-        if self.recovery is not None:
-            entry.update(self.recovery.log_fields())
+        entry.update(self.recovery.log_fields())
         s.log_history.append(entry)
         s.reset_window()
         now = time.perf_counter()
@@ -393,7 +388,7 @@ class Trainer:
         shown = {**entry, "tokens_per_s": (s.tokens_seen - tokens0) / elapsed,
                  "steps_per_s": (s.global_step - step0) / elapsed}
         self.metrics_logger.write("train", shown)
-        self._call("on_log", logs=shown)
+        self.run_callbacks("on_log", logs=shown)
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over eval_dataset, each rank taking its share; {"eval_loss": value} on every rank."""
@@ -411,7 +406,7 @@ class Trainer:
                 loss = self.compute_loss(model, to_device(batch, self.device))
                 totals += torch.tensor([float(loss) * n, n], dtype=torch.float64)
         model.train(was_training)
-        totals = self._all_reduce_sum(totals)
+        totals = self.all_reduce_sum(totals)
         return {EVAL_PREFIX + "loss": float(totals[0] / totals[1]) if totals[1] > 0 else math.nan}
 
     def _record_evaluation(self, metrics: dict[str, float]) -> None:
@@ -429,141 +424,11 @@ class Trainer:
                     value > s.best_metric if better else value < s.best_metric)):
                 s.best_metric, s.best_step = value, s.global_step
         self.metrics_logger.write("eval", {"step": s.global_step, **metrics})
-        self._call("on_evaluate", metrics=metrics)
-
-    # ---- checkpoints ------------------------------------------------------------------------------
-
-    def save_checkpoint(self, metrics: dict[str, float] | None = None) -> str | None:
-        """Save every component as checkpoint `global_step` (collective); returns its path once committed (None
-        for an async save, which callbacks hear of through on_save when it commits; `last_checkpoint` then names it).
-
-        Diverged weights are saved with their evaluation metrics replaced by NaN (never ranked best), and never
-        over an existing checkpoint; returns None when the save is left out for that (or for a rollback), or when
-        it failed and args.on_save_error="warn" (the failure is logged and recorded in the log history).
-        """
-        s = self.state
-        recorded: dict[str, Any] | None = {TRAIN_LOSS: self._last_loss, "epoch": s.epoch, "tokens_seen": s.tokens_seen,
-                                           **(metrics or {})}
-        if self.recovery is not None:
-            recorded = self.recovery.before_save(recorded)
-        else:
-            recorded = guard_save(self._all_reduce_sum, self.rank, s.global_step, recorded, diverged=self._diverged,
-                                  exists=lambda: any(r.step == s.global_step for r in self.coordinator.checkpoints()))
-        if recorded is None:
-            return None
-        self._wait_for_save()  # a failed background save is reported before this one starts
-        self._saving_step = s.global_step
-        # Newer checkpoints left by a resume or rollback to an older step are set aside by the coordinator's rule
-        # (an abandoned timeline); overwrite=True only replaces a step this run saves again (guarded above).
-        try:
-            saved = self.coordinator.save(s.global_step, self.all_components(), metrics=recorded, overwrite=True)
-        except CheckpointError as exc:
-            if not tolerates(self.args.on_save_error, exc, self.coordinator):
-                raise
-            self._record_save_failure(exc)
-            return None
-        if self.recovery is not None:  # a host copy of the state as saved, taken now (the save may be async)
-            self.recovery.after_save(self.coordinator.path_for(s.global_step), recorded)
-        if isinstance(saved, SaveHandle):  # announced once committed, at the next save or the end of training
-            self._in_flight = (saved, recorded)
-            return None
-        self._announce_save(s.global_step, saved, recorded)
-        return saved
-
-    def _announce_save(self, step: int, path: str, metrics: dict[str, Any]) -> None:
-        """A save committed: its line in metrics.jsonl (`ckpt report` marks a save that is no longer on disk as
-        deleted by retention) and the callbacks' on_save."""
-        self.last_checkpoint = path
-        self.metrics_logger.append(CHECKPOINT_KIND, {"step": step, "checkpoint": path.rsplit("/", 1)[-1]})
-        self._call("on_save", checkpoint=path, metrics=metrics)
-
-    def _wait_for_save(self) -> None:
-        """Wait for a background save; its failure is raised, or recorded with on_save_error="warn". A save that
-        committed is announced to the callbacks (on_save) here."""
-        in_flight, self._in_flight = self._in_flight, None
-        try:
-            self.coordinator.wait()
-        except CheckpointError as exc:
-            if not tolerates(self.args.on_save_error, exc, self.coordinator):
-                raise
-            self._record_save_failure(exc)
-            return
-        if in_flight is not None and in_flight[0].path is not None:
-            self._announce_save(in_flight[0].step, in_flight[0].path, in_flight[1])
-
-    def _record_save_failure(self, exc: CheckpointError) -> None:
-        entry = save_failure_entry(self._saving_step, exc, rank=self.rank, latest=self.coordinator.latest())
-        self.state.log_history.append(entry)
-        self.metrics_logger.append(SAVE_ERROR_KIND, entry)
-
-    def _resume_or_seed(self, resume: str | int | None) -> str | None:
-        """Load the checkpoint to resume from (returns its path), or seed a fresh run (returns None)."""
-        resume = resume_target(resume, self.run_dir, self.coordinator.storage.exists)
-        latest = self.coordinator.latest()
-        # Rank 0's view of the run dir decides, so every rank takes the same branch.
-        seen = torch.zeros(2, dtype=torch.float64)
-        if self.rank == 0 and latest is not None:
-            seen += torch.tensor([1.0, float(latest.step)], dtype=torch.float64)
-        has_checkpoint, newest = self._all_reduce_sum(seen).tolist()
-        if resume is None or (resume == "latest" and not has_checkpoint):
-            if has_checkpoint:
-                raise ValueError(f"output_dir {self.run_dir} already holds checkpoints (newest: step {int(newest)}); "
-                                 "set resume_from_checkpoint='latest' to continue that run, or use a new output_dir")
-            if resume == "latest" and self.rank == 0:
-                log.info("no checkpoint in %s yet: starting a fresh run", self.run_dir)
-            set_seed(self.args.seed)
-            self._last_loss = math.nan
-            return None
-        result = self._reload(resume)
-        if self.rank == 0:
-            log.info("resumed from %s at step %d", result.path, self.state.global_step)
-            if newest > result.step:
-                log.warning("checkpoints after step %d exist in %s; the first save of this run sets them aside as "
-                            "an abandoned timeline (run_dir/abandoned/)", result.step, self.run_dir)
-        return result.path
-
-    def _load_checkpoint(self, checkpoint: str | int) -> LoadResult:
-        """Load every component from `checkpoint` (collective). Trainers that resume across layouts override it."""
-        return load_components(self.coordinator, self.all_components(), checkpoint, rank=self.rank)
-
-    def _reload(self, checkpoint: str | int) -> LoadResult:
-        """Load `checkpoint` (a resume, or recovery's rollback) and pick the loop's bookkeeping up from it."""
-        result = self._load_checkpoint(checkpoint)
-        if TRAINER_STATE not in result.loaded:  # a checkpoint imported from another format
-            warm_start(self, result)
-        self._after_load(result.metrics)
-        return result
-
-    def _after_load(self, metrics: Mapping[str, Any]) -> None:
-        """The loop's bookkeeping after every component was loaded (from a checkpoint, or recovery's host copy)."""
-        loss = metrics.get(TRAIN_LOSS)
-        self._last_loss = float(loss) if isinstance(loss, int | float) else math.nan
-        self._clock = (time.perf_counter(), self.state.tokens_seen, self.state.global_step)
-
-    def report_instability(self, event: Any) -> None:
-        """A callback saw the run going bad (DivergenceDetector calls this with a dict: reason, metric, value,
-        first_bad_step, action). With a recovery policy, recovery acts at the step boundary on every rank;
-        without one, "stop" saves (marked diverged) and stops, "abort" stops without saving, "rollback" stops."""
-        if self.recovery is not None:
-            self.recovery.report(event)
-            return
-        self._diverged = True
-        info = dict(event) if isinstance(event, Mapping) else {"reason": str(event)}
-        shown = RecoveryEvent(DIVERGENCE, self.state.global_step, str(info.pop("action", "stop")),
-                              str(info.pop("reason", "divergence")), values=info, allowed=DIVERGENCE_ACTIONS)
-        self._call("on_instability", event=shown, reason=shown.reason)
-        if shown.action == "abort":
-            self.control.should_abort_without_save = True
-        else:
-            if shown.action == "rollback" and self.rank == 0:
-                log.warning("divergence at step %d: rollback needs a recovery policy (TrainingArguments.recovery); "
-                            "stopping instead", self.state.global_step)
-            self.control.should_save = True
-        self.control.should_training_stop = True
+        self.run_callbacks("on_evaluate", metrics=metrics)
 
     # ---- callbacks ----------------------------------------------------------------------------------
 
-    def _call(self, event: str, /, **kwargs: Any) -> None:  # positional: on_instability gets event=...
+    def run_callbacks(self, event: str, /, **kwargs: Any) -> None:  # positional: on_instability gets event=...
         self.control = self.callback_handler.call(
             event, self.args, self.state, self.control, trainer=self, model=self.unwrapped_model,
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, **kwargs)
@@ -571,7 +436,7 @@ class Trainer:
     def _call_guarded(self, event: str, errors: list[BaseException], /, **kwargs: Any) -> None:
         """Run a per-step event; an error is held until the ranks agree on it (so no rank is left waiting)."""
         try:
-            self._call(event, **kwargs)
+            self.run_callbacks(event, **kwargs)
         except Exception as exc:
             log.error("rank %d: callback %s failed at step %d: %r", self.rank, event, self.state.global_step, exc)
             errors.append(exc)

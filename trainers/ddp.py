@@ -92,7 +92,7 @@ class DDPTrainer(Trainer):
                                num_replicas=self.world_size, rank=self.rank)
         return StatefulDataLoader(self.train_dataset, sampler, self.data_collator)
 
-    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values, group=self.cpu_group)
         return values
 

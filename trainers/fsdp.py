@@ -24,7 +24,6 @@ from .base import StepOutput
 from .gradients import clip_by_global_norm
 from .keys import DATA, MODEL, OPTIMIZER
 from .parallel_base import ParallelTrainer
-from .recovery.lr import finish_step
 
 
 class OptimizerByName:
@@ -83,10 +82,7 @@ class FSDPTrainer(ParallelTrainer):
         loss = self._forward_backward(batch)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else float("inf")
         grad_norm = self._clip(max_norm)
-        apply = self.recovery is None or self.recovery.gate_step(loss, grad_norm)
-        scale = self.recovery.lr_scale(self.state.global_step + 1) if self.recovery is not None else 1.0
-        finish_step(self.optimizer, self.lr_scheduler, apply, scale)
-        return StepOutput(loss=loss, grad_norm=grad_norm, skipped=not apply)
+        return self.end_step(loss, grad_norm)
 
     def get_state_components(self) -> list[StateComponent]:
         sharded = SharingPattern.SHARDED

@@ -93,16 +93,24 @@ class StepWatchdog:
             self._thread.join(timeout=5)
             self._thread = None
 
-    @contextlib.contextmanager
-    def step(self, step: int) -> Iterator[None]:
-        """Time training step `step` (1-based: the step being computed)."""
+    def arm(self, step: int) -> None:
+        """Start timing training step `step` (1-based: the step being computed)."""
         with self._lock:
             self._step, self._since = step, time.monotonic()
+
+    def disarm(self) -> None:
+        """The step being timed is over."""
+        with self._lock:
+            self._step = None
+
+    @contextlib.contextmanager
+    def step(self, step: int) -> Iterator[None]:
+        """Time training step `step` inside the block."""
+        self.arm(step)
         try:
             yield
         finally:
-            with self._lock:
-                self._step = None
+            self.disarm()
 
     def _run(self) -> None:
         while not self._stop.wait(_POLL_S):

@@ -33,7 +33,6 @@ from .gradients import average_gradients
 from .keys import DATA, EVAL_PREFIX, LR_SCHEDULER, RNG, TRAINER_STATE
 from .layout_change import DataProgress, reseed_from_checkpoint
 from .parallel_config import LayoutChange, ParallelConfig
-from .recovery.lr import finish_step
 
 log = logging.getLogger("trainers")
 
@@ -108,7 +107,7 @@ class ParallelTrainer(Trainer):
         # Both mesh dimensions are passed, so the manifest records the mesh (`ckpt inspect` draws it).
         return {"dp": self.dp_group, self.inner_dim: self.inner_group}
 
-    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values, group=self.cpu_group)
         return values
 
@@ -160,10 +159,7 @@ class ParallelTrainer(Trainer):
         grad_norm = self._clip(max_norm)
         # `loss` is this replica's and `grad_norm` the whole model's (the same on every rank), so the agreed
         # flags, and with them the decision, are the same on every rank.
-        apply = self.recovery is None or self.recovery.gate_step(loss, grad_norm)
-        scale = self.recovery.lr_scale(self.state.global_step + 1) if self.recovery is not None else 1.0
-        finish_step(self.optimizer, self.lr_scheduler, apply, scale)
-        return StepOutput(loss=loss, grad_norm=grad_norm, skipped=not apply)
+        return self.end_step(loss, grad_norm)
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over eval_dataset; each replica takes its share, one rank of it counts."""
@@ -179,7 +175,7 @@ class ParallelTrainer(Trainer):
                 loss_sum, n = self._eval_batch(to_device(batch, self.device))
                 totals += torch.tensor([loss_sum, n], dtype=torch.float64)
         model.train(was_training)
-        totals = self._all_reduce_sum(totals)
+        totals = self.all_reduce_sum(totals)
         return {EVAL_PREFIX + "loss": float(totals[0] / totals[1]) if totals[1] > 0 else math.nan}
 
     @staticmethod
@@ -242,7 +238,7 @@ class ParallelTrainer(Trainer):
     def _agree_on(self, keys: list[str]) -> list[str]:
         """The union over all ranks of `keys` (components some rank cannot load as saved)."""
         flags = torch.tensor([float(k in keys) for k in _PER_RANK_KEYS], dtype=torch.float64)
-        summed = self._all_reduce_sum(flags)
+        summed = self.all_reduce_sum(flags)
         return [k for k, v in zip(_PER_RANK_KEYS, summed.tolist(), strict=True) if v > 0]
 
 

@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ..io.storage import norm_path
 
@@ -88,8 +88,14 @@ class BestCheckpoint:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+@runtime_checkable
 class RetentionRule(Protocol):
-    """A rule returns, for each checkpoint it keeps (by path), why it keeps it."""
+    """A rule returns, for each checkpoint it keeps (by path), why it keeps it.
+
+    `checkpoints` are the run's committed, readable checkpoints on its current timeline, oldest first. A rule
+    is a pure function of them (no deleting, no I/O), so every process that reads the run reaches the same
+    answer. Pass user rules as `RetentionPolicy(extra_rules=[...])`; docs/extending.md has an example.
+    """
 
     def keep_reasons(self, checkpoints: Sequence[CheckpointInfo]) -> dict[str, str]: ...
 
@@ -229,9 +235,18 @@ class RetentionPolicy:
     """Direction; None infers it from the metric's name (an unrecognised name is an error)."""
     keep_every_n_steps: int | None = None
     """Also keep every checkpoint whose step is a multiple of this."""
+    metric_for_best_model: str | None = None
+    """Hugging Face's name for `best_model_metric`; after construction both hold the metric in force."""
+    greater_is_better: bool | None = None
+    """Hugging Face's name for `best_model_greater_is_better`. After construction it holds the direction in
+    force: as given, or inferred once from the metric's name."""
+    extra_rules: tuple[RetentionRule, ...] = ()
+    """User rules (anything with `keep_reasons(checkpoints) -> {path: reason}`), consulted next to the
+    built-in ones; a checkpoint any of them keeps is kept. Not recorded in retention_policy.json."""
 
     def __post_init__(self) -> None:
         name = "RetentionPolicy"
+        self._resolve_aliases(name)
         _optional_int(name, "save_total_limit", self.save_total_limit, 1, "how many of the newest to keep")
         _optional_int(name, "preserve_n_best", self.preserve_n_best, 0, "how many of the best to keep")
         _optional_int(name, "keep_every_n_steps", self.keep_every_n_steps, 1, "a step interval")
@@ -250,13 +265,25 @@ class RetentionPolicy:
             raise ValueError(
                 f"{name}: cannot tell from best_model_metric={metric!r} whether higher or lower is better; pass "
                 "best_model_greater_is_better=True (higher is better) or False (lower is better)")
+        for rule in self.extra_rules:
+            if not callable(getattr(rule, "keep_reasons", None)):
+                raise ValueError(f"{name}: extra_rules holds {rule!r}, which has no keep_reasons(checkpoints) "
+                                 "method; a rule returns {path: reason} for the checkpoints it keeps")
+        inferred = infer_greater_is_better(metric) if metric is not None and direction is None else None
+        object.__setattr__(self, "greater_is_better", direction if direction is not None else inferred)
 
-    @property
-    def greater_is_better(self) -> bool | None:
-        """The direction in force: the flag, or what the metric's name says."""
-        if self.best_model_greater_is_better is not None or self.best_model_metric is None:
-            return self.best_model_greater_is_better
-        return infer_greater_is_better(self.best_model_metric)
+    def _resolve_aliases(self, name: str) -> None:
+        """Merge each option with its Hugging Face name, once; different values for both are an error."""
+        object.__setattr__(self, "extra_rules", tuple(self.extra_rules))
+        pairs = (("best_model_metric", "metric_for_best_model"), ("best_model_greater_is_better", "greater_is_better"))
+        for ours, theirs in pairs:
+            mine, hf = getattr(self, ours), getattr(self, theirs)
+            if mine is not None and hf is not None and mine != hf:
+                raise ValueError(f"{name}: {ours}={mine!r} and {theirs}={hf!r} name the same option with different "
+                                 "values; give only one of them")
+            value = mine if mine is not None else hf
+            object.__setattr__(self, ours, value)
+            object.__setattr__(self, theirs, value)
 
     def best_rule(self, n: int | None = None) -> KeepBest | None:
         n = self.preserve_n_best if n is None else n
@@ -272,6 +299,7 @@ class RetentionPolicy:
             rules.append(best)
         if self.keep_every_n_steps is not None:
             rules.append(KeepEveryNSteps(self.keep_every_n_steps))
+        rules.extend(self.extra_rules)
         rules.append(KeepPinned())
         if protected:
             rules.append(KeepPaths(dict(protected)))
@@ -315,6 +343,8 @@ class RetentionPolicy:
             parts.append(f"{best} by {self.best_model_metric} ({value})")
         if self.keep_every_n_steps is not None:
             parts.append(f"step not a multiple of {self.keep_every_n_steps}")
+        if self.extra_rules:
+            parts.append("kept by no extra rule")
         return ", ".join(parts)
 
     def describe(self) -> str:
@@ -338,7 +368,7 @@ class RetentionPolicy:
 
     @classmethod
     def from_plain(cls, data: Mapping[str, Any]) -> RetentionPolicy:
-        known = cls().to_plain()
+        known = {**cls().to_plain(), "metric_for_best_model": None, "greater_is_better": None}
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ValueError(f"RetentionPolicy: unknown options {unknown}; known: {sorted(known)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..outcomes import RecoveryError
 from .controller import RecoveryController
+from .disabled import NoRecovery
 from .events import EVENTS_FILE, RecoveryEvent, read_events
 from .inject import FaultInjection
 from .policy import RecoveryPolicy, load_recovery_policy
@@ -20,6 +21,7 @@ __all__ = [
     "EVENTS_FILE",
     "HEALTH_EXIT_CODE",
     "FaultInjection",
+    "NoRecovery",
     "RecoveryController",
     "RecoveryError",
     "RecoveryEvent",

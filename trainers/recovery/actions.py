@@ -88,7 +88,7 @@ def reload(ctl: Any, target: int) -> tuple[int, str, str]:
     """Load checkpoint `target` on every rank: from the host copies when every rank holds one (no disk read),
     else from the disk. Returns (its step, its path, "memory" or "disk")."""
     t = ctl.trainer
-    t._wait_for_save()  # a save in flight commits before the stretch after the target is set aside
+    t.wait_for_save()  # a save in flight commits before the stretch after the target is set aside
     if ctl.copies is not None:  # the policy, so the branch, is the same on every rank
         held = ctl.copies.get(target)
         failed = held is None
@@ -101,13 +101,13 @@ def reload(ctl: Any, target: int) -> tuple[int, str, str]:
                 failed = True
         missing = ctl.reduce([float(failed)], "rollback agreement")[0]
         if missing == 0:
-            t._after_load(held.metrics)
+            t.after_load(held.metrics)
             ctl.copies.forget_after(target)
             return held.step, held.path, "memory"
         if ctl.rank == 0:
             log.info("recovery: %d rank(s) hold no host copy of step %d; loading it from the disk", int(missing),
                      target)
-    result = t._reload(target)
+    result = t.reload(target)
     if ctl.copies is not None:
         ctl.copies.forget_after(result.step)
     return result.step, result.path, "disk"
@@ -139,7 +139,7 @@ def emergency_save(ctl: Any, signal_name: str) -> None:
     path, before = None, t.last_checkpoint
     if ctl._last_saved_step != step:
         path = t.save_checkpoint()
-    t._wait_for_save()  # an async save is committed (and announced) before the job stops
+    t.wait_for_save()  # an async save is committed (and announced) before the job stops
     if path is None and t.last_checkpoint != before:
         path = t.last_checkpoint
     ctl.dispatch(RecoveryEvent(ev.EMERGENCY_SAVE, step, "save_and_stop", f"{signal_name} received",

@@ -48,6 +48,8 @@ _FORMAT = 1
 class RecoveryController:
     """Construct on every rank at the same point (it may create process groups)."""
 
+    enabled = True  # NoRecovery (disabled.py) answers False
+
     def __init__(self, trainer: RecoveryHost, policy: RecoveryPolicy):
         self.trainer, self.policy = trainer, policy
         self.rank, self.world_size = trainer.rank, trainer.world_size
@@ -125,7 +127,7 @@ class RecoveryController:
             return list(values)
         tensor = torch.tensor(values, dtype=torch.float64)
         if self.watchdog is None:
-            return self.trainer._all_reduce_sum(tensor).tolist()
+            return self.trainer.all_reduce_sum(tensor).tolist()
         try:
             return self.watchdog.all_reduce(tensor, what).tolist()
         except HealthCheckFailure as exc:
@@ -144,7 +146,7 @@ class RecoveryController:
         """Show `event` to every callback (they may change its action when `allowed` lists choices), agree on
         rank 0's choice, and record it."""
         original = event.action
-        self.trainer._call("on_instability", event=event, reason=event.reason)
+        self.trainer.run_callbacks("on_instability", event=event, reason=event.reason)
         if event.allowed and event.action not in event.allowed:
             log.error("on_instability set action=%r for a %s event; allowed: %s. Keeping %r", event.action,
                       event.kind, list(event.allowed), original)
@@ -202,7 +204,7 @@ class RecoveryController:
                                        "checked_through") if k in info and info[k] is not None}
         event = RecoveryEvent(ev.DIVERGENCE, self.trainer.state.global_step, self.policy.divergence_action,
                               str(info.get("reason", "divergence")), values=values, allowed=DIVERGENCE_ACTIONS)
-        self.trainer._call("on_instability", event=event, reason=event.reason)
+        self.trainer.run_callbacks("on_instability", event=event, reason=event.reason)
         if event.action not in DIVERGENCE_ACTIONS:
             log.error("on_instability set action=%r; allowed: %s. Using %r", event.action, DIVERGENCE_ACTIONS,
                       self.policy.divergence_action)
@@ -375,7 +377,7 @@ class RecoveryController:
         log.error("rank %d: recovery: %s; exiting with code %d so that torchrun can restart the job", self.rank,
                   event.describe(), HEALTH_EXIT_CODE)
         try:
-            self.trainer._call("on_instability", event=event, reason=event.reason)
+            self.trainer.run_callbacks("on_instability", event=event, reason=event.reason)
         except Exception as cb_exc:
             log.error("rank %d: on_instability failed: %r", self.rank, cb_exc)
         for handler in logging.getLogger().handlers:

@@ -24,7 +24,6 @@ import torch
 from ..outcomes import RecoveryError, StepOutput, TrainingError
 from . import events as ev
 from .events import RecoveryEvent
-from .lr import finish_step
 from .microbatch import batch_length, is_out_of_memory, release_memory, split_batch
 from .policy import DIVERGENCE_ACTIONS
 
@@ -104,8 +103,7 @@ def recovered_step(ctl: Any, batch: Any) -> StepOutput:
         grad_norm = _synced_backward(ctl, att, step, skip=agreed[NAN_LOSS] > 0 and ctl.policy.nan_action != "warn")
     apply = _judge(ctl, step, loss, grad_norm, agreed, local_bad=not math.isfinite(loss) or (
         not ctl.communicates and not math.isfinite(grad_norm)))
-    finish_step(t.optimizer, t.lr_scheduler, apply, ctl.lr_scale(step))
-    return StepOutput(loss=loss, grad_norm=grad_norm, skipped=not apply)
+    return t.end_step(loss, grad_norm, apply=apply)
 
 
 def _abandon_backward(ctl: Any) -> bool:
