@@ -17,8 +17,8 @@ from ckpt import (
     StateComponent,
     ValidationLevel,
 )
-from tests.ckpt.format.test_hostile_manifest import targets, untouched
 from tests.support.distributed import expect_ok, run_ranks
+from tests.support.hostile import make_checkpoint, targets, untouched
 from tests.support.workers import Box
 
 
@@ -132,8 +132,6 @@ def test_misbehaving_components_fail_clearly_on_every_rank(tmp_path):
 
 
 def test_a_failing_read_changes_no_component(tmp_path):
-    from tests.ckpt.format.test_hostile_manifest import make_checkpoint
-
     ckpt_dir = make_checkpoint(tmp_path)
     os.truncate(os.path.join(ckpt_dir, "extra", "global.msgpack"), 3)  # the second component's file
     comps = targets()

@@ -20,15 +20,15 @@ from ckpt.cli.main import main
 from ckpt.format.layout import MANIFEST_NAME, list_checkpoints
 from ckpt.io.storage import LocalStorage
 from ckpt.retention.catalog import delete_checkpoint
-from tests.ckpt.format.test_hostile_manifest import (
-    _file,
+from tests.support.files import REPO
+from tests.support.hostile import (
+    file_entry,
     load,
     make_checkpoint,
     rewrite_manifest,
     targets,
     untouched,
 )
-from tests.support.files import REPO
 
 
 def _ckpt(*argv: str) -> subprocess.CompletedProcess:
@@ -37,12 +37,12 @@ def _ckpt(*argv: str) -> subprocess.CompletedProcess:
 
 
 def _shape(d: dict) -> None:
-    info = next(t for t in _file(d)["tensors"] if t["name"] == "w")
+    info = next(t for t in file_entry(d)["tensors"] if t["name"] == "w")
     info["shape"] = list(reversed(info["shape"]))  # [3, 4] -> [4, 3]: same bytes, another tensor
 
 
 def _dtype(d: dict) -> None:
-    next(t for t in _file(d)["tensors"] if t["name"] == "w")["dtype"] = "I32"  # same element size
+    next(t for t in file_entry(d)["tensors"] if t["name"] == "w")["dtype"] = "I32"  # same element size
 
 
 @pytest.mark.parametrize("edit", [_shape, _dtype], ids=["shape", "dtype"])

@@ -14,88 +14,27 @@ from collections.abc import Callable
 import msgpack
 import pytest
 import torch
-import xxhash
 
 from ckpt import (
-    CheckpointCoordinator,
     CheckpointError,
     CorruptCheckpointError,
     ManifestError,
-    SharingPattern,
-    StateComponent,
 )
 from ckpt.cli.inspection import open_checkpoint, verify
 from ckpt.format.layout import MANIFEST_NAME
-from ckpt.format.manifest import DIGEST_FIELD, content_digest
 from ckpt.format.tensor_io import read_safetensors
 from ckpt.io.storage import LocalStorage
 from tests.support.files import REPO
-from tests.support.workers import Box
-
-SENTINEL = {"untouched": torch.tensor([42])}
-
-
-def saved_state() -> dict[str, dict]:
-    return {"model": {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(4)},
-            "extra": {"step": 7, "note": "hello", "t": torch.tensor([1, 2], dtype=torch.int64)}}
-
-
-def make_checkpoint(run_dir) -> str:
-    """A committed checkpoint with a replicated model and a global non-tensor-heavy component."""
-    state = saved_state()
-    with CheckpointCoordinator(run_dir) as coord:
-        return coord.save(7, [StateComponent("model", Box(state["model"]), SharingPattern.REPLICATED),
-                              StateComponent("extra", Box(state["extra"]), SharingPattern.GLOBAL)])
-
-
-def targets(extra_required: bool = True) -> list[StateComponent]:
-    """Live components holding a sentinel, to show a refused load changed nothing."""
-    return [StateComponent("model", Box(dict(SENTINEL)), SharingPattern.REPLICATED),
-            StateComponent("extra", Box(dict(SENTINEL)), SharingPattern.GLOBAL, required=extra_required)]
-
-
-def untouched(comps: list[StateComponent]) -> bool:
-    return all(list(c.stateful.state) == ["untouched"] for c in comps)
-
-
-def load(ckpt_dir: str, comps: list[StateComponent], **kwargs):
-    with CheckpointCoordinator(os.path.dirname(ckpt_dir)) as coord:
-        return coord.load(comps, checkpoint=ckpt_dir, **kwargs)
-
-
-def load_latest(run_dir, comps: list[StateComponent]):
-    with CheckpointCoordinator(run_dir) as coord:
-        return coord.load(comps)
-
-
-def rewrite_manifest(ckpt_dir: str, mutate: Callable[[dict], None], redigest: bool = True) -> None:
-    """Change the manifest as a hostile writer would: consistently, with its own digest recomputed."""
-    path = os.path.join(ckpt_dir, MANIFEST_NAME)
-    with open(path) as f:
-        data = json.load(f)
-    mutate(data)
-    if redigest and DIGEST_FIELD in data:
-        data[DIGEST_FIELD] = content_digest(data)
-    with open(path, "w") as f:
-        json.dump(data, f)
-
-
-def replace_file(ckpt_dir: str, relpath: str, data: bytes) -> None:
-    """Put `data` where a checkpoint file was, and make the manifest agree on its size and digest."""
-    with open(os.path.join(ckpt_dir, relpath), "wb") as f:
-        f.write(data)
-
-    def fix(d: dict) -> None:
-        for c in d["components"].values():
-            for entry in c["files"]:
-                if entry["path"] == relpath:
-                    entry["nbytes"], entry["xxh3_128"] = len(data), xxhash.xxh3_128_hexdigest(data)
-
-    rewrite_manifest(ckpt_dir, fix)
-
-
-def _file(d: dict, key: str = "model", kind: str = "tensors") -> dict:
-    return next(f for f in d["components"][key]["files"] if f["kind"] == kind)
+from tests.support.hostile import (
+    file_entry,
+    load,
+    load_latest,
+    make_checkpoint,
+    replace_file,
+    rewrite_manifest,
+    targets,
+    untouched,
+)
 
 
 def _set(**kv) -> Callable[[dict], None]:
@@ -112,29 +51,29 @@ MANIFEST_CASES = [
      r"components\.model\.required is missing"),
     ("extra component field", lambda d: d["components"]["model"].update(codec="x"), True, ManifestError,
      r"components\.model has unknown fields \['codec'\]"),
-    ("extra file field", lambda d: _file(d).update(mode=511), True, ManifestError,
+    ("extra file field", lambda d: file_entry(d).update(mode=511), True, ManifestError,
      r"files\[\d\] has unknown fields \['mode'\]"),
-    ("extra tensor field", lambda d: _file(d)["tensors"][0].update(stride=[1]), True, ManifestError,
+    ("extra tensor field", lambda d: file_entry(d)["tensors"][0].update(stride=[1]), True, ManifestError,
      r"tensors\[0\] has unknown fields \['stride'\]"),
-    ("nbytes as a string", lambda d: _file(d).update(nbytes="64"), True, ManifestError, r"nbytes should be int, is str"),
+    ("nbytes as a string", lambda d: file_entry(d).update(nbytes="64"), True, ManifestError, r"nbytes should be int, is str"),
     ("required as a string", lambda d: d["components"]["model"].update(required="yes"), True, ManifestError,
      r"required should be bool"),
     ("topology not an object", _set(topology=[2]), True, ManifestError, "topology should be dict"),
-    ("absolute path", lambda d: _file(d).update(path="/etc/passwd"), True, ManifestError,
+    ("absolute path", lambda d: file_entry(d).update(path="/etc/passwd"), True, ManifestError,
      "'/etc/passwd' is not a plain relative path"),
-    ("'..' in a path", lambda d: _file(d).update(path="model/../../../etc/passwd"), True, ManifestError,
+    ("'..' in a path", lambda d: file_entry(d).update(path="model/../../../etc/passwd"), True, ManifestError,
      "is not a plain relative path"),
-    ("path into another component", lambda d: _file(d).update(path="extra/global.safetensors"), True, ManifestError,
+    ("path into another component", lambda d: file_entry(d).update(path="extra/global.safetensors"), True, ManifestError,
      "is not inside the component's folder 'model/'"),
-    ("the same file twice", lambda d: d["components"]["model"]["files"].append(dict(_file(d))), True, ManifestError,
+    ("the same file twice", lambda d: d["components"]["model"]["files"].append(dict(file_entry(d))), True, ManifestError,
      "twice"),
-    ("writer outside the world", lambda d: _file(d).update(writer_rank=5), True, ManifestError,
+    ("writer outside the world", lambda d: file_entry(d).update(writer_rank=5), True, ManifestError,
      r"writer_rank is 5, not a rank of the saved world \(0\.\.0\)"),
-    ("unknown dtype", lambda d: _file(d)["tensors"][0].update(dtype="F128"), True, ManifestError,
+    ("unknown dtype", lambda d: file_entry(d)["tensors"][0].update(dtype="F128"), True, ManifestError,
      "dtype is unknown: 'F128'"),
-    ("negative dimension", lambda d: _file(d)["tensors"][0].update(shape=[-3, 4]), True, ManifestError,
+    ("negative dimension", lambda d: file_entry(d)["tensors"][0].update(shape=[-3, 4]), True, ManifestError,
      "shape is not a list of non-negative integers"),
-    ("malformed digest", lambda d: _file(d).update(xxh3_128="abc"), True, ManifestError,
+    ("malformed digest", lambda d: file_entry(d).update(xxh3_128="abc"), True, ManifestError,
      "xxh3_128 is 'abc', not 32 lowercase hex digits"),
     ("unknown pattern", lambda d: d["components"]["model"].update(pattern="striped"), True, ManifestError,
      "pattern has unknown value 'striped'"),
@@ -144,15 +83,15 @@ MANIFEST_CASES = [
      r"metrics\.loss should be a number"),
     ("edited without its digest", _set(step=8), False, ManifestError, "does not match its own digest"),
     # Consistent-looking manifests that disagree with the files themselves.
-    ("size disagrees with the file", lambda d: _file(d).update(nbytes=_file(d)["nbytes"] + 1), True,
+    ("size disagrees with the file", lambda d: file_entry(d).update(nbytes=file_entry(d)["nbytes"] + 1), True,
      CorruptCheckpointError, r"model/replicated\.part-0-of-1\.safetensors .* has \d+ bytes, the manifest says"),
-    ("shape disagrees with the file", lambda d: _file(d)["tensors"][0].update(shape=[4, 3]), True,
+    ("shape disagrees with the file", lambda d: file_entry(d)["tensors"][0].update(shape=[4, 3]), True,
      CorruptCheckpointError, r"tensor 'w' is torch\.float32 \[3, 4\], the manifest says torch\.float32 \[4, 3\]"),
-    ("dtype disagrees with the file", lambda d: _file(d)["tensors"][1].update(dtype="F64"), True,
+    ("dtype disagrees with the file", lambda d: file_entry(d)["tensors"][1].update(dtype="F64"), True,
      CorruptCheckpointError, "the manifest says torch.float64"),
-    ("tensor names disagree with the file", lambda d: _file(d)["tensors"][0].update(name="v"), True,
+    ("tensor names disagree with the file", lambda d: file_entry(d)["tensors"][0].update(name="v"), True,
      CorruptCheckpointError, "holds tensors"),
-    ("digest of another file", lambda d: _file(d).update(xxh3_128=_file(d, "extra", "state")["xxh3_128"]), True,
+    ("digest of another file", lambda d: file_entry(d).update(xxh3_128=file_entry(d, "extra", "state")["xxh3_128"]), True,
      CorruptCheckpointError, r"replicated\.part-0-of-1\.safetensors .* does not match its digest"),
 ]
 
@@ -319,7 +258,7 @@ def test_a_refused_load_raises_a_checkpoint_error_on_the_cli_too(tmp_path, capsy
     from ckpt.cli import main
 
     ckpt_dir = make_checkpoint(tmp_path)
-    rewrite_manifest(ckpt_dir, lambda d: _file(d).update(path="/etc/passwd"))
+    rewrite_manifest(ckpt_dir, lambda d: file_entry(d).update(path="/etc/passwd"))
     assert main(["verify", ckpt_dir]) == 2
     assert "is not a plain relative path" in capsys.readouterr().err
     assert issubclass(ManifestError, CheckpointError)

@@ -17,8 +17,8 @@ import torch
 
 from ckpt import CheckpointCoordinator, CorruptCheckpointError, SharingPattern, StateComponent
 from ckpt.format.serialization import MAX_DEPTH, flatten_state, unflatten_state
-from tests.ckpt.format.test_hostile_manifest import make_checkpoint, replace_file
 from tests.support.files import REPO
+from tests.support.hostile import make_checkpoint, replace_file
 from tests.support.workers import Box
 
 VALID_CODES = range(1, 9)

@@ -22,8 +22,8 @@ from ckpt.cli.inspection import open_checkpoint, verify
 from ckpt.format.layout import MANIFEST_NAME
 from ckpt.format.manifest import read_manifest
 from ckpt.io.storage import LocalStorage
-from tests.ckpt.format.test_hostile_manifest import make_checkpoint, saved_state, targets, untouched
 from tests.support.distributed import expect_ok, run_ranks
+from tests.support.hostile import make_checkpoint, saved_state, targets, untouched
 from tests.support.workers import Box, same
 
 
