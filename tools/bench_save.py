@@ -182,12 +182,22 @@ def bench_single(args: argparse.Namespace, root: str) -> dict:
         # no replicas to compare, so no validation level changes this case).
         "ckpt save (defaults)": (lambda: ours_save(coord, state, None), clear_ours),
     }
+    dcp_blocked: list[float] = []
+
+    def dcp_async() -> None:
+        start = time.perf_counter()
+        future = dcp.async_save(state, checkpoint_id=dcp_dir, no_dist=not dist.is_initialized())
+        dcp_blocked.append(time.perf_counter() - start)
+        future.result()
+
     if supports_async(coord):
         # In the same rounds as the others (its untimed first run allocates the staging buffers it reuses).
         save_cases["ckpt async: total"] = (ours_async, clear_ours)
+        save_cases["dcp.async_save: total"] = (dcp_async, lambda: fresh(root, "dcp"))
     rows = interleaved(save_cases, args.repeats)
     if blocked:
         rows["ckpt async: caller blocked"] = statistics.median(blocked[1:])
+        rows["dcp.async_save: caller blocked"] = statistics.median(dcp_blocked[1:])
 
     def ours_verify(flag: bool) -> Callable[[], object]:
         def setup() -> None:
@@ -246,7 +256,14 @@ def memory_child(size_mb: float, count: int, run_dir: str, level: str) -> None:
         f.write("5")  # resets VmHWM to the current RSS: the peak below belongs to the save alone
     before = _rss_kib("VmRSS")
     ours_save(CheckpointCoordinator(run_dir), state, ValidationLevel(level))
-    print(json.dumps({"before_save_bytes": before * 1024, "peak_bytes": _rss_kib("VmHWM") * 1024,
+    peak = _rss_kib("VmHWM")
+    coord = CheckpointCoordinator(run_dir)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before_load = _rss_kib("VmRSS")
+    coord.load([StateComponent("model", Holder(state), SharingPattern.REPLICATED)])
+    print(json.dumps({"before_save_bytes": before * 1024, "peak_bytes": peak * 1024,
+                      "before_load_bytes": before_load * 1024, "load_peak_bytes": _rss_kib("VmHWM") * 1024,
                       "state_bytes": nbytes(state)}))
 
 
@@ -316,6 +333,10 @@ def targets(result: dict, args: argparse.Namespace) -> list[tuple[str, bool, str
                         f"{s['ckpt async: caller blocked'] / ours:.1%}"))
             out.append(("async: total <= 1.1x sync", s["ckpt async: total"] <= 1.1 * ours,
                         f"{s['ckpt async: total'] / ours:.2f}x"))
+            if "dcp.async_save: caller blocked" in s:
+                theirs = s["dcp.async_save: caller blocked"]
+                out.append(("async: caller blocked <= dcp.async_save's", s["ckpt async: caller blocked"] <= theirs,
+                            f"{s['ckpt async: caller blocked'] / theirs:.2f}x"))
         for case in ("ckpt load", "ckpt load (in place)"):
             out.append((f"{case} >= 0.9x raw read", s["raw read"] / s[case] >= 0.9, f"{s['raw read'] / s[case]:.2f}x"))
             out.append((f"{case} >= 1.2x dcp.load", s["dcp.load"] / s[case] >= 1.2, f"{s['dcp.load'] / s[case]:.2f}x"))
@@ -333,6 +354,10 @@ def targets(result: dict, args: argparse.Namespace) -> list[tuple[str, bool, str
         state = result["single"]["bytes"]
         out.append(("save's peak extra memory <= 0.25x state", extra <= 0.25 * state,
                     f"+{extra / 1e9:.3f} GB over {state / 1e9:.2f} GB of state"))
+        if "load_peak_bytes" in mem:
+            extra = mem["load_peak_bytes"] - mem["before_load_bytes"]
+            out.append(("load's peak extra memory <= 0.25x state", extra <= 0.25 * state,
+                        f"+{extra / 1e9:.3f} GB over {state / 1e9:.2f} GB of state"))
     ranks = result.get("ranks")
     if ranks:
         share = max(ranks["share_written_by_rank"].values())
@@ -361,6 +386,9 @@ def report(result: dict, args: argparse.Namespace) -> None:
         m = result["memory"]
         lines.append(f"\npeak resident memory during a sync save: {m['peak_bytes'] / 1e9:.3f} GB; before it "
                      f"(interpreter + {m['state_bytes'] / 1e9:.2f} GB of state): {m['before_save_bytes'] / 1e9:.3f} GB")
+        if "load_peak_bytes" in m:
+            lines.append(f"peak resident memory during the default load that follows: {m['load_peak_bytes'] / 1e9:.3f} "
+                         f"GB; before it: {m['before_load_bytes'] / 1e9:.3f} GB")
     if "ranks" in result:
         rk = result["ranks"]
         lines += table(f"\n{rk['world_size']} ranks, each holding the same {rk['bytes'] / 1e9:.2f} GB", rk["bytes"],

@@ -37,10 +37,12 @@ class StagingPool:
         host tensors are then passed through as they are)."""
         staged: dict[str, torch.Tensor] = {}
         for name, tensor in flat.tensors.items():
+            slot = (key, name)
             if not (host_too or tensor.is_cuda):
                 staged[name] = tensor
+                if slot in self._buffers:  # kept for the next async save: a sync save in between frees nothing
+                    self._seen.add(slot)
                 continue
-            slot = (key, name)
             buf = self._buffer(slot, tensor)
             if tensor.is_cuda:
                 self._copy_from_device(buf, tensor)

@@ -3,9 +3,11 @@ in one message, saving after going back, and async save handles."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +165,19 @@ def test_an_async_failure_nobody_waited_for_is_logged_at_exit(tmp_path):
                           timeout=120)
     assert "returned SaveHandle None" in done.stdout
     assert "async save of step 7 failed and its error was never raised" in done.stderr
+
+
+def _default_levels(rank: int, world: int, run_dir: str) -> dict:
+    with CheckpointCoordinator(run_dir, timeout=60, process_groups={"dp": torch.distributed.group.WORLD}) as coord:
+        path = coord.save(1, [
+            StateComponent("model", Box({"w": torch.ones(2)}), SharingPattern.REPLICATED),
+            StateComponent("stage", Box({"w": torch.ones(2)}), SharingPattern.PER_GROUP, process_group_name="dp"),
+            StateComponent("cache", Box({"w": torch.ones(2)}), SharingPattern.PER_NODE),
+            StateComponent("rng", Box({"s": rank}), SharingPattern.PER_RANK)])
+    manifest = json.loads(Path(path, "checkpoint_manifest.json").read_text())
+    return {k: c["validation_level"] for k, c in manifest["components"].items()}
+
+
+def test_replica_patterns_default_to_tensor_validation_in_the_manifest(tmp_path):
+    levels = expect_ok(run_ranks(2, _default_levels, str(tmp_path)))
+    assert levels[0] == levels[1] == {"model": "tensor", "stage": "tensor", "cache": "none", "rng": "none"}
