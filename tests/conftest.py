@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.s3_support import S3Server, fresh_url, restore_env, set_env, start_server
+from tests.support.s3 import S3Server, fresh_url, restore_env, set_env, start_server
 
 
 @pytest.fixture(scope="module")

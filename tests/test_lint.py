@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support.files import REPO
 
 
 def test_ruff_check_passes():

@@ -7,7 +7,7 @@ Each run is the demo (`trainers.demo`) with a log line every step and no recover
 `loss` of step s is the mean over ranks of step s's loss: what a per-step DivergenceDetector observes. The
 runs differ in seed, model size, learning rate, batch size and world size; the divergent ones have the
 learning rate multiplied at a known step (--inject-divergence). tools/divergence_quality.py replays them
-(`--per-step`), and tests/test_divergence.py asserts its targets on them.
+(`--per-step`), and tests/trainers/test_divergence.py asserts its targets on them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,125 @@
+"""Models, trainer builders and state capture shared by the model-parallel trainer tests (holds no tests;
+importable by spawned ranks)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from tests.support.toys import LossRecorder, Regression, StopAt, TinyMLP, plain, warmup_then_decay
+
+TP_PLAN = {"net.0": "colwise", "net.3": "rowwise"}
+
+
+def seq_model() -> torch.nn.Sequential:
+    """Four linear layers (so 1, 2 or 4 stages), with dropout so the RNG streams matter."""
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                               torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 1))
+
+
+def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(output, target)
+
+
+def build(cfg: dict, run_dir: str, callbacks: list, *, resume: Any = None, total: int = 16) -> Any:
+    """A trainer for `cfg`: kind "pipeline" (schedule, microbatches), "tp" or "pp" (dp, size), or "accel"."""
+    from trainers import (
+        HybridTrainer,
+        LayoutChange,
+        ParallelConfig,
+        PipelineConfig,
+        PipelineTrainer,
+        TrainingArguments,
+    )
+
+    options = {"per_device_train_batch_size": 4, "per_device_eval_batch_size": 5, "logging_steps": 3, "save_steps": 4,
+               "eval_steps": 4, "eval_on_save": True, "seed": 3, "max_grad_norm": 0.5, "full_determinism": True,
+               **cfg.get("args", {})}
+    args = TrainingArguments(output_dir=run_dir, max_steps=total, resume_from_checkpoint=resume, **options)
+    policy = LayoutChange(cfg.get("policy", "error"))
+    common = {"train_dataset": Regression(64), "eval_dataset": Regression(13, seed=9),
+              "optimizer_factory": lambda p: torch.optim.AdamW(p, lr=3e-2, weight_decay=0.01),
+              "lr_scheduler_factory": warmup_then_decay(total), "callbacks": callbacks}
+    torch.manual_seed(1234)  # the model's initial weights; the trainer seeds its own streams
+    kind = cfg["kind"]
+    if kind == "pipeline":
+        pipeline = PipelineConfig(schedule=cfg.get("schedule", "1f1b"), n_microbatches=cfg.get("micro", 4),
+                                  on_layout_change=policy)
+        return PipelineTrainer(seq_model(), args, output_loss=mse, pipeline=pipeline, **common)
+    if kind == "tp":
+        plan = None if cfg.get("plain") else TP_PLAN  # "plain": no tensor parallelism at all (tp=1 only)
+        parallel = ParallelConfig(dp=cfg["dp"], tp=cfg["size"], tp_plan=plan, on_layout_change=policy)
+        return HybridTrainer(TinyMLP(), args, parallel=parallel, **common)
+    if kind == "pp":
+        parallel = ParallelConfig(dp=cfg["dp"], pp=cfg["size"], pipeline=PipelineConfig(
+            schedule=cfg.get("schedule", "gpipe"), n_microbatches=cfg.get("micro", 2)), on_layout_change=policy)
+        return HybridTrainer(seq_model(), args, parallel=parallel, output_loss=mse, **common)
+    if kind == "fsdp":
+        from trainers import FSDPTrainer
+
+        return FSDPTrainer(TinyMLP(), args, parallel=ParallelConfig(dp=cfg["dp"], on_layout_change=policy), **common)
+    if kind == "accel":
+        from trainers.accel import AccelTrainer
+
+        return AccelTrainer(TinyMLP(), args, **common)
+    raise ValueError(kind)
+
+
+def full_state(trainer: Any) -> dict[str, Any]:
+    """This rank's parameters by name as full tensors (DTensors gathered), as plain copies."""
+    out = {}
+    for name, p in trainer.unwrapped_model.named_parameters():
+        t = p.full_tensor() if isinstance(p, DTensor) else p
+        out[name] = plain(t.detach())
+    return out
+
+
+def full_optimizer(trainer: Any) -> dict[str, Any]:
+    """exp_avg / exp_avg_sq / step of every parameter, by name, as full tensors."""
+    names = {id(p): n for n, p in trainer.unwrapped_model.named_parameters()}
+    out = {}
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # Accelerate wraps it
+    for p, s in optimizer.state.items():
+        out[names[id(p)]] = {k: plain(v.full_tensor() if isinstance(v, DTensor) else v) for k, v in s.items()}
+    return out
+
+
+def run(cfg: dict, run_dir: str, *, stop: int | None = None, resume: Any = None, total: int = 16) -> dict:
+    """Train (stopping after `stop`, or resuming) and return what the run ended with."""
+    recorder = LossRecorder()
+    trainer = build(cfg, run_dir, [recorder] + ([StopAt(stop)] if stop else []), resume=resume, total=total)
+    trainer.train()
+    out = {"losses": recorder.losses, "evals": recorder.evals, "step": trainer.state.global_step,
+           "model": full_state(trainer), "optimizer": full_optimizer(trainer),
+           "scheduler": plain(trainer.lr_scheduler.state_dict()), "log_history": trainer.state.log_history,
+           "tokens_seen": trainer.state.tokens_seen, "rng": torch.rand(4).tolist(),
+           "checkpoints": [r.step for r in trainer.coordinator.checkpoints()]}
+    trainer.coordinator.close()
+    return out
+
+
+def inspect_at(path: str, shape: str) -> dict[str, str]:
+    """`ckpt inspect PATH --at SHAPE --json`: component -> what a load at that shape does."""
+    from ckpt.cli import main as ckpt_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = ckpt_main(["inspect", path, "--at", shape, "--json"])
+    if code != 0:
+        raise AssertionError(f"ckpt inspect {path} --at {shape} exited {code}: {out.getvalue()}")
+    return {c["key"]: c["action"] for c in json.loads(out.getvalue())["load_at"]["components"]}
+
+
+def cfg_dir(root: str, cfg: dict, phase: str) -> str:
+    return os.path.join(root, cfg["name"], phase)
+
+
+__all__ = ["LossRecorder", "StopAt", "build", "cfg_dir", "full_optimizer", "full_state", "inspect_at", "mse", "run",
+           "seq_model"]

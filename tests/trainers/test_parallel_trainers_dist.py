@@ -1,0 +1,157 @@
+"""Bit-exact resume of the model-parallel trainers: 16 steps straight == 8 steps, a process stop, a resume to 16.
+
+Pipeline at 4 stages (1F1B) and 2 stages (GPipe), DPxTP 2x2 and DPxPP 2x2 (1F1B). Per-step losses, full
+parameters (DTensors gathered), optimizer state, scheduler, log history, evaluations and the next random draw
+must match bit for bit. Each phase is a separate set of spawned processes. The 4-rank phase also checks that a
+drifted replica inside a DP group makes every rank raise ReplicationError naming the group, tensor and ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import torch
+
+from tests.support.distributed import expect_ok, run_ranks
+from tests.support.parallel import build, cfg_dir, inspect_at, run
+
+TOTAL, STOP = 16, 8
+WORLD4 = [{"name": "pipeline4", "kind": "pipeline", "schedule": "1f1b", "micro": 4},
+          {"name": "dp2xtp2", "kind": "tp", "dp": 2, "size": 2},
+          {"name": "dp2xpp2", "kind": "pp", "dp": 2, "size": 2, "schedule": "1f1b", "micro": 2}]
+WORLD2 = [{"name": "pipeline2", "kind": "pipeline", "schedule": "gpipe", "micro": 2}]
+
+
+def _first(rank: int, world: int, cfgs: list[dict], root: str) -> list[dict]:
+    torch.set_num_threads(1)
+    return [{"straight": run(c, cfg_dir(root, c, "straight"), total=TOTAL),
+             "stopped": run(c, cfg_dir(root, c, "resumed"), stop=STOP, total=TOTAL)} for c in cfgs]
+
+
+def _perturbed_replica(root: str) -> dict:
+    """DPxTP 2x2 for 2 steps; then one replica's shard drifts on rank 2 and a save must fail everywhere."""
+    from ckpt import ReplicationError
+
+    cfg = {"kind": "tp", "dp": 2, "size": 2, "args": {"save_on_train_end": False}}
+    trainer = build(cfg, os.path.join(root, "perturbed"), [], total=2)
+    trainer.train()
+    if trainer.rank == 2:
+        with torch.no_grad():
+            trainer.unwrapped_model.net[0].weight.to_local()[0, 0] += 1e-3
+    try:
+        trainer.save_checkpoint()
+    except ReplicationError as exc:
+        return {"type": "ReplicationError", "message": str(exc), "mismatches": exc.mismatches,
+                "replica_ranks": list(exc.replica_ranks)}
+    finally:
+        trainer.coordinator.close()
+    return {"type": None}
+
+
+def _second(rank: int, world: int, cfgs: list[dict], root: str, perturb: bool) -> dict:
+    torch.set_num_threads(1)
+    out = {"resumed": [run(c, cfg_dir(root, c, "resumed"), resume="latest", total=TOTAL) for c in cfgs]}
+    if perturb:
+        out["perturbed"] = _perturbed_replica(root)
+    return out
+
+
+def _bits(losses: list) -> list:
+    return [(step, struct.pack("<d", loss)) for step, loss in losses]
+
+
+def _check(cfg: dict, rank: int, first: dict, resumed: dict) -> None:
+    straight, stopped = first["straight"], first["stopped"]
+    where = f"{cfg['name']} rank {rank}"
+    assert stopped["step"] == STOP and resumed["step"] == straight["step"] == TOTAL, where
+    assert _bits(stopped["losses"] + resumed["losses"]) == _bits(straight["losses"]), f"{where}: per-step losses"
+    for part in ("model", "optimizer", "scheduler", "log_history", "tokens_seen", "rng"):
+        assert straight[part] == resumed[part], f"{where}: {part} differs"
+    assert stopped["evals"] + resumed["evals"] == straight["evals"] == [4, 8, 12, 16], where
+    assert straight["checkpoints"] == resumed["checkpoints"] == [4, 8, 12, 16], where
+
+
+def _assert_resume(world: int, cfgs: list[dict], root: str) -> list[dict]:
+    first = expect_ok(run_ranks(world, _first, cfgs, root))
+    second = expect_ok(run_ranks(world, _second, cfgs, root, world == 4))
+    for i, cfg in enumerate(cfgs):
+        for rank in range(world):
+            _check(cfg, rank, first[rank][i], second[rank]["resumed"][i])
+    return second
+
+
+def _manifest(root: str, name: str) -> dict:
+    with open(os.path.join(root, name, "straight", "checkpoint-00000016", "checkpoint_manifest.json")) as f:
+        return json.load(f)
+
+
+def test_pipeline_tp_and_pp_meshes_resume_bit_exact_at_world_four(tmp_path):
+    root = str(tmp_path)
+    second = _assert_resume(4, WORLD4, root)
+    # The patterns each trainer declares, as the manifest records them.
+    pipe = _manifest(root, "pipeline4")["components"]
+    assert {k: pipe[k]["pattern"] for k in ("model", "optimizer", "data", "lr_scheduler", "trainer_state", "rng")} == {
+        "model": "per_rank", "optimizer": "per_rank", "data": "global", "lr_scheduler": "replicated",
+        "trainer_state": "replicated", "rng": "per_rank"}
+    tp = _manifest(root, "dp2xtp2")
+    assert tp["topology"]["process_groups"] == {"dp": [[0, 2], [1, 3]], "tp": [[0, 1], [2, 3]]}
+    comps = tp["components"]
+    assert (comps["model"]["pattern"], comps["model"]["process_group"]) == ("per_group", "dp")
+    assert (comps["data"]["pattern"], comps["data"]["process_group"]) == ("per_group", "tp")
+    # One copy per tp rank, each written split across the two replicas of its dp group.
+    for f in comps["model"]["files"]:
+        assert f["writer_rank"] in comps["model"]["replica_sets"][f["owner"]]
+    assert {f["writer_rank"] for f in comps["model"]["files"] if f["kind"] == "tensors"} == {0, 1, 2, 3}
+    _inspect_at_other_shapes(os.path.join(root, "dp2xtp2", "straight", "checkpoint-00000016"))
+    pp = _manifest(root, "dp2xpp2")
+    assert pp["topology"]["process_groups"] == {"dp": [[0, 2], [1, 3]], "pp": [[0, 1], [2, 3]]}
+    assert pp["components"]["data"]["process_group"] == "pp"
+    _inspect_dp_pp(os.path.join(root, "dp2xpp2", "straight", "checkpoint-00000016"))
+    # A replica that drifted inside one DP group: the same ReplicationError on every rank, no hang.
+    for rank in range(4):
+        p = second[rank]["perturbed"]
+        assert p["type"] == "ReplicationError", (rank, p)
+        assert "in process group 'dp'" in p["message"] and "[[0, 2]]" in p["message"], p["message"]
+        assert "net.0.weight/local" in p["mismatches"] and list(p["mismatches"]["net.0.weight/local"]) == [2]
+        assert p["replica_ranks"] == [0, 2]
+
+
+def _inspect_at_other_shapes(path: str) -> None:
+    """`ckpt inspect --at` draws the saved mesh and says what a load at another shape does, per component."""
+    import contextlib
+    import io
+
+    from ckpt.cli import main as ckpt_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert ckpt_main(["inspect", path, "--at", "dp=1,tp=2"]) == 0
+    text = out.getvalue()
+    assert "mesh dp=2 x tp=2 (ranks):\n     tp0 tp1\ndp0    0   1\ndp1    2   3" in text, text
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert ckpt_main(["inspect", path, "--at", "tp=1,dp=4", "--json"]) == 0
+    info = json.loads(out.getvalue())
+    assert info["mesh"] == [{"name": "dp", "size": 2}, {"name": "tp", "size": 2}]
+    plan = {c["key"]: c["action"] for c in info["load_at"]["components"]}
+    assert plan["model"] == "reshard=True: 4 tensors reassembled from their saved shards"
+    assert plan["trainer_state"].startswith("loads as saved") and plan["rng"] == "each rank reads its own file"
+
+
+def _inspect_dp_pp(path: str) -> None:
+    """`ckpt inspect --at` on a dp x pp checkpoint: the same mesh reads each group's copy; at dp=1 the stages are
+    found by name in the copy of the dp group that held them, and the per-replica data must be merged."""
+    same = inspect_at(path, "dp=2,pp=2")
+    assert same["model"] == same["optimizer"] == same["data"] == "each group reads its saved copy", same
+    assert same["rng"] == "each rank reads its own file"
+    one = inspect_at(path, "pp=2,dp=1")
+    assert one["model"] == one["optimizer"] == "reshard=True: each tensor is found by name in the one copy that " \
+                                               "holds it", one
+    # pp group (0, 1) exists at dp=1 too, but there it is the only replica: the saved copies must be merged.
+    assert one["data"].startswith("reshard=True: ") and one["rng"].startswith("reshard=True: "), one
+
+
+def test_two_stage_gpipe_resumes_bit_exact(tmp_path):
+    _assert_resume(2, WORLD2, str(tmp_path))
