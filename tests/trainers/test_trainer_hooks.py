@@ -10,12 +10,13 @@ import re
 import pytest
 import torch
 
-from tests.test_trainer_support import Regression, TinyMLP
+from tests.support.files import REPO
+from tests.support.toys import Regression, TinyMLP
 from trainers import SimpleTrainer, TrainingArguments
 from trainers.hooks import StepHook
 from trainers.recovery import NoRecovery
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 TRAINERS = os.path.join(ROOT, "trainers")
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import re
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support.files import REPO
+
+ROOT = REPO
 _BLOCK = re.compile(r"```python\n(.*?)```", re.S)
 
 
