@@ -32,21 +32,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_save import Holder  # its load copies into the tensors it has, on their device
+
 from ckpt import CheckpointCoordinator, SharingPattern, StateComponent
-
-
-class Holder:
-    """A Stateful whose load copies into the tensors it has (on their device), as a model's load_state_dict does."""
-
-    def __init__(self, state: dict[str, torch.Tensor]):
-        self.state = state
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.state
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, tensor in state.items():
-            self.state[name].copy_(tensor)
 
 
 def _sync(device: str) -> None:
