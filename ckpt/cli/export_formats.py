@@ -31,7 +31,7 @@ import torch
 from ..errors import CheckpointError
 from ..format.tensor_io import DTYPE_TO_ST, tensor_bytes
 from ..load.reshard import is_shard_entry, read_merged
-from ..patterns.base import placement_for
+from ..patterns.base import tensor_layout_for
 from .assemble import PlannedTensor, TensorReader, plan_component
 from .inspection import Opened, tensors_in
 
@@ -180,7 +180,7 @@ def full_state(ck: Opened, component: str | None = None) -> tuple[dict[str, Any]
             raise CheckpointError(f"{ck.path} has no component {key!r}; it has {sorted(ck.manifest.components)}",
                                   path=ck.path)
         try:
-            placement = placement_for(entry.pattern)
+            placement = tensor_layout_for(entry.pattern)
             if placement is not None:  # one copy, read whole (no live state: every tensor is its full box)
                 state[key] = placement.read(ck.storage, ck.path, key, entry, None, True, 1)
             else:

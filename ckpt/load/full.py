@@ -12,7 +12,7 @@ import torch
 
 from ..format.manifest import ComponentEntry
 from ..io.storage import Storage
-from ..patterns import placement_for
+from ..patterns.base import tensor_layout_for
 from .loading import read_copy_tensors
 
 
@@ -24,7 +24,7 @@ def full_tensors(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntr
     tensor at a time, so memory holds one full tensor; names are key paths as in the state dict (a model's
     `0.weight`, an optimizer's `state/0/exp_avg`). Tensors stored as raw bytes (dtypes safetensors lacks) come
     back in that stored form; unflatten the component's skeleton over them for their real dtype."""
-    placement = placement_for(entry.pattern)
+    placement = tensor_layout_for(entry.pattern)
     if placement is not None:
         for name, tensor in placement.full_tensors(storage, ckpt_dir, key, entry):
             if on_file is not None:

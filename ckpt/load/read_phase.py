@@ -14,7 +14,7 @@ from ..errors import CheckpointError, CorruptCheckpointError, ManifestError
 from ..format.manifest import ComponentEntry, Manifest, Topology, read_manifest
 from ..format.serialization import flatten_state
 from ..io.storage import Storage
-from ..patterns import placement_for
+from ..patterns.base import tensor_layout_for
 from ..save.planning import owner_for_load
 from ..topology import RankTopology
 from .loading import read_component, verify_copy
@@ -94,7 +94,7 @@ def read_share(storage: Storage, path: str, components: Sequence[StateComponent]
                     f"{sorted(manifest.components)}); pass strict=False, or mark it required=False", path=path)
             out.skipped.append(c.key)
             continue
-        placement = placement_for(entry.pattern)
+        placement = tensor_layout_for(entry.pattern)
         if placement is not None:  # a pattern with its own placement class reads its share at any layout
             _read_guarded(out, c, topo.rank, opts, lambda c=c, entry=entry, p=placement: p.read(
                 storage, path, c.key, entry, c.stateful, opts.verify, opts.threads))

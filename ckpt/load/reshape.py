@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..component import SharingPattern
 from ..format.manifest import ComponentEntry, Manifest
-from ..patterns import placement_for
+from ..patterns.base import tensor_layout_for
 from .reshard import groups_named, same_groups
 
 
@@ -109,7 +109,7 @@ def load_plan(manifest: Manifest, shape: list[tuple[str, int]]) -> list[dict[str
     lws = manifest.topology.local_world_size
     rows = []
     for key, entry in sorted(manifest.components.items()):
-        placement = placement_for(entry.pattern)
+        placement = tensor_layout_for(entry.pattern)
         if placement is not None:
             action, details = placement.load_action(key, entry, world)
             rows.append({"key": key, "pattern": entry.pattern.value, "action": action, **details})

@@ -1,8 +1,7 @@
-"""The contract of a placement: one class per sharing pattern saying who writes, who reads, how the state
-reshards and how the `ckpt` command shows it, so those rules have one home instead of a branch per pattern in
-each stage. SHARDED is the first pattern with a class (ckpt/patterns/sharded.py); the others still live in the
-stages' own branches (planning, read phase, reshard, export, inspection) and move here one at a time.
-"""
+"""The tensor layout of a pattern whose tensors are cut into pieces (SHARDED, ckpt/patterns/sharded.py): how a
+save takes them apart, how a load reads back only the byte ranges it needs at any layout, how export
+reassembles them and how `inspect --at` describes a load. Who writes and who reads each copy of every
+pattern is the placement's (ckpt/patterns/placements.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +16,9 @@ from ..format.serialization import FlatState
 from ..io.storage import Storage
 
 
-class Placement(Protocol):
-    """How one sharing pattern is saved, loaded, resharded and shown."""
+class TensorLayout(Protocol):
+    """How a pattern whose tensors are cut into pieces (SHARDED) takes them apart on save, reads them back as
+    byte ranges at any layout, reassembles them for export and describes a load for `inspect --at`."""
 
     pattern: SharingPattern
 
@@ -41,17 +41,17 @@ class Placement(Protocol):
         ...
 
 
-_REGISTRY: dict[SharingPattern, Placement] = {}
+_REGISTRY: dict[SharingPattern, TensorLayout] = {}
 
 
-def register(placement: Placement) -> Placement:
-    _REGISTRY[placement.pattern] = placement
-    return placement
+def register(layout: TensorLayout) -> TensorLayout:
+    _REGISTRY[layout.pattern] = layout
+    return layout
 
 
-def placement_for(pattern: SharingPattern) -> Placement | None:
-    """The placement class of `pattern`, or None while the pattern's rules still live in the stages."""
+def tensor_layout_for(pattern: SharingPattern) -> TensorLayout | None:
+    """The tensor layout of `pattern`; None for the patterns saved as whole tensors."""
     return _REGISTRY.get(pattern)
 
 
-__all__ = ["Placement", "placement_for", "register"]
+__all__ = ["TensorLayout", "register", "tensor_layout_for"]

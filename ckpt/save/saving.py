@@ -20,7 +20,7 @@ from ..format.tensor_io import ChunkInfo, TensorInfo, WrittenFile, write_blob, w
 from ..io.staging import StagingPool
 from ..io.storage import Storage
 from ..io.threads import parallel_map
-from ..patterns import placement_for
+from ..patterns.base import tensor_layout_for
 from ..patterns.sharded import ShardMeta, refuse_dtensors, replicated_view, with_digests
 from .planning import MIN_CHUNK_BYTES, ComponentDecl, ComponentPlan, FileAssignment, Piece, balance
 from .validation import summary_digest
@@ -67,7 +67,7 @@ def snapshot(component: StateComponent, staging: StagingPool, host_too: bool = T
         raise CheckpointError(f"component {component.key!r}: state_dict() raised {type(exc).__name__}: {exc}") from exc
     flat = flatten_state(state, component.key)
     shards = None
-    placement = placement_for(pattern)
+    placement = tensor_layout_for(pattern)
     if placement is not None:
         flat, shards = placement.take(flat, component.key)
     else:
