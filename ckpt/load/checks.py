@@ -25,7 +25,7 @@ from ..format.serialization import flatten_state
 from ..format.tensor_io import DTYPE_TO_ST
 from ..io.storage import Storage
 from ..patterns.dtensor import is_dtensor
-from ..patterns.placements import my_group
+from ..patterns.placements import my_group, placement_for
 from ..save.planning import owner_for_load
 from ..topology import RankTopology
 from .read_phase import VERIFICATION_ERRORS, ReadOptions, check_unique
@@ -72,6 +72,10 @@ def check_components(manifest: Manifest, path: str, components: Sequence[StateCo
         if entry is None:
             if c.required and strict:
                 refusals.append(f"component {c.key!r} is required but the checkpoint does not have it")
+            continue
+        mismatch = pattern_mismatch(c.key, c.resolve_pattern(), entry.pattern)
+        if mismatch is not None:
+            refusals.append(mismatch)
             continue
         if reshard and needs_reshard(entry, manifest.topology, topo):
             continue  # merged from every saved copy; its load_state_dict takes what it needs
@@ -176,6 +180,29 @@ def _nodes(n: int, per_node: int) -> str:
     return f"{n} node{'s' if n != 1 else ''} of {per_node} rank{'s' if per_node != 1 else ''}"
 
 
+# Patterns whose saved copies differ from one another: none of them is a piece of one global tensor.
+_PER_COPY = frozenset({SharingPattern.PER_RANK, SharingPattern.PER_GROUP, SharingPattern.PER_NODE})
+_MISMATCH = "but the checkpoint saved it"
+
+
+def pattern_mismatch(key: str, declared: SharingPattern, saved: SharingPattern) -> str | None:
+    """Why a component declared `declared` cannot load what was saved as `saved`; None when it can (the
+    same pattern, or whole tensors read as shards and shards reassembled as whole tensors)."""
+    pair = {declared, saved}
+    if SharingPattern.SHARDED not in pair or not pair & _PER_COPY or declared is saved:
+        return None
+    other = saved if declared is SharingPattern.SHARDED else declared
+    how = placement_for(other).description
+    if declared is SharingPattern.SHARDED:
+        return (f"component {key!r} is declared SHARDED {_MISMATCH} {saved.name} ({how}): those "
+                f"copies are not pieces of one tensor, so they cannot be read as shards. Load it as {saved.name} "
+                "under the layout it was saved with (as the code that saved it declared it), then save again "
+                "to write it SHARDED")
+    return (f"component {key!r} is declared {declared.name} ({how}) {_MISMATCH} SHARDED (pieces "
+            f"of each tensor, across ranks): declare it SHARDED to read the pieces this rank needs, or load the "
+            "whole tensors as REPLICATED or GLOBAL")
+
+
 def layout_issue(key: str, entry: ComponentEntry, saved: Topology, topo: RankTopology) -> str:
     """What does not fit, for a component saved per rank, node or group under another layout."""
     if entry.pattern is SharingPattern.PER_RANK:
@@ -224,9 +251,11 @@ def refusal(path: str, reports: Sequence[CheckReport]) -> CheckpointError | None
     if other:
         shown = "; ".join(f"{t}{_ranks(r, world)}" for t, r in list(other.items())[:SHOWN])
         more = f"; and {len(other) - SHOWN} more difference(s)" if len(other) > SHOWN else ""
-        parts.append(f"{len(other)} difference(s) between the checkpoint and the live state: {shown}{more}. Load "
-                     "into objects built like the saved ones, or pass strict=False to accept missing and "
-                     "unexpected keys (shapes and dtypes must match)")
+        # A pattern mismatch says what to do itself; the advice below is about keys, shapes and dtypes.
+        advice = "" if all(_MISMATCH in t for t in other) else (
+            ". Load into objects built like the saved ones, or pass strict=False to accept missing and unexpected "
+            "keys (shapes and dtypes must match)")
+        parts.append(f"{len(other)} difference(s) between the checkpoint and the live state: {shown}{more}{advice}")
     return CheckpointError(f"load of {path} refused before anything was changed: " + " | ".join(parts), path=path)
 
 
@@ -239,6 +268,5 @@ def merged_keys(reports: Sequence[CheckReport], which: str) -> dict[str, tuple[s
     return {k: tuple(sorted(v)) for k, v in sorted(out.items())}
 
 
-__all__ = ["CheckReport", "check_components", "compare", "layout_issue", "live_tensors", "merged_keys", "precheck",
-           "refusal",
-           "saved_tensors"]
+__all__ = ["CheckReport", "check_components", "compare", "layout_issue", "live_tensors", "merged_keys",
+           "pattern_mismatch", "precheck", "refusal", "saved_tensors"]
