@@ -18,14 +18,10 @@ import time
 
 import pytest
 
+from tests.support.demo import ENV, TINY
 from tests.support.files import REPO
 from tests.support.recovery import logged_step
 from trainers.recovery import read_events
-
-TINY = ["--eval-steps", "4", "--save-steps", "8", "--logging-steps", "2", "--n-layer", "1", "--d-model", "32",
-        "--block-size", "32", "--batch-size", "4", "--eval-windows", "16", "--warmup-steps", "4",
-        "--save-total-limit", "1", "--preserve-n-best", "1", "--sample-bytes", "0", "--threads", "1"]
-ENV = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 
 
 def _cmd(run_dir, *extra: str, restarts: int = 0, tiny: bool = True) -> list[str]:

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from ckpt.io.lock import RunDirLock
-from tests.e2e.test_recovery_torchrun import ENV, TINY
+from tests.support.demo import ENV, TINY
 from tests.support.files import REPO
 from trainers.liveness import LAUNCHER_GONE_EXIT_CODE, StepWatchdog
 from trainers.recovery import HEALTH_EXIT_CODE

@@ -17,10 +17,10 @@ from ckpt import CheckpointCoordinator, RetentionPolicy, SharingPattern, StateCo
 from ckpt.cli import main
 from ckpt.cli.report import CHECKPOINT_KIND, EVENTS_FILE, METRICS_FILE, gather
 from ckpt.cli.report_svg import COLORS
+from tests.support.demo import SHORT
 from tests.support.files import REPO
 from tests.support.png import count_colors
 from tests.support.workers import Box
-from tests.trainers.demo.test_recovery_demo import SHORT
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

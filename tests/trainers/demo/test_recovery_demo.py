@@ -8,11 +8,9 @@ import os
 import subprocess
 import sys
 
+from tests.support.demo import SHORT
 from tests.support.files import REPO
 from trainers.recovery import read_events
-
-SHORT = ["--threads", "1", "--sample-bytes", "0", "--max-steps", "240", "--logging-steps", "10", "--save-steps", "40",
-         "--eval-steps", "40", "--warmup-steps", "20"]
 
 
 def _demo(run_dir, *extra: str) -> subprocess.CompletedProcess:
