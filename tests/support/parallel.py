@@ -7,11 +7,13 @@ import contextlib
 import io
 import json
 import os
+import struct
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
+from ckpt import ReplicationError
 from tests.support.toys import LossRecorder, Regression, StopAt, TinyMLP, plain, warmup_then_decay
 
 TP_PLAN = {"net.0": "colwise", "net.3": "rowwise"}
@@ -121,5 +123,63 @@ def cfg_dir(root: str, cfg: dict, phase: str) -> str:
     return os.path.join(root, cfg["name"], phase)
 
 
-__all__ = ["LossRecorder", "StopAt", "build", "cfg_dir", "full_optimizer", "full_state", "inspect_at", "mse", "run",
-           "seq_model"]
+
+
+# ---- bit-exact resume in two phases of spawned ranks ------------------------------------------------------
+
+TOTAL, STOP = 16, 8
+
+
+def first_phase(rank: int, world: int, cfgs: list[dict], root: str) -> list[dict]:
+    """Each config trained straight to TOTAL, and again stopped at STOP (a spawned rank's first phase)."""
+    torch.set_num_threads(1)
+    return [{"straight": run(c, cfg_dir(root, c, "straight"), total=TOTAL),
+             "stopped": run(c, cfg_dir(root, c, "resumed"), stop=STOP, total=TOTAL)} for c in cfgs]
+
+
+def perturbed_replica(root: str) -> dict:
+    """DPxTP 2x2 for 2 steps; then one replica's shard drifts on rank 2 and a save must fail everywhere."""
+    cfg = {"kind": "tp", "dp": 2, "size": 2, "args": {"save_on_train_end": False}}
+    trainer = build(cfg, os.path.join(root, "perturbed"), [], total=2)
+    trainer.train()
+    if trainer.rank == 2:
+        with torch.no_grad():
+            trainer.unwrapped_model.net[0].weight.to_local()[0, 0] += 1e-3
+    try:
+        trainer.save_checkpoint()
+    except ReplicationError as exc:
+        return {"type": "ReplicationError", "message": str(exc), "mismatches": exc.mismatches,
+                "replica_ranks": list(exc.replica_ranks)}
+    finally:
+        trainer.coordinator.close()
+    return {"type": None}
+
+
+def second_phase(rank: int, world: int, cfgs: list[dict], root: str, perturb: bool) -> dict:
+    """The stopped runs resumed to TOTAL in new processes (and, with `perturb`, a drifted replica's save)."""
+    torch.set_num_threads(1)
+    out = {"resumed": [run(c, cfg_dir(root, c, "resumed"), resume="latest", total=TOTAL) for c in cfgs]}
+    if perturb:
+        out["perturbed"] = perturbed_replica(root)
+    return out
+
+
+def loss_bits(losses: list) -> list:
+    return [(step, struct.pack("<d", loss)) for step, loss in losses]
+
+
+def check_resume(cfg: dict, rank: int, first: dict, resumed: dict) -> None:
+    """Stopped + resumed equals straight, bit for bit: losses, parameters, optimizer, schedule, RNG."""
+    straight, stopped = first["straight"], first["stopped"]
+    where = f"{cfg['name']} rank {rank}"
+    assert stopped["step"] == STOP and resumed["step"] == straight["step"] == TOTAL, where
+    assert loss_bits(stopped["losses"] + resumed["losses"]) == loss_bits(straight["losses"]), f"{where}: per-step losses"
+    for part in ("model", "optimizer", "scheduler", "log_history", "tokens_seen", "rng"):
+        assert straight[part] == resumed[part], f"{where}: {part} differs"
+    assert stopped["evals"] + resumed["evals"] == straight["evals"] == [4, 8, 12, 16], where
+    assert straight["checkpoints"] == resumed["checkpoints"] == [4, 8, 12, 16], where
+
+
+__all__ = ["STOP", "TOTAL", "LossRecorder", "StopAt", "build", "cfg_dir", "check_resume", "first_phase",
+           "full_optimizer", "full_state", "inspect_at", "loss_bits", "mse", "perturbed_replica", "run",
+           "second_phase", "seq_model"]

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from tests.support.distributed import expect_ok, run_ranks
-from tests.trainers.test_parallel_trainers_dist import _check, _first, _second
+from tests.support.parallel import check_resume, first_phase, second_phase
 
 pytest.importorskip("accelerate")
 
@@ -27,10 +27,10 @@ def _env() -> dict:
 
 def test_accelerate_trainer_resumes_bit_exact(tmp_path):
     root = str(tmp_path)
-    first = expect_ok(run_ranks(2, _first, [CFG], root, env=_env()))
-    second = expect_ok(run_ranks(2, _second, [CFG], root, False, env=_env()))
+    first = expect_ok(run_ranks(2, first_phase, [CFG], root, env=_env()))
+    second = expect_ok(run_ranks(2, second_phase, [CFG], root, False, env=_env()))
     for rank in range(2):
-        _check(CFG, rank, first[rank][0], second[rank]["resumed"][0])
+        check_resume(CFG, rank, first[rank][0], second[rank]["resumed"][0])
     assert first[0][0]["straight"]["model"] == first[1][0]["straight"]["model"]  # replicas stay identical
     with open(os.path.join(root, "accel", "straight", "checkpoint-00000016", "checkpoint_manifest.json")) as f:
         comps = json.load(f)["components"]

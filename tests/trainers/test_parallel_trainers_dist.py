@@ -10,75 +10,27 @@ from __future__ import annotations
 
 import json
 import os
-import struct
-
-import torch
 
 from tests.support.distributed import expect_ok, run_ranks
-from tests.support.parallel import build, cfg_dir, inspect_at, run
+from tests.support.parallel import (
+    check_resume,
+    first_phase,
+    inspect_at,
+    second_phase,
+)
 
-TOTAL, STOP = 16, 8
 WORLD4 = [{"name": "pipeline4", "kind": "pipeline", "schedule": "1f1b", "micro": 4},
           {"name": "dp2xtp2", "kind": "tp", "dp": 2, "size": 2},
           {"name": "dp2xpp2", "kind": "pp", "dp": 2, "size": 2, "schedule": "1f1b", "micro": 2}]
 WORLD2 = [{"name": "pipeline2", "kind": "pipeline", "schedule": "gpipe", "micro": 2}]
 
 
-def _first(rank: int, world: int, cfgs: list[dict], root: str) -> list[dict]:
-    torch.set_num_threads(1)
-    return [{"straight": run(c, cfg_dir(root, c, "straight"), total=TOTAL),
-             "stopped": run(c, cfg_dir(root, c, "resumed"), stop=STOP, total=TOTAL)} for c in cfgs]
-
-
-def _perturbed_replica(root: str) -> dict:
-    """DPxTP 2x2 for 2 steps; then one replica's shard drifts on rank 2 and a save must fail everywhere."""
-    from ckpt import ReplicationError
-
-    cfg = {"kind": "tp", "dp": 2, "size": 2, "args": {"save_on_train_end": False}}
-    trainer = build(cfg, os.path.join(root, "perturbed"), [], total=2)
-    trainer.train()
-    if trainer.rank == 2:
-        with torch.no_grad():
-            trainer.unwrapped_model.net[0].weight.to_local()[0, 0] += 1e-3
-    try:
-        trainer.save_checkpoint()
-    except ReplicationError as exc:
-        return {"type": "ReplicationError", "message": str(exc), "mismatches": exc.mismatches,
-                "replica_ranks": list(exc.replica_ranks)}
-    finally:
-        trainer.coordinator.close()
-    return {"type": None}
-
-
-def _second(rank: int, world: int, cfgs: list[dict], root: str, perturb: bool) -> dict:
-    torch.set_num_threads(1)
-    out = {"resumed": [run(c, cfg_dir(root, c, "resumed"), resume="latest", total=TOTAL) for c in cfgs]}
-    if perturb:
-        out["perturbed"] = _perturbed_replica(root)
-    return out
-
-
-def _bits(losses: list) -> list:
-    return [(step, struct.pack("<d", loss)) for step, loss in losses]
-
-
-def _check(cfg: dict, rank: int, first: dict, resumed: dict) -> None:
-    straight, stopped = first["straight"], first["stopped"]
-    where = f"{cfg['name']} rank {rank}"
-    assert stopped["step"] == STOP and resumed["step"] == straight["step"] == TOTAL, where
-    assert _bits(stopped["losses"] + resumed["losses"]) == _bits(straight["losses"]), f"{where}: per-step losses"
-    for part in ("model", "optimizer", "scheduler", "log_history", "tokens_seen", "rng"):
-        assert straight[part] == resumed[part], f"{where}: {part} differs"
-    assert stopped["evals"] + resumed["evals"] == straight["evals"] == [4, 8, 12, 16], where
-    assert straight["checkpoints"] == resumed["checkpoints"] == [4, 8, 12, 16], where
-
-
 def _assert_resume(world: int, cfgs: list[dict], root: str) -> list[dict]:
-    first = expect_ok(run_ranks(world, _first, cfgs, root))
-    second = expect_ok(run_ranks(world, _second, cfgs, root, world == 4))
+    first = expect_ok(run_ranks(world, first_phase, cfgs, root))
+    second = expect_ok(run_ranks(world, second_phase, cfgs, root, world == 4))
     for i, cfg in enumerate(cfgs):
         for rank in range(world):
-            _check(cfg, rank, first[rank][i], second[rank]["resumed"][i])
+            check_resume(cfg, rank, first[rank][i], second[rank]["resumed"][i])
     return second
 
 
