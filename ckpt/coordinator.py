@@ -63,6 +63,7 @@ from .save.saving import (
     build_manifest,
     commit,
     declare,
+    hand_over_staged,
     restore_replaced,
     snapshot,
     write_files,
@@ -142,6 +143,7 @@ class CheckpointCoordinator:
         self.read_only = read_only
         self._staging = StagingPool()
         self._pending: BackgroundSave | None = None
+        self._staged: Mapping[str, Snapshot] | None = None  # the last async save's snapshots, for take_staged_state
         self._plan = PlanCache()  # the last save's plan, reused while no rank's declarations change
         self._closed = False
         self.comm = Communicator(self.timeout)
@@ -264,6 +266,7 @@ class CheckpointCoordinator:
             self._staging.end()
         except Exception as exc:
             error, plain = exc, {}
+        self._staged = snapshots if run_async and error is None else None
         went_back, self._went_back_to = self._went_back_to, None
         job = functools.partial(self._write_checkpoint, step, snapshots, error, plain, overwrite, went_back)
         if run_async:
@@ -273,6 +276,16 @@ class CheckpointCoordinator:
             return SaveHandle(self._pending)
         with gc_paused():
             return job()
+
+    def take_staged_state(self) -> tuple[dict[str, Any], Callable[[], None]] | None:
+        """Right after an async `save()`: the host copy of the state it staged, as component key -> state dict
+        (what a load of that checkpoint would hand each component), and `give_back()`. The copy's buffers are
+        the caller's, read-only, until it calls `give_back()`: the pool then reuses them for a later save (the
+        saves in between stage into other buffers). None after a sync save, a failed snapshot, a SHARDED
+        component (staged as this rank's shards), or a second call. Lets a trainer keep a rollback copy in
+        memory without copying the state again."""
+        staged, self._staged = self._staged, None
+        return hand_over_staged(staged, self._staging) if staged else None
 
     def wait(self) -> str | None:
         """Wait for the save in flight, if any; return its path or raise its error (on every rank, once)."""

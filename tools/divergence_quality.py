@@ -1,8 +1,14 @@
 """How fast DivergenceDetector catches divergences, and how often it cries wolf on healthy runs.
 
-    python tools/divergence_quality.py                 # defaults: logging every 32 steps
+    python tools/divergence_quality.py                 # one value per log line of 32 steps, detector defaults
     python tools/divergence_quality.py --healthy 500 --json
-    python tools/divergence_quality.py --warmup 4 --patience 3 --threshold 1.0   # the demo's setting
+    python tools/divergence_quality.py --per-step --relative-threshold 1.5   # every step's loss, the demo's policy
+
+With --per-step the detector sees every step's loss: the synthetic families step by step (the divergence shapes
+paced per log entry of --log-every steps), plus the real per-step losses of demo runs recorded by
+tools/record_step_losses.py (tools/data/step_losses.json): false positives on the healthy ones, the shapes
+injected into them, and the recorded runs whose learning rate was multiplied at a known step. Latency then
+counts steps from the first bad one.
 
 Loss curves are generated (seeded, no data needed) as a run logged every `--log-every` steps would see
 them: the mean train loss over each logging window. Healthy curves decay from ~10 towards 2-4 with

@@ -13,6 +13,8 @@ state therefore blocks the training thread only for queueing the copies.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import torch
 
 from ..format.serialization import FlatState
@@ -88,6 +90,18 @@ class StagingPool:
         copies, self._copies = self._copies, []
         for done in copies:
             done.synchronize()
+
+    def detach(self, key: str, names: Iterable[str]) -> None:
+        """Hand the buffers of these tensors of component `key` to the caller, who keeps them (read-only) as a
+        host copy of the state: the next save stages into other buffers."""
+        for name in names:
+            self._buffers.pop((key, name), None)
+
+    def adopt(self, key: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Take detached buffers back for reuse once their owner is done with them (no one may read them after
+        this: the next save writes into them). A slot that has a buffer again keeps it."""
+        for name, tensor in tensors.items():
+            self._buffers.setdefault((key, name), tensor)
 
     @property
     def nbytes(self) -> int:

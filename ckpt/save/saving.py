@@ -7,12 +7,14 @@ import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .. import __version__
 from ..component import SharingPattern, StateComponent, ValidationLevel
 from ..errors import CheckpointError
+from ..format.decoding import unflatten_state
 from ..format.layout import MANIFEST_NAME, REPLACED_SUFFIX, parse_step
 from ..format.manifest import ComponentEntry, FileEntry, Manifest, SavedPiece, ShardedTensor, plain_metrics
 from ..format.serialization import FlatState, flatten_state
@@ -74,6 +76,28 @@ def snapshot(component: StateComponent, staging: StagingPool, host_too: bool = T
         refuse_dtensors(flat, component.key, pattern.name)
     flat = staging.stage(component.key, flat, host_too=host_too)
     return Snapshot(component, pattern, component.resolve_validation(pattern), flat, shards, compared=not alone)
+
+
+def hand_over_staged(snapshots: Mapping[str, Snapshot], staging: StagingPool
+                     ) -> tuple[dict[str, Any], Callable[[], None]] | None:
+    """The state an async save staged, rebuilt per component key as a load would give it, with the pool's
+    buffers handed to the caller (who must only read them), and a function that gives them back to the pool
+    for the next saves once the caller is done. None when the save staged no whole-state copy (a SHARDED
+    component is staged as this rank's shards)."""
+    if not snapshots or any(s.shards is not None or tensor_layout_for(s.pattern) is not None
+                            for s in snapshots.values()):
+        return None
+    states = {key: unflatten_state(s.flat.skeleton, s.flat.tensors, key) for key, s in snapshots.items()}
+    for key, s in snapshots.items():
+        staging.detach(key, s.flat.tensors)
+    flats = {key: dict(s.flat.tensors) for key, s in snapshots.items()}
+
+    def give_back() -> None:
+        for key, tensors in flats.items():
+            staging.adopt(key, tensors)
+        flats.clear()
+
+    return states, give_back
 
 
 def declare(snap: Snapshot, is_planner: bool, threads: int = 1) -> PreparedComponent:

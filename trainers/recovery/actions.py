@@ -38,6 +38,7 @@ def rollback(ctl: Any, reason: str, first_bad: int, checked: int) -> None:
         give_up(ctl, f"the run went bad again at step {step} ({reason}) after {ctl.rollbacks} rollback(s); "
                      f"max_rollbacks={policy.max_rollbacks} is reached, so training stops. Lower the learning rate, "
                      "look at the data around that step, or raise max_rollbacks in the recovery policy")
+    t.wait_for_save()  # a save in flight commits first: it may be the target, and the stretch after it is set aside
     target, passed_over = -1, -1
     if ctl.rank == 0:
         ref, over = choose_target(t.coordinator, policy, checked, step, again=ctl.last_target)
@@ -88,7 +89,6 @@ def reload(ctl: Any, target: int) -> tuple[int, str, str]:
     """Load checkpoint `target` on every rank: from the host copies when every rank holds one (no disk read),
     else from the disk. Returns (its step, its path, "memory" or "disk")."""
     t = ctl.trainer
-    t.wait_for_save()  # a save in flight commits before the stretch after the target is set aside
     if ctl.copies is not None:  # the policy, so the branch, is the same on every rank
         held = ctl.copies.get(target)
         failed = held is None

@@ -261,9 +261,9 @@ class RecoveryController:
 
     def after_save(self, path: str, metrics: Mapping[str, Any]) -> None:
         """A save of this step was handed to the coordinator: keep a host copy of it (rollback_memory_mb)."""
-        if self.copies is not None:
+        if self.copies is not None:  # an async save's staged copy is kept instead of a second one
             self.copies.keep(self.trainer.state.global_step, path, self.trainer.all_components(), metrics,
-                             self._last_good_bound())
+                             self._last_good_bound(), staged=self.trainer.coordinator.take_staged_state())
 
     def _last_good_bound(self) -> int | None:
         """While a bad run is in progress (a detector's raw or smoothed value already bad, a NaN or spike

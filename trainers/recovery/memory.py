@@ -7,6 +7,10 @@ evicted, never made, or a rank without it) every rank loads the checkpoint from 
 disk stays the authority on which checkpoints exist: a copy is used only for a committed checkpoint that
 the rollback chose.
 
+After an async save the copy is the one that save already staged for its writer
+(`CheckpointCoordinator.take_staged_state`): no second copy is made, and when a copy is dropped its buffers go
+back to the coordinator for a later save to stage into.
+
 Which copies stay: the newest ones that fit the budget, oldest evicted first, except that while a bad run
 is in progress the newest copy a good observation vouches for (the likely rollback target) is never evicted
 for a newer, unvouched one.
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +31,7 @@ from ckpt import StateComponent
 log = logging.getLogger("trainers")
 
 MIB = 1024 * 1024
+Staged = tuple[dict[str, Any], Callable[[], None]]  # CheckpointCoordinator.take_staged_state()
 
 
 class _Unsupported(Exception):
@@ -45,6 +50,12 @@ class HostCopy:
     """The metrics the checkpoint was saved with."""
     nbytes: int
     """Bytes of its tensors."""
+    give_back: Callable[[], None] | None = None
+    """For a copy an async save staged: hands its buffers back to the coordinator when the copy is dropped."""
+
+    def drop(self) -> None:
+        if self.give_back is not None:
+            self.give_back()
 
 
 def _copy_tree(value: Any, sizes: list[int] | None = None) -> Any:
@@ -79,37 +90,68 @@ class HostCopies:
         return [c.step for c in self.copies]
 
     def keep(self, step: int, path: str, components: Sequence[StateComponent], metrics: Mapping[str, Any],
-             vouched_bound: int | None) -> bool:
-        """Copy every component's state as checkpoint `step`; False when it does not fit (or cannot be copied).
+             vouched_bound: int | None, staged: Staged | None = None) -> bool:
+        """Keep every component's state as checkpoint `step`; False when it does not fit (or cannot be copied).
         `vouched_bound`: while a bad run is in progress, the newest step a good observation vouches for (its
-        newest copy is never evicted for this one); None when nothing is suspect."""
+        newest copy is never evicted for this one); None when nothing is suspect. `staged`: the (states,
+        give_back) an async save staged (`CheckpointCoordinator.take_staged_state`), kept instead of a new copy;
+        given back when it is not kept."""
+        new = self._adopt(step, path, components, metrics, staged) if staged is not None else None
+        if new is None:
+            new = self._copy(step, path, components, metrics)
+        if new is None:
+            return False
+        if new.nbytes > self.budget_bytes:
+            new.drop()
+            self._warn_once(f"one checkpoint's state takes {new.nbytes / MIB:.1f} MiB on this rank, more than "
+                            f"rollback_memory_mb={self.budget_bytes / MIB:g}; rollbacks read the checkpoint "
+                            "from the disk (raise rollback_memory_mb to keep it in memory)")
+            return False
+        self._discard([c for c in self.copies if c.step == step])  # a re-save of the step replaces it
+        protected = self._protected(vouched_bound)
+        while self.nbytes + new.nbytes > self.budget_bytes:
+            victims = [c for c in self.copies if c is not protected]
+            if not victims:
+                new.drop()
+                return False
+            self._discard(victims[:1])
+        self.copies.append(new)
+        self.copies.sort(key=lambda c: c.step)
+        return True
+
+    def _copy(self, step: int, path: str, components: Sequence[StateComponent], metrics: Mapping[str, Any]
+              ) -> HostCopy | None:
+        """A private copy of every component's state now; None (with a warning) when it cannot be made."""
         sizes: list[int] = []
         try:
             states = {c.key: _copy_tree(c.state_dict(), sizes) for c in components}
         except _Unsupported as exc:
             self._warn_once(f"the state holds {exc} tensors, which a host copy does not restore faithfully; "
                             "rollbacks read the checkpoint from the disk")
-            return False
+            return None
         except Exception as exc:  # a state that cannot be copied: the disk copy serves (the ranks agree on it)
             self._warn_once(f"could not keep a host copy of step {step} ({exc!r}); rollbacks read the checkpoint "
                             "from the disk")
-            return False
-        new = HostCopy(step, path, states, copy.deepcopy(dict(metrics)), sum(sizes))
-        if new.nbytes > self.budget_bytes:
-            self._warn_once(f"one checkpoint's state takes {new.nbytes / MIB:.1f} MiB on this rank, more than "
-                            f"rollback_memory_mb={self.budget_bytes / MIB:g}; rollbacks read the checkpoint "
-                            "from the disk (raise rollback_memory_mb to keep it in memory)")
-            return False
-        self.copies = [c for c in self.copies if c.step != step]  # a re-save of the step replaces it
-        protected = self._protected(vouched_bound)
-        while self.nbytes + new.nbytes > self.budget_bytes:
-            victims = [c for c in self.copies if c is not protected]
-            if not victims:
-                return False
-            self.copies.remove(victims[0])
-        self.copies.append(new)
-        self.copies.sort(key=lambda c: c.step)
-        return True
+            return None
+        return HostCopy(step, path, states, copy.deepcopy(dict(metrics)), sum(sizes))
+
+    @staticmethod
+    def _adopt(step: int, path: str, components: Sequence[StateComponent], metrics: Mapping[str, Any],
+               staged: Staged) -> HostCopy | None:
+        """The async save's staged state as the copy, when it holds exactly these components (else it is given
+        back and None returned: a copy is made instead)."""
+        states, give_back = staged
+        if set(states) != {c.key for c in components}:
+            give_back()
+            return None
+        sizes: list[int] = []
+        _tensor_bytes(states, sizes)
+        return HostCopy(step, path, dict(states), copy.deepcopy(dict(metrics)), sum(sizes), give_back)
+
+    def _discard(self, copies: Sequence[HostCopy]) -> None:
+        for c in copies:
+            self.copies.remove(c)
+            c.drop()
 
     def _protected(self, vouched_bound: int | None) -> HostCopy | None:
         if vouched_bound is None:
@@ -122,12 +164,24 @@ class HostCopies:
 
     def forget_after(self, step: int) -> None:
         """Drop the copies newer than `step` (the stretch a rollback abandoned)."""
-        self.copies = [c for c in self.copies if c.step <= step]
+        self._discard([c for c in self.copies if c.step > step])
 
     def _warn_once(self, message: str) -> None:
         if not self._warned and self.rank == 0:
             log.warning("recovery: %s", message)
         self._warned = True
+
+
+def _tensor_bytes(value: Any, sizes: list[int]) -> None:
+    """Append the byte size of every tensor in a state tree to `sizes`."""
+    if isinstance(value, torch.Tensor):
+        sizes.append(value.numel() * value.element_size())
+    elif isinstance(value, dict):
+        for v in value.values():
+            _tensor_bytes(v, sizes)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _tensor_bytes(v, sizes)
 
 
 def restore(held: HostCopy, components: Sequence[StateComponent]) -> None:
@@ -136,5 +190,7 @@ def restore(held: HostCopy, components: Sequence[StateComponent]) -> None:
     missing = [c.key for c in components if c.key not in held.states]
     if missing:
         raise KeyError(f"the host copy of step {held.step} has no state for components {missing}")
+    if held.give_back is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # a staged copy's device-to-host copies were queued, not waited for
     for c in components:
         c.load_state_dict(_copy_tree(held.states[c.key]))

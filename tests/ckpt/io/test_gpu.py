@@ -63,6 +63,25 @@ def test_async_save_of_device_state_keeps_the_values_of_save_time(tmp_path):
         assert torch.equal(value, expected[name]), name
 
 
+def test_the_staged_copy_of_an_async_save_of_device_state_holds_the_values_of_save_time(tmp_path):
+    model = _model(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, 2)
+    with CheckpointCoordinator(str(tmp_path), async_save=True) as coord:
+        expected = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        coord.save(1, _components(model, opt))
+        states, give_back = coord.take_staged_state()  # taken before the device copies have landed
+        _train(model, opt, 3)  # queued after the copies on the default stream
+        torch.cuda.synchronize()  # what a restore from the copy does first
+        held = states["model"]
+        assert all(t.device.type == "cpu" and t.is_pinned() for t in held.values())
+        for name, value in held.items():
+            assert torch.equal(value, expected[name]), name
+        give_back()
+        assert all(b.is_pinned() for b in coord._staging._buffers.values())
+        coord.save(2, _components(model, opt)).wait()  # into the buffers given back
+
+
 @pytest.mark.parametrize("async_save", [False, True])
 def test_device_model_and_adamw_resume_bit_exact(tmp_path, async_save):
     model = _model(0)

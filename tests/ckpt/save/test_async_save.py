@@ -76,6 +76,39 @@ def test_staging_buffers_are_reused_and_saves_queue(tmp_path):
     assert sorted(name for _, name in coord._staging._buffers) == ["w"]
 
 
+def test_the_staged_state_of_an_async_save_can_be_taken_and_given_back(tmp_path):
+    coord = CheckpointCoordinator(tmp_path, async_save=True)
+    box = Box({"w": torch.full((16, 16), 1.0), "meta": {"n": (16, "x")}})
+    comps = [StateComponent("model", box, SharingPattern.GLOBAL)]
+    coord.save(1, comps)
+    staged_w = coord._staging._buffers[("model", "w")]
+    states, give_back = coord.take_staged_state()
+    assert coord.take_staged_state() is None, "a second call gets nothing"
+    held = states["model"]
+    assert held["w"].data_ptr() == staged_w.data_ptr(), "the save's own staged copy, not a second one"
+    assert torch.equal(held["w"], torch.full((16, 16), 1.0)) and held["meta"] == {"n": (16, "x")}
+    assert coord._staging._buffers == {}, "the buffers are the caller's now"
+    box.state = {"w": torch.full((16, 16), 2.0), "meta": {"n": (16, "x")}}
+    coord.save(2, comps)  # stages into a new buffer: the held copy keeps step 1's values
+    assert torch.equal(held["w"], torch.full((16, 16), 1.0))
+    assert coord._staging._buffers[("model", "w")].data_ptr() != staged_w.data_ptr()
+    coord.take_staged_state()[1]()  # step 2's buffers back into the pool ...
+    give_back()  # ... so step 1's find their slot taken and are dropped
+    assert coord._staging._buffers[("model", "w")].data_ptr() != staged_w.data_ptr()
+    coord.save(3, comps)
+    states, give_back = coord.take_staged_state()
+    give_back()
+    coord.save(4, comps)  # a buffer given back before the next save is staged into again
+    assert coord._staging._buffers[("model", "w")].data_ptr() == states["model"]["w"].data_ptr()
+    coord.wait()
+    coord.save(5, comps, async_save=False)
+    assert coord.take_staged_state() is None, "a sync save stages no host copy"
+    target = Box({})
+    coord.load([StateComponent("model", target, SharingPattern.GLOBAL)], checkpoint=1)
+    assert torch.equal(target.state["w"], torch.full((16, 16), 1.0))
+    coord.close()
+
+
 def test_snapshot_failure_surfaces_at_wait(tmp_path):
     class Broken(Box):
         def state_dict(self):

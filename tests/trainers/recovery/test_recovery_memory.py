@@ -48,6 +48,31 @@ def test_a_rollback_from_memory_matches_one_from_the_disk_bit_for_bit(tmp_path):
         assert memory[key] == disk[key], key
 
 
+class KeptCopies(TrainerCallback):
+    """Records, at each step end, the steps of the host copies and whether each is an async save's staged one."""
+
+    def __init__(self):
+        self.seen: list[list[tuple[int, bool]]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        copies = kwargs["trainer"].recovery.copies.copies
+        self.seen.append([(c.step, c.give_back is not None) for c in copies])
+
+
+def test_an_async_save_s_staged_copy_is_the_rollback_copy_and_matches_the_disk(tmp_path):
+    kept = KeptCopies()
+    callbacks = [FaultInjection(divergence_step=25, divergence_lr_factor=300), kept]
+    t, rec = train(str(tmp_path / "async"), recovery=_policy(16), callbacks=callbacks, max_steps=40, async_save=True)
+    staged = _outcome(t, rec)
+    disk = _diverging(str(tmp_path / "disk"), 0)
+    assert [r[2] for r in staged["rollback"]] == ["memory"]
+    assert [r[:2] for r in staged["rollback"]] == [r[:2] for r in disk["rollback"]]
+    held = {copy for step in kept.seen for copy in step}
+    assert held and all(from_staging for _, from_staging in held), held  # no second copy of any save
+    for key in ("model", "optimizer", "losses", "step"):
+        assert staged[key] == disk[key], key
+
+
 def test_a_budget_too_small_for_the_copy_falls_back_to_the_disk(tmp_path):
     tiny = _diverging(str(tmp_path / "tiny"), 0.001)  # ~1 KiB: less than the model and its optimizer state
     disk = _diverging(str(tmp_path / "disk"), 0)
