@@ -149,7 +149,10 @@ def _resume_and_check(run_dir: str, source: dict, with_optimizer: bool) -> None:
     for k, v in source["model"].items():
         assert torch.equal(start.model[k], v), k
     if with_optimizer:
-        assert torch.equal(start.optimizer[0]["exp_avg"], source["optimizer"]["state"][0]["exp_avg"])
+        saved = source["optimizer"]["state"]
+        assert sorted(start.optimizer) == sorted(saved)
+        for i, values in saved.items():  # every parameter's moments, in torch.optim's numbering
+            assert all(torch.equal(start.optimizer[i][k], values[k]) for k in ("exp_avg", "exp_avg_sq", "step")), i
     else:
         assert start.optimizer == {}
     assert main(["verify", os.path.join(run_dir, "checkpoint-00000012")]) == 0
@@ -175,6 +178,24 @@ def test_import_of_a_plain_model_state_dict_resumes_the_model(tmp_path):
 def test_import_of_a_dcp_checkpoint_resumes_model_and_optimizer(tmp_path):
     source = _source_state()
     dcp.save({"model": source["model"], "optimizer": source["optimizer"]}, checkpoint_id=str(tmp_path / "dcp"),
+             no_dist=True)
+    assert main(["import", str(tmp_path / "dcp"), str(tmp_path / "run"), "--step", "10"]) == 0
+    _resume_and_check(str(tmp_path / "run"), source, with_optimizer=True)
+
+
+def test_import_of_a_dcp_checkpoint_keyed_by_parameter_name_resumes_the_optimizer(tmp_path):
+    """DCP's get_optimizer_state_dict keys the optimizer state by parameter name; the import numbers it in the
+    order of its param_groups, as torch.optim expects, and the trainer gets Adam's moments back exactly."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    source = _source_state()
+    model = TinyMLP()
+    model.load_state_dict(source["model"])
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    opt.load_state_dict(source["optimizer"])
+    by_name = get_optimizer_state_dict(model, opt)
+    assert "net.0.weight" in by_name["state"]  # keyed by name, not by number
+    dcp.save({"model": get_model_state_dict(model), "optimizer": by_name}, checkpoint_id=str(tmp_path / "dcp"),
              no_dist=True)
     assert main(["import", str(tmp_path / "dcp"), str(tmp_path / "run"), "--step", "10"]) == 0
     _resume_and_check(str(tmp_path / "run"), source, with_optimizer=True)
