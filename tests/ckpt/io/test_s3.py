@@ -117,17 +117,34 @@ def test_the_ckpt_command_on_s3_urls(s3_server, s3_run, tmp_path, capsys):
     out = tmp_path / "model.safetensors"
     code, _ = _cli(capsys, "export", f"{s3_run}/checkpoint-00000003", "--component", "model", "-o", str(out))
     assert code == 0 and torch.equal(load_file(out)["w"], torch.arange(1000, dtype=torch.float32) * 3)
+    # The other export formats read the bucket the same way (the files they write are local).
+    code, _ = _cli(capsys, "export", f"{s3_run}/checkpoint-00000003", "--format", "hf", "-o", str(tmp_path / "hf"))
+    assert code == 0 and torch.equal(load_file(tmp_path / "hf" / "model.safetensors")["w"],
+                                     torch.arange(1000, dtype=torch.float32) * 3)
+    code, _ = _cli(capsys, "export", f"{s3_run}/checkpoint-00000003", "--format", "torch", "-o", str(tmp_path / "a.pt"))
+    assert code == 0 and torch.load(tmp_path / "a.pt", weights_only=True)["model"]["n"] == 3
+    code, diff = _cli(capsys, "diff", f"{s3_run}/checkpoint-00000001", f"{s3_run}/checkpoint-00000003")
+    assert code == 1 and not diff["identical"]
+    # Import into the bucket: the torch.save file written above comes back as step 30 of the same run.
+    code, imported = _cli(capsys, "import", str(tmp_path / "a.pt"), s3_run, "--step", "30", "--model-key", "model")
+    assert code == 0 and imported["checkpoint"] == f"{s3_run}/checkpoint-00000030"
+    code, report = _cli(capsys, "verify", imported["checkpoint"])
+    assert code == 0 and report["ok"]
+    assert _cli(capsys, "pin", imported["checkpoint"])[0] == 0
+    pins = [k for k in s3_server.keys(s3_run) if k.startswith("checkpoint-00000030/") and "pin" in k.lower()]
+    assert len(pins) == 1
+    assert _cli(capsys, "unpin", imported["checkpoint"])[0] == 0 and pins[0] not in s3_server.keys(s3_run)
     code, _ = _cli(capsys, "pin", f"{s3_run}/checkpoint-00000001")
     assert code == 0
     code, pruned = _cli(capsys, "prune", s3_run, "--save-total-limit", "1")
-    assert code == 0 and [d["path"] for d in pruned["deleted"]] == [ck2]  # 1 is pinned, 3 is the newest
-    assert not [k for k in s3_server.keys(s3_run) if k.startswith("checkpoint-00000002/")]
+    assert code == 0 and [d["path"] for d in pruned["deleted"]] == [ck2, f"{s3_run}/checkpoint-00000003"]
+    assert not [k for k in s3_server.keys(s3_run) if k.startswith(("checkpoint-00000002/", "checkpoint-00000003/"))]
     code, err = _cli(capsys, "ls", f"s3://{BUCKET}/no-such-run")
     assert code == 2 and "does not exist" in err["error"]
     # The run's picture from the bucket: every checkpoint marked (2 was pruned: it is no longer listed).
     page = tmp_path / "report.html"
     code, drawn = _cli(capsys, "report", s3_run, "-o", str(page))
-    assert code == 0 and sorted(m["step"] for m in drawn["checkpoints"]) == [1, 3]
+    assert code == 0 and sorted(m["step"] for m in drawn["checkpoints"]) == [1, 30]  # 1 pinned, 30 the newest
     assert "<svg" in page.read_text()
 
 
