@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from ckpt import CheckpointCoordinator, CheckpointError, RetentionPolicy, SharingPattern, StateComponent
 from ckpt.cli import main
 from ckpt.format.layout import MANIFEST_NAME
-from ckpt.io.s3 import S3Storage
+from ckpt.io.s3 import S3Options, S3Storage
 from ckpt.io.storage import LocalStorage, is_inside, norm_path
 from ckpt.testing import Fault, FaultyStorage
 from tests.support.s3 import BUCKET
@@ -162,6 +163,21 @@ def test_a_live_jobs_lock_refuses_ckpt_prune_from_another_process(s3_server, s3_
         assert code == 2 and "in use by a live job" in out["error"] and f"pid {os.getpid()}" in out["error"]
     code, out = _prune_in_another_process(s3_run)  # the job closed: its lock object is gone
     assert code == 0 and [d["path"] for d in out["deleted"]] == [f"{s3_run}/checkpoint-00000001"]
+
+
+def test_a_live_jobs_lease_is_renewed_past_its_length(s3_server, s3_run):
+    """The lock object of a job that is alive keeps being renewed, so it stays refused to others long after one
+    lease has run out."""
+    with CheckpointCoordinator(s3_run, storage=S3Storage(S3Options(lock_lease_s=2))):
+        key = _key(s3_run, ".ckpt.lock")
+        first = s3_server.client.head_object(Bucket=BUCKET, Key=key)["LastModified"]
+        deadline = time.monotonic() + 60
+        while (s3_server.client.head_object(Bucket=BUCKET, Key=key)["LastModified"] - first).total_seconds() < 3:
+            assert time.monotonic() < deadline, "the live job's lock object was never renewed"
+            time.sleep(0.2)
+        code, out = _prune_in_another_process(s3_run)  # more than a lease after the lock was taken
+        assert code == 2 and "in use by a live job" in out["error"]
+    assert ".ckpt.lock" not in s3_server.keys(s3_run)
 
 
 def test_paths_on_object_storage_compare_and_stay_inside():
