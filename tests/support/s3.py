@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
+import tracemalloc
 from dataclasses import dataclass
 
 import pytest
@@ -118,8 +120,6 @@ class Overlap:
     never overlap, while parallel ones always do."""
 
     def __init__(self, events, operation: str, wait_s: float = 60.0):
-        import threading
-
         self.lock, self.second = threading.Lock(), threading.Event()
         self.active = self.most = self.count = 0
         self.params: list[dict] = []
@@ -152,8 +152,6 @@ def probe_transfers(url: str, part_mb: int, in_flight: int, total_mb: int) -> di
     """Upload `total_mb` MiB through S3Storage.write_file from a stream of 1 MiB chunks, then read it back into
     one buffer; what the client did and the peak of Python-allocated memory during each (run it in a process of
     its own, with the server in another, so the server's copies are not counted)."""
-    import tracemalloc
-
     from ckpt.io.s3 import S3Options, S3Storage
 
     storage = S3Storage(S3Options(part_bytes=part_mb << 20, in_flight=in_flight))
