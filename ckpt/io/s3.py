@@ -30,6 +30,9 @@ _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _CONFLICT = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
 _READ_AHEAD = 1 << 20  # small reads (headers, msgpack skeletons) are served from one GET of this much
 _MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
+# A response is received in slices of this much: the HTTP client reads each slice into a temporary bytes
+# object before copying it into the destination, so larger slices would cost that much memory per range.
+_RECV_BYTES = 256 << 10
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -95,6 +98,7 @@ class _Pool:
                 fut.set_result(fn())
             except BaseException as exc:
                 fut.set_exception(exc)
+            del fut, fn  # an idle worker must not keep its last job's buffers alive
 
     def submit(self, fn: Callable[[], Any]) -> Future:
         fut: Future = Future()
@@ -276,14 +280,14 @@ class S3Storage:
         return [(u["Key"], u["UploadId"]) for u in resp.get("Uploads", [])]
 
     def get_range(self, path: str, start: int, view: memoryview) -> None:
-        """Fill `view` with the object's bytes from `start` (one ranged GET, received straight into it)."""
+        """Fill `view` with the object's bytes from `start` (one ranged GET, received into it slice by slice)."""
         bucket, key = split_url(path)
         resp = self._call("GET", path, self.client.get_object, Bucket=bucket, Key=key,
                           Range=f"bytes={start}-{start + len(view) - 1}")
         body, pos = resp["Body"], 0
         try:
             while pos < len(view):
-                n = self._call("GET", path, body.readinto, b=view[pos:])
+                n = self._call("GET", path, body.readinto, b=view[pos: pos + _RECV_BYTES])
                 if not n:
                     raise OSError(errno.EIO, f"S3 GET ended after {pos} of {len(view)} bytes at offset {start}", path)
                 pos += n
@@ -333,21 +337,21 @@ class _Upload:
                     buf[fill: fill + n] = view[:n]
                     fill, view = fill + n, view[n:]
                     if fill == part:
-                        full, buf = buf, None
-                        self._send(full)  # its slot travels with it
+                        self._send(buf)  # the part owns the buffer and its slot from here
+                        buf = None
+            if buf is not None:
+                del buf[fill:]  # the short last part is sent from its own buffer, not a copy of it
             if self.upload_id is None:  # small: one PUT
-                data = bytes(buf[:fill]) if buf is not None else b""
-                self._release(buf)
-                buf = None
-                self.store._call("PUT", self.path, self.store.client.put_object, Bucket=self.bucket, Key=self.key,
-                                 Body=data)
+                try:
+                    self.store._call("PUT", self.path, self.store.client.put_object, Bucket=self.bucket,
+                                     Key=self.key, Body=buf if buf is not None else b"")
+                finally:
+                    self._release(buf)
+                    buf = None
                 return total
             if buf is not None:
-                last, buf = bytes(buf[:fill]), None
-                if fill:
-                    self._send(last)
-                else:
-                    self.store._slots.release()
+                self._send(buf)
+                buf = None
             self._complete()
             return total
         except BaseException:
@@ -359,29 +363,17 @@ class _Upload:
         if buf is not None:
             self.store._slots.release()
 
-    def _send(self, data: bytes | bytearray) -> None:
-        """Upload one part in the background; it holds one buffer slot, released once it is sent."""
+    def _send(self, data: bytearray) -> None:
+        """Upload one part in the background. Once queued, the part owns `data` and its buffer slot (until then,
+        on an error, the caller still does)."""
         number = len(self.parts) + 1
-        try:
-            if number > _MAX_PARTS:
-                raise OSError(errno.EFBIG, f"file needs more than {_MAX_PARTS} parts of {len(data)} bytes; raise "
-                                           "S3Options.part_bytes", self.path)
-            if self.upload_id is None:
-                self.upload_id = self.store._call("start upload", self.path,
-                                                  self.store.client.create_multipart_upload,
-                                                  Bucket=self.bucket, Key=self.key)["UploadId"]
-        except BaseException:
-            self.store._slots.release()
-            raise
-
-        def upload() -> dict:
-            try:
-                resp = self.store._call("upload part", self.path, self.store.client.upload_part, Bucket=self.bucket,
-                                        Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=data)
-                return {"PartNumber": number, "ETag": resp["ETag"]}
-            finally:
-                self.store._slots.release()
-        self.parts.append(self.store._pool.submit(upload))
+        if number > _MAX_PARTS:
+            raise OSError(errno.EFBIG, f"file needs more than {_MAX_PARTS} parts of {len(data)} bytes; raise "
+                                       "S3Options.part_bytes", self.path)
+        if self.upload_id is None:
+            self.upload_id = self.store._call("start upload", self.path, self.store.client.create_multipart_upload,
+                                              Bucket=self.bucket, Key=self.key)["UploadId"]
+        self.parts.append(self.store._pool.submit(_Part(self, number, data)))
 
     def _complete(self) -> None:
         parts = _wait_all(self.parts)
@@ -395,6 +387,24 @@ class _Upload:
             with contextlib.suppress(OSError):  # else the run dir's next owner aborts it (S3Storage.remove_tree)
                 self.store._call("abort upload", self.path, self.store.client.abort_multipart_upload,
                                  Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+
+
+class _Part:
+    """One part's upload. It lets go of its buffer before it frees the buffer's slot, so the bytes alive in the
+    process stay within in_flight buffers."""
+
+    def __init__(self, upload: _Upload, number: int, data: bytearray):
+        self.upload, self.number, self.data = upload, number, data
+
+    def __call__(self) -> dict:
+        up, data, self.data = self.upload, self.data, None
+        try:
+            resp = up.store._call("upload part", up.path, up.store.client.upload_part, Bucket=up.bucket, Key=up.key,
+                                  UploadId=up.upload_id, PartNumber=self.number, Body=data)
+            return {"PartNumber": self.number, "ETag": resp["ETag"]}
+        finally:
+            del data
+            up.store._slots.release()
 
 
 class _Reader(io.RawIOBase):

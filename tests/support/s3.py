@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
+import tracemalloc
 from dataclasses import dataclass
 
 import pytest
@@ -110,3 +112,74 @@ def gated_storage(marker_dir: str, match: str):
             return super().write_file(path, chunks)
 
     return Gated(S3Options(max_attempts=2, timeout_s=5))
+
+
+class Overlap:
+    """Counts requests of one kind in flight at once (botocore's own event hooks on a real client, no mock).
+    The first request waits, up to `wait_s`, for a second to start: requests sent one after another can then
+    never overlap, while parallel ones always do."""
+
+    def __init__(self, events, operation: str, wait_s: float = 60.0):
+        self.lock, self.second = threading.Lock(), threading.Event()
+        self.active = self.most = self.count = 0
+        self.params: list[dict] = []
+        self.wait_s = wait_s
+        events.register(f"provide-client-params.s3.{operation}", self._params)
+        events.register(f"before-send.s3.{operation}", self._start)
+        events.register(f"after-call.s3.{operation}", self._end)
+
+    def _params(self, params, **kwargs):
+        with self.lock:
+            self.params.append(dict(params, Body=None))
+
+    def _start(self, **kwargs):
+        with self.lock:
+            self.active += 1
+            self.count += 1
+            self.most = max(self.most, self.active)
+            first = self.count == 1
+            if self.count == 2:
+                self.second.set()
+        if first:
+            self.second.wait(self.wait_s)
+
+    def _end(self, **kwargs):
+        with self.lock:
+            self.active -= 1
+
+
+def probe_transfers(url: str, part_mb: int, in_flight: int, total_mb: int) -> dict:
+    """Upload `total_mb` MiB through S3Storage.write_file from a stream of 1 MiB chunks, then read it back into
+    one buffer; what the client did and the peak of Python-allocated memory during each (run it in a process of
+    its own, with the server in another, so the server's copies are not counted)."""
+    from ckpt.io.s3 import S3Options, S3Storage
+
+    storage = S3Storage(S3Options(part_bytes=part_mb << 20, in_flight=in_flight))
+    ups = Overlap(storage.client.meta.events, "UploadPart")
+    gets = Overlap(storage.client.meta.events, "GetObject")
+    tail = 12345  # the last part is a short one
+
+    def chunks():
+        for i in range(total_mb):
+            yield bytes([i % 251]) * (1 << 20)
+        yield b"\xee" * tail
+
+    path = f"{url}/big.bin"
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    written = storage.write_file(path, chunks())
+    upload_peak = tracemalloc.get_traced_memory()[1] - base
+    into = bytearray(written)
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    with storage.open_read(path) as f:
+        got = f.readinto(into)
+    read_peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    view = memoryview(into)
+    same = got == written and all(view[i << 20: (i + 1) << 20] == bytes([i % 251]) * (1 << 20)
+                                  for i in range(total_mb)) and view[total_mb << 20:] == b"\xee" * tail
+    return {"written": written, "upload_peak": upload_peak, "read_peak": read_peak, "parts": ups.count,
+            "parts_at_once": ups.most, "gets": [p.get("Range") for p in gets.params], "gets_at_once": gets.most,
+            "same": same}

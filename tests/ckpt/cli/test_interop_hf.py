@@ -79,3 +79,17 @@ def test_a_trainer_resumes_from_an_imported_hf_folder(tmp_path):
     assert trainer.state.global_step == 2  # nothing left to train: the weights are the imported ones
     assert torch.equal(logits(trainer.unwrapped_model), logits(source))
     assert trainer.unwrapped_model.lm_head.weight is trainer.unwrapped_model.transformer.wte.weight
+
+
+def test_a_trainer_resumes_from_an_imported_sharded_hf_folder(tmp_path):
+    source = gpt2(seed=11)
+    source.save_pretrained(tmp_path / "hf", max_shard_size="20KB")  # shards and model.safetensors.index.json
+    shards = sorted(p.name for p in (tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "run"), "--step", "2"]) == 0
+    assert main(["verify", str(tmp_path / "run" / "checkpoint-00000002")]) == 0
+    trainer = train_gpt2(str(tmp_path / "run"), steps=2, model=gpt2(seed=1), resume_from_checkpoint="latest")
+    assert trainer.state.global_step == 2
+    assert torch.equal(logits(trainer.unwrapped_model), logits(source))
+    assert trainer.unwrapped_model.lm_head.weight is trainer.unwrapped_model.transformer.wte.weight

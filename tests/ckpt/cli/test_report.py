@@ -102,3 +102,39 @@ def test_the_report_reads_a_live_run_dir(tmp_path, capsys):
     assert out["train_points"] == 6 and out["eval_points"] == 2
     assert by_step[10]["status"] == "deleted" and by_step[20]["best_rank"] == 1 and by_step[30]["latest"]
     assert "<svg" in (tmp_path / "r.html").read_text()
+
+
+def test_the_report_marks_a_pinned_checkpoint_and_every_kind_of_event(tmp_path, capsys):
+    """A pinned checkpoint outlives retention and says so; NaN skips, clipped spikes, LR cuts and a rollback each
+    get their own mark, with the event's details in its hover title."""
+    run_dir = tmp_path / "run"
+    policy = RetentionPolicy(save_total_limit=1)
+    with CheckpointCoordinator(run_dir, retention=policy) as coord:
+        for step in (10, 20, 30, 40):
+            coord.save(step, [StateComponent("w", Box({"w": torch.ones(2)}), SharingPattern.GLOBAL)],
+                       {"train_loss": 3.0 - step / 20})
+            if step == 10:
+                assert main(["pin", str(run_dir / "checkpoint-00000010")]) == 0
+    events = [{"time": 2.0, "step": 15, "kind": "non_finite", "action": "skip", "reason": "loss is nan",
+               "values": {"loss": "nan"}},
+              {"time": 3.0, "step": 25, "kind": "grad_norm_spike", "action": "clip", "reason": "grad norm 9.1 > 5x",
+               "values": {"grad_norm": 9.1}},
+              {"time": 4.0, "step": 35, "kind": "rollback", "action": "rollback", "reason": "loss diverged",
+               "values": {"from_step": 35, "to_step": 30}},
+              {"time": 4.5, "step": 30, "kind": "lr_change", "action": "reduce_lr", "reason": "after the rollback",
+               "values": {"lr_scale": 0.25, "ramp_steps": 5}}]
+    with open(run_dir / EVENTS_FILE, "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in events)
+    capsys.readouterr()
+    assert main(["report", str(run_dir), "-o", str(tmp_path / "r.html"), "--json"]) == 0
+    by_step = {c["step"]: c for c in json.loads(capsys.readouterr().out)["checkpoints"]}
+    assert sorted(by_step) == [10, 40]  # 20 and 30 went to retention, the pinned 10 stayed
+    assert by_step[10]["pinned"] and by_step[10]["status"] == "kept" and not by_step[10]["latest"]
+    assert by_step[40]["latest"] and not by_step[40]["pinned"]
+    text = (tmp_path / "r.html").read_text()
+    assert '<td class="kept">kept (pinned)</td>' in text and '<td class="kept">kept (latest)</td>' in text
+    assert ">pinned</text>" in text and ">latest</text>" in text  # under each mark in the checkpoint lane
+    assert f'fill="{COLORS["skip"]}"><title>step 15: non_finite -&gt; skip (loss is nan)</title>' in text
+    assert f'fill="{COLORS["clip"]}"><title>step 25: grad_norm_spike -&gt; clip' in text
+    assert "rollback 35 &#8594; 30" in text and 'marker-end="url(#arrow)"' in text
+    assert "LR x0.25, ramp 5 steps" in text

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from ckpt import CheckpointCoordinator, CheckpointError, RetentionPolicy, SharingPattern, StateComponent
 from ckpt.cli import main
 from ckpt.format.layout import MANIFEST_NAME
-from ckpt.io.s3 import S3Storage
+from ckpt.io.s3 import S3Options, S3Storage
 from ckpt.io.storage import LocalStorage, is_inside, norm_path
 from ckpt.testing import Fault, FaultyStorage
 from tests.support.cli import cli_json
@@ -113,17 +114,34 @@ def test_the_ckpt_command_on_s3_urls(s3_server, s3_run, tmp_path, capsys):
     out = tmp_path / "model.safetensors"
     code, _ = cli_json(capsys, "export", f"{s3_run}/checkpoint-00000003", "--component", "model", "-o", str(out))
     assert code == 0 and torch.equal(load_file(out)["w"], torch.arange(1000, dtype=torch.float32) * 3)
+    # The other export formats read the bucket the same way (the files they write are local).
+    code, _ = cli_json(capsys, "export", f"{s3_run}/checkpoint-00000003", "--format", "hf", "-o", str(tmp_path / "hf"))
+    assert code == 0 and torch.equal(load_file(tmp_path / "hf" / "model.safetensors")["w"],
+                                     torch.arange(1000, dtype=torch.float32) * 3)
+    code, _ = cli_json(capsys, "export", f"{s3_run}/checkpoint-00000003", "--format", "torch", "-o", str(tmp_path / "a.pt"))
+    assert code == 0 and torch.load(tmp_path / "a.pt", weights_only=True)["model"]["n"] == 3
+    code, diff = cli_json(capsys, "diff", f"{s3_run}/checkpoint-00000001", f"{s3_run}/checkpoint-00000003")
+    assert code == 1 and not diff["identical"]
+    # Import into the bucket: the torch.save file written above comes back as step 30 of the same run.
+    code, imported = cli_json(capsys, "import", str(tmp_path / "a.pt"), s3_run, "--step", "30", "--model-key", "model")
+    assert code == 0 and imported["checkpoint"] == f"{s3_run}/checkpoint-00000030"
+    code, report = cli_json(capsys, "verify", imported["checkpoint"])
+    assert code == 0 and report["ok"]
+    assert cli_json(capsys, "pin", imported["checkpoint"])[0] == 0
+    pins = [k for k in s3_server.keys(s3_run) if k.startswith("checkpoint-00000030/") and "pin" in k.lower()]
+    assert len(pins) == 1
+    assert cli_json(capsys, "unpin", imported["checkpoint"])[0] == 0 and pins[0] not in s3_server.keys(s3_run)
     code, _ = cli_json(capsys, "pin", f"{s3_run}/checkpoint-00000001")
     assert code == 0
     code, pruned = cli_json(capsys, "prune", s3_run, "--save-total-limit", "1")
-    assert code == 0 and [d["path"] for d in pruned["deleted"]] == [ck2]  # 1 is pinned, 3 is the newest
-    assert not [k for k in s3_server.keys(s3_run) if k.startswith("checkpoint-00000002/")]
+    assert code == 0 and [d["path"] for d in pruned["deleted"]] == [ck2, f"{s3_run}/checkpoint-00000003"]
+    assert not [k for k in s3_server.keys(s3_run) if k.startswith(("checkpoint-00000002/", "checkpoint-00000003/"))]
     code, err = cli_json(capsys, "ls", f"s3://{BUCKET}/no-such-run")
     assert code == 2 and "does not exist" in err["error"]
-    # The run's picture from the bucket: every checkpoint marked (2 was pruned: it is no longer listed).
+    # The run's picture from the bucket: every checkpoint marked (2 and 3 were pruned: no longer listed).
     page = tmp_path / "report.html"
     code, drawn = cli_json(capsys, "report", s3_run, "-o", str(page))
-    assert code == 0 and sorted(m["step"] for m in drawn["checkpoints"]) == [1, 3]
+    assert code == 0 and sorted(m["step"] for m in drawn["checkpoints"]) == [1, 30]  # 1 pinned, 30 the newest
     assert "<svg" in page.read_text()
 
 
@@ -141,6 +159,21 @@ def test_a_live_jobs_lock_refuses_ckpt_prune_from_another_process(s3_server, s3_
         assert code == 2 and "in use by a live job" in out["error"] and f"pid {os.getpid()}" in out["error"]
     code, out = _prune_in_another_process(s3_run)  # the job closed: its lock object is gone
     assert code == 0 and [d["path"] for d in out["deleted"]] == [f"{s3_run}/checkpoint-00000001"]
+
+
+def test_a_live_jobs_lease_is_renewed_past_its_length(s3_server, s3_run):
+    """The lock object of a job that is alive keeps being renewed, so it stays refused to others long after one
+    lease has run out."""
+    with CheckpointCoordinator(s3_run, storage=S3Storage(S3Options(lock_lease_s=2))):
+        key = _key(s3_run, ".ckpt.lock")
+        first = s3_server.client.head_object(Bucket=BUCKET, Key=key)["LastModified"]
+        deadline = time.monotonic() + 60
+        while (s3_server.client.head_object(Bucket=BUCKET, Key=key)["LastModified"] - first).total_seconds() < 3:
+            assert time.monotonic() < deadline, "the live job's lock object was never renewed"
+            time.sleep(0.2)
+        code, out = _prune_in_another_process(s3_run)  # more than a lease after the lock was taken
+        assert code == 2 and "in use by a live job" in out["error"]
+    assert ".ckpt.lock" not in s3_server.keys(s3_run)
 
 
 def test_paths_on_object_storage_compare_and_stay_inside():

@@ -214,3 +214,43 @@ def test_fsdp2_sharded_state_on_s3_loads_at_another_world_size(s3_server, s3_run
             for name, value in saved.items():
                 assert np.array_equal(loaded[name], value), (world, name)
             assert np.array_equal(loaded["extra"]["table"], np.arange(6.0, dtype=np.float32))
+
+
+def _sharded_save_and_retain(rank: int, world: int, url: str) -> dict:
+    """4 FSDP2 ranks train and save SHARDED state at steps 1-3 (step 2 in the background) with retention."""
+    from tests.support.sharded import build, components, full_values, train_step
+
+    torch.set_num_threads(1)
+    model = build("fsdp", seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    saved = {}
+    storage = S3Storage(S3Options(part_bytes=5 << 20))
+    with CheckpointCoordinator(url, storage=storage, retention=RetentionPolicy(save_total_limit=2), timeout=120) as coord:
+        for step in (1, 2, 3):
+            train_step(model, opt, seed=step)
+            extra = Box({"epoch": step, "table": torch.arange(6.0), "name": "run"})
+            coord.save(step, components(model, opt, "fqn", extra), async_save=step == 2)
+            saved[step] = full_values(model, opt)  # the next step changes the live shards; the staged copy is written
+        coord.wait()
+        steps = [r.step for r in coord.checkpoints()]
+    return {"steps": steps, "latest": saved[3]}
+
+
+def test_four_fsdp2_ranks_save_and_retain_sharded_state_on_s3_and_two_load_it(s3_server, s3_run):
+    """SHARDED saved by 4 ranks (one save in the background), retention on the bucket, and a load at 2 ranks
+    that reads only its byte ranges: exact by value."""
+    import numpy as np
+
+    from tests.support.sharded import load_worker
+
+    results = expect_ok(run_ranks(4, _sharded_save_and_retain, s3_run, timeout=400))
+    assert all(r["steps"] == [2, 3] for r in results)
+    keys = s3_server.keys(s3_run)
+    assert {k.split("/")[0] for k in keys if k.startswith("checkpoint-")} == {"checkpoint-00000002",
+                                                                               "checkpoint-00000003"}
+    assert s3_server.uploads(s3_run) == [] and ".ckpt.lock" not in keys
+    saved = results[0]["latest"]
+    for loaded in expect_ok(run_ranks(2, load_worker, s3_run, "fsdp", "fqn", timeout=300)):
+        assert loaded["world"] == 2 and loaded["extra"]["epoch"] == 3
+        for name, value in saved.items():
+            assert np.array_equal(loaded[name], value), name
