@@ -451,7 +451,8 @@ class CheckpointCoordinator:
         if not candidates:
             return LoadResult(path=None, step=-1, loaded=(), skipped=tuple(c.key for c in components), not_requested=())
         opts = ReadOptions(strict, in_place, reshard, self.verify_on_load, self.io_threads)
-        staged, step, read, rejected, checks = self._read_first_good(candidates, components, opts, fallback)
+        staged, step, read, rejected, checks = self._read_first_good(candidates, components, opts, fallback,
+                                                                     latest=checkpoint == "latest")
         path, manifest = staged.path, staged.manifest
         # A component damaged on any rank is dropped on every rank, so replicas never end up loaded on some.
         damaged = list(read.damaged)
@@ -486,7 +487,7 @@ class CheckpointCoordinator:
         return [[ref.path, ref.step if ref.step >= 0 else read_manifest(self.storage, ref.path).step]]
 
     def _read_first_good(self, candidates: Sequence[Sequence], components: Sequence[StateComponent],
-                         opts: ReadOptions, fallback: bool
+                         opts: ReadOptions, fallback: bool, latest: bool = False
                          ) -> tuple[Staged, int, ReadVerdict, list, CheckVerdict]:
         """The check and read phases, on each candidate in turn until one verifies on every rank. Returns what
         this rank staged, the step, what every rank read (rank 0's summary), the (path, failures by rank) of
@@ -496,7 +497,8 @@ class CheckpointCoordinator:
             box: list[Staged] = []
             read = functools.partial(read_or_reject, self.storage, path, components, self.topology, opts,
                                      fallback, box)
-            check = functools.partial(precheck, self.storage, path, components, self.topology, opts, fallback)
+            check = functools.partial(precheck, self.storage, path, components, self.topology, opts, fallback,
+                                      latest)
             with hold(path, "being loaded"):
                 checked = CheckVerdict.from_wire(self.comm.gather_phase(  # before anything is read
                     "check", check, what=f"load of {path}", decide=functools.partial(decide_check, path)).common)

@@ -35,7 +35,8 @@ def test_ls_marks_a_damaged_newest_checkpoint_and_never_calls_it_latest(tmp_path
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("checkpoint-")}
     assert "DAMAGED, keep: damaged: manifest unreadable, never latest" in lines["checkpoint-00000002"]
     assert "keep: latest" in lines["checkpoint-00000001"]
-    assert "damaged (manifest unreadable, never loaded as latest): checkpoint-00000002" in out
+    assert "damaged (manifest unreadable): checkpoint-00000002; `ckpt inspect` says why" in out
+    assert 'a load of "latest" refuses a damaged newest one unless fallback=True' in out
     code, out, _ = _cli(capsys, "ls", str(tmp_path), "--check", "--json")
     data = json.loads(out)
     assert code == 1 and data["damaged"] == ["checkpoint-00000002"]
