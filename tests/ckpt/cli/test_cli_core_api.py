@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from ckpt import CheckpointCoordinator, SharingPattern, StateComponent, pin_checkpoint
 from ckpt.cli import main
 from tests.support.distributed import expect_ok, run_ranks
+from tests.support.hostile import make_checkpoint
 from tests.support.workers import Box, make_model
 
 
@@ -104,3 +105,29 @@ def test_paths_that_are_not_checkpoints_are_named_for_what_they_are(tmp_path, ca
     assert code == 2 and "is a checkpoint's manifest file, not a run directory" in err
     code, out, _ = _cli(capsys, "inspect", manifest)  # inspect takes a checkpoint's manifest file for its folder
     assert code == 0 and "checkpoint-00000001" in out
+    ckpt_dir = str(tmp_path / "checkpoint-00000001")
+    for command, inside, what in (("verify", "c", "a folder inside"), ("inspect", os.path.join("c", "global.safetensors"),
+                                                                       "a file of")):
+        code, _, err = _cli(capsys, command, os.path.join(ckpt_dir, inside))
+        assert code == 2 and f"is {what} the checkpoint {ckpt_dir}; pass {ckpt_dir}" in err, err
+    code, _, err = _cli(capsys, "export", str(tmp_path / "nope"), "-o", str(tmp_path / "out"))
+    assert code == 2 and "nope does not exist" in err and not (tmp_path / "out").exists()
+
+
+def test_a_failed_export_of_everything_leaves_no_half_export(tmp_path, capsys):
+    ckpt_dir = make_checkpoint(tmp_path / "run")  # 'extra' (exported first) and 'model'
+    damaged = os.path.join(ckpt_dir, "model", "replicated.part-0-of-1.safetensors")
+    with open(damaged, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    fresh = tmp_path / "fresh"
+    code, _, err = _cli(capsys, "export", ckpt_dir, "-o", str(fresh))
+    assert code == 2 and "replicated.part-0-of-1.safetensors" in err, err
+    assert not fresh.exists(), "a folder the export created is removed"
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    assert _cli(capsys, "export", ckpt_dir, "-o", str(existing))[0] == 2
+    assert os.listdir(existing) == ["notes.txt"], "only what the export wrote is removed"
