@@ -453,7 +453,7 @@ class CheckpointCoordinator:
             return LoadResult(path=None, step=-1, loaded=(), skipped=tuple(c.key for c in components), not_requested=())
         opts = ReadOptions(strict, in_place, reshard, self.verify_on_load, self.io_threads)
         first = read_first_good(self.comm, self.storage, self.run_dir, self.topology, candidates, components, opts,
-                                fallback)
+                                fallback, latest=checkpoint == "latest")
         staged, step, read, checks = first.staged, first.step, first.read, first.checks
         path, manifest = staged.path, staged.manifest
         # A component damaged on any rank is dropped on every rank, so replicas never end up loaded on some.

@@ -17,8 +17,10 @@ dtype as its raw bytes (uint8 with a trailing dimension of the element size).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -177,25 +179,36 @@ def export_all(ck: Opened, output_dir: str, progress: Progress | None = None) ->
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise CheckpointError(f"-o {output_dir} is a file; without --component, -o names a folder to write every "
                               "component into (or pass --component KEY to write one file)")
-    written, skipped = [], []
-    for key, entry in sorted(ck.manifest.components.items()):
-        if not has_tensors(entry):
-            skipped.append(key)
-            continue
-        copies = owners(entry)
-        if len(copies) == 1:
-            targets = [(copies[0], os.path.join(output_dir, f"{key}.safetensors"))]
+    written: list[dict[str, Any]] = []
+    skipped = [key for key, entry in sorted(ck.manifest.components.items()) if not has_tensors(entry)]
+    fresh = not os.path.exists(output_dir)
+    try:
+        for key, entry in sorted(ck.manifest.components.items()):
+            for path, pick in ([] if key in skipped else _copy_targets(key, entry, output_dir)):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                written.append(export_component(ck, key, path, progress=progress, **pick))
+    except BaseException:  # a refused component (damaged, undecodable): leave no half export behind
+        if fresh:
+            shutil.rmtree(output_dir, ignore_errors=True)
         else:
-            targets = [(o, os.path.join(output_dir, key, copy_label(entry.pattern, o).replace(" ", "-") + ".safetensors"))
-                       for o in copies]
-        for owner, path in targets:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            pick = {} if len(copies) == 1 else _selection(entry, owner)
-            written.append(export_component(ck, key, path, progress=progress, **pick))
+            for one in written:
+                with contextlib.suppress(OSError):
+                    os.remove(one["output"])
+        raise
     if not written:
         raise CheckpointError(f"{ck.path} has no component with tensors (components: {sorted(ck.manifest.components)});"
                               " nothing was written")
     return {"output": output_dir, "step": ck.manifest.step, "files": written, "left_out_components": skipped}
+
+
+def _copy_targets(key: str, entry: ComponentEntry, output_dir: str) -> list[tuple[str, dict[str, int | None]]]:
+    """(file, select_copies argument) of each copy of a component: `<key>.safetensors` for a single copy, else
+    `<key>/<copy>.safetensors` per rank, group or node."""
+    copies = owners(entry)
+    if len(copies) == 1:
+        return [(os.path.join(output_dir, f"{key}.safetensors"), {})]
+    return [(os.path.join(output_dir, key, copy_label(entry.pattern, o).replace(" ", "-") + ".safetensors"),
+             _selection(entry, o)) for o in copies]
 
 
 def _selection(entry: ComponentEntry, owner: int | None) -> dict[str, int | None]:

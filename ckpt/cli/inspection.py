@@ -17,7 +17,7 @@ import xxhash
 
 from ..component import SharingPattern
 from ..errors import CheckpointDeletedError, CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from ..format.layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkpoints
+from ..format.layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkpoints, parse_step
 from ..format.manifest import (
     ComponentEntry,
     FileEntry,
@@ -57,11 +57,16 @@ def open_checkpoint(path: str | os.PathLike, storage: Storage | None = None) -> 
         raise CheckpointNotFoundError(f"{path} does not exist", path=path)
     if os.path.islink(path):  # a run dir's entry that leads elsewhere is refused, not read
         refuse_linked_folder(path)
+    enclosing = _enclosing_checkpoint(storage, path)
     if not storage.is_dir(path) and not os.path.islink(path):
-        raise CheckpointNotFoundError(f"{path} is a file, not a checkpoint folder", path=path)
+        of = f"a file of the checkpoint {enclosing}; pass {enclosing}" if enclosing else "a file, not a checkpoint folder"
+        raise CheckpointNotFoundError(f"{path} is {of}", path=path)
     if not storage.exists(os.path.join(path, MANIFEST_NAME)):
         if not storage.exists(path):  # it was there a moment ago
             raise CheckpointDeletedError(f"{path} was deleted while it was being opened", path=path)
+        if enclosing:
+            raise CheckpointNotFoundError(f"{path} is a folder inside the checkpoint {enclosing}; pass {enclosing}",
+                                          path=path)
         if path.endswith(PARTIAL_SUFFIX):
             raise CheckpointNotFoundError(f"{path} is an unfinished save (no {MANIFEST_NAME}); it cannot be read",
                                           path=path)
@@ -72,6 +77,18 @@ def open_checkpoint(path: str | os.PathLike, storage: Storage | None = None) -> 
         raise CheckpointNotFoundError(f"{path} is not a checkpoint: it holds no {MANIFEST_NAME}", path=path)
     with deletion_noticed(storage, path, "opened"):
         return Opened(storage, path, read_manifest(storage, path))
+
+
+def _enclosing_checkpoint(storage: Storage, path: str) -> str | None:
+    """The committed checkpoint `path` lies inside (a component's folder or file), if any."""
+    parent = os.path.dirname(path)
+    for _ in range(4):  # a checkpoint's files are at most a few folders deep
+        if not parent or parent == os.path.dirname(parent):
+            return None
+        if parse_step(os.path.basename(parent)) is not None and storage.exists(os.path.join(parent, MANIFEST_NAME)):
+            return parent
+        parent = os.path.dirname(parent)
+    return None
 
 
 @contextlib.contextmanager
@@ -224,10 +241,13 @@ def _tensor_row(key: str, c: ComponentEntry, f: FileEntry, t: TensorInfo, real: 
 def describe(ck: Opened, with_tensors: bool = False) -> dict[str, Any]:
     """What a checkpoint holds: step, time, topology, metrics, and per component its pattern, group,
     validation level, writer ranks, files, bytes and tensor count (and every tensor when asked, in its real
-    dtype and shape; `stored_as` gives the stored uint8 form of one kept as raw bytes)."""
+    dtype and shape; `stored_as` gives the stored uint8 form of one kept as raw bytes). A file that leads
+    outside the checkpoint (a symlink) is refused as a load refuses it: the checkpoint does not vouch for it."""
     m = ck.manifest
     comps, tensors = [], []
     for key, c in sorted(m.components.items()):
+        for f in c.files:
+            checked_path(ck.path, f, key)
         comps.append({
             "key": key, "pattern": c.pattern.value, "process_group": c.process_group, "required": c.required,
             "validation_level": c.validation_level.value, "copies": len(owners(c)),

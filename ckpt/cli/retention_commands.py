@@ -129,7 +129,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
                      "manifest unreadable" if r["error"] else metrics_text(r["metrics"]), _status(r)] for r in rows],
                    right=(1, 3)))
     if damaged:
-        emit(f"damaged (manifest unreadable, never loaded as latest): {', '.join(damaged)}; `ckpt inspect` says why")
+        emit(f"damaged (manifest unreadable): {', '.join(damaged)}; `ckpt inspect` says why. Retention never counts "
+             "one as the newest; a load of \"latest\" refuses a damaged newest one unless fallback=True")
     return status
 
 

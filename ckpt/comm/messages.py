@@ -125,11 +125,14 @@ def combined_failure(what: str, phase: str, outcomes: Sequence[Outcome]) -> Fail
         return None
     failures = {r: f"{f.type}: {f.message}" for r, f in failed.items()}
     ranks = sorted(failed)
-    where = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
-    details = "; ".join(f"rank {r}: {failures[r]}" for r in ranks[:8])
-    if len(ranks) > 8:
-        details += f"; ... and {len(ranks) - 8} more"
-    message = f"{what} failed on {where} during '{phase}': {details}"
+    by_text: dict[str, list[int]] = {}  # ranks that failed the same way are named once, with that one message
+    for r in ranks:
+        by_text.setdefault(failures[r], []).append(r)
+    shown = list(by_text.items())[:8]
+    details = "; ".join(f"{_each_rank(rs)}: {text}" for text, rs in shown)
+    if len(by_text) > 8:
+        details += f"; ... and {len(ranks) - sum(len(rs) for _, rs in shown)} more ranks"
+    message = f"{what} failed on {_ranks_label(ranks)} during '{phase}': {details}"
     types = {f.type for f in failed.values()}
     if len(types) > 1:  # mixed failures: no one rank's fields describe them
         return Failure(CheckpointError.__name__, message, {}, failures)
@@ -137,6 +140,17 @@ def combined_failure(what: str, phase: str, outcomes: Sequence[Outcome]) -> Fail
     first = failed[ranks[0]]
     kind = first.type if first.type in REMOTE_ERROR_TYPES else CheckpointError.__name__
     return Failure(kind, message, first.fields, failures)
+
+
+def _each_rank(ranks: Sequence[int]) -> str:
+    """"rank 0, rank 3" (each named, so a search for one rank finds it), shortened past 8 ranks."""
+    if len(ranks) > 8:
+        return f"rank {ranks[0]}, rank {ranks[1]}, ... rank {ranks[-1]} ({len(ranks)} ranks)"
+    return ", ".join(f"rank {r}" for r in ranks)
+
+
+def _ranks_label(ranks: Sequence[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
 
 
 def error_fields(exc: BaseException) -> dict[str, Any]:

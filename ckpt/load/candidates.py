@@ -54,12 +54,13 @@ class FirstGood:
 
 def read_first_good(comm: Communicator, storage: Storage, run_dir: str, topology: RankTopology,
                     candidates: Sequence[Sequence], components: Sequence[StateComponent], opts: ReadOptions,
-                    fallback: bool) -> FirstGood:
-    """The check and read phases, on each candidate in turn until one verifies on every rank. Collective."""
+                    fallback: bool, latest: bool = False) -> FirstGood:
+    """The check and read phases, on each candidate in turn until one verifies on every rank. Collective.
+    `latest`: the candidate is the run's newest checkpoint, chosen as "latest" (a refusal says how to pass it)."""
     rejected: list[tuple[str, dict[int, str]]] = []
     for i, (path, step) in enumerate(candidates):
         read = functools.partial(read_or_reject, storage, path, components, topology, opts, fallback)
-        check = functools.partial(precheck, storage, path, components, topology, opts, fallback)
+        check = functools.partial(precheck, storage, path, components, topology, opts, fallback, latest)
         with hold(path, "being loaded"):
             checked = CheckVerdict.from_wire(comm.gather_phase(  # before anything is read
                 "check", check, what=f"load of {path}", decide=functools.partial(decide_check, path)).common)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..component import SharingPattern, StateComponent
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ManifestError
 from ..format.manifest import ComponentEntry, Manifest, Topology, read_manifest
 from ..format.serialization import flatten_state
 from ..format.tensor_io import DTYPE_TO_ST
@@ -112,14 +112,19 @@ def check_components(manifest: Manifest, path: str, components: Sequence[StateCo
 
 
 def precheck(storage: Storage, path: str, components: Sequence[StateComponent], topo: RankTopology,
-             opts: ReadOptions, fallback: bool) -> dict[str, Any]:
-    """The check phase on one rank: its report, or (with `fallback`) why the checkpoint failed verification."""
+             opts: ReadOptions, fallback: bool, latest: bool = False) -> dict[str, Any]:
+    """The check phase on one rank: its report, or (with `fallback`) why the checkpoint failed verification.
+    `latest`: `path` was chosen as the run's newest checkpoint, so a refusal says how to pass over it."""
     try:
         manifest = read_manifest(storage, path)
     except VERIFICATION_ERRORS as exc:
-        if not fallback:
-            raise
-        return {"report": None, "bad": f"{type(exc).__name__}: {exc}"}
+        if fallback:
+            return {"report": None, "bad": f"{type(exc).__name__}: {exc}"}
+        if latest and isinstance(exc, ManifestError):
+            raise ManifestError(f"{exc}. It is the newest checkpoint of its run dir, so \"latest\" names it (`ckpt ls` "
+                                "marks it DAMAGED); load(..., fallback=True) passes over it to the newest one that "
+                                "loads, or load an older step by number", path=exc.path) from None
+        raise
     check_unique([c.key for c in components])
     report = check_components(manifest, path, components, topo, opts.strict, opts.reshard)
     return {"report": report.to_wire(), "bad": None}

@@ -287,3 +287,26 @@ def test_a_missing_path_and_a_manifest_file_are_named_as_such(tmp_path):
     manifest = os.path.join(tmp_path, "checkpoint-00000004", "checkpoint_manifest.json")
     with pytest.raises(CheckpointNotFoundError, match="is a checkpoint's manifest file; pass the checkpoint's folder"):
         coord.load(comps, checkpoint=manifest)
+
+
+def test_a_damaged_newest_checkpoint_is_refused_as_latest_naming_the_way_past_it(tmp_path):
+    """`ckpt ls` marks it DAMAGED; a load of "latest" refuses it saying how to pass over it; fallback=True loads
+    the step before, and the next save there sets the damaged one aside with the rest of its timeline."""
+    coord = CheckpointCoordinator(tmp_path)
+    _save_steps(coord, [10, 20])
+    (tmp_path / "checkpoint-00000020" / "checkpoint_manifest.json").write_text("{not json")
+    live = Box({"v": torch.tensor(-1.0)})
+    with pytest.raises(CheckpointError, match=r"checkpoint-00000020.*is not valid JSON.*newest checkpoint of its run "
+                                              r"dir.*fallback=True") as err:
+        coord.load([StateComponent("c", live, SharingPattern.GLOBAL)])
+    assert live.state["v"].item() == -1.0 and err.value.failures == {0: err.value.failures[0]}
+    with pytest.raises(CheckpointError) as named:  # asked for by number: refused, without the advice for latest
+        coord.load([StateComponent("c", live, SharingPattern.GLOBAL)], checkpoint=20)
+    assert "is not valid JSON" in str(named.value) and "fallback=True" not in str(named.value)
+    result = coord.load([StateComponent("c", live, SharingPattern.GLOBAL)], fallback=True)
+    assert result.step == 10 and live.state["v"].item() == 10.0
+    assert result.fallback_from == (str(tmp_path / "checkpoint-00000020"),)
+    _save_steps(coord, [20], value=lambda s: 21.0)
+    assert [r.step for r in coord.checkpoints()] == [10, 20]
+    assert os.listdir(tmp_path / "abandoned" / "after-step-10-saved-20") == ["checkpoint-00000020"]
+    assert coord.load([StateComponent("c", live, SharingPattern.GLOBAL)]).step == 20 and live.state["v"].item() == 21.0

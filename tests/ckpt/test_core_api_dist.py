@@ -137,7 +137,14 @@ def _async_handle(rank: int, world: int, run_dir: str) -> dict:
     coord.storage = LocalStorage()
     coord.save(3, comps).wait()  # the failure was raised once: the next save goes ahead
     out["steps"] = [r.step for r in coord.checkpoints()]
-    coord.close()
+    coord.storage = FailOnRank(rank, fail_rank=0)
+    coord.save(4, comps)  # nobody waits for it: close() raises its failure
+    try:
+        coord.close()
+    except CheckpointError as exc:
+        out["at_close"] = str(exc)
+    else:
+        out["at_close"] = None
     return out
 
 
@@ -150,6 +157,7 @@ def test_an_async_save_returns_a_handle_and_its_failure_is_raised_on_every_rank(
         assert r["bad_path"] is None, "a checkpoint that never committed is never named"
         assert r["bad_exception"] == "CheckpointError"
         assert r["steps"] == [1, 3]
+        assert r["at_close"] is not None and "save of step 4 failed on rank 0 during 'write'" in r["at_close"]
 
 
 def test_an_async_failure_nobody_waited_for_is_logged_at_exit(tmp_path):

@@ -200,6 +200,9 @@ def test_flipped_byte_is_caught_on_load_naming_the_file(tmp_path, victim, reader
         assert res["type"] == "CorruptCheckpointError", res
         assert victim in res["message"] and "digest" in res["message"]
         assert res["failed"] == readers
+        if len(readers) > 1:  # ranks that failed the same way: one message naming them all, not one per rank
+            assert "rank 0, rank 1: CorruptCheckpointError:" in res["message"], res["message"]
+            assert "; rank 1:" not in res["message"], res["message"]
         # Every rank's error carries the failing file and component, not just the ranks that read it.
         assert res["component"] == victim.split("/")[0] and res["path"].endswith(victim), res
 

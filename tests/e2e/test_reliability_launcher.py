@@ -13,10 +13,11 @@ import time
 
 import pytest
 
-from ckpt.errors import RunDirInUseError
+from ckpt.errors import CheckpointError, CollectiveTimeoutError, RunDirInUseError
 from ckpt.io.lock import RunDirLock
 from tests.support.demo import ENV, TINY
 from tests.support.files import REPO
+from trainers.demo.cli import speaks_for_the_job
 from trainers.liveness import LAUNCHER_GONE_EXIT_CODE, StepWatchdog
 from trainers.recovery import HEALTH_EXIT_CODE
 
@@ -171,3 +172,14 @@ def test_the_demo_prints_a_ckpt_error_as_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if "checkpoint error" in line]
     assert len(errors) == 1 and "RunDirInUseError" in errors[0] and f"pid {os.getpid()}" in errors[0], proc.stderr
     assert "Traceback" in debug.stderr and "RunDirInUseError" in debug.stderr
+
+
+def test_the_demo_error_is_printed_once_even_when_rank_zero_is_the_one_that_died():
+    dead_zero = CheckpointError("rank 1: lost contact ...: rank 0 died", failures={0: "died during the 'commit' step"})
+    assert [r for r in range(4) if speaks_for_the_job(dead_zero, r, 4)] == [1]
+    hung = CollectiveTimeoutError("rank 2: timed out ...", phase="write", missing_ranks=[0, 1])
+    assert [r for r in range(4) if speaks_for_the_job(hung, r, 4)] == [2]
+    plain = CheckpointError("save of step 3 failed on rank 2 during 'write'", failures={2: "ENOSPC"})
+    assert [r for r in range(4) if speaks_for_the_job(plain, r, 4)] == [0]
+    everyone = CheckpointError("x", failures={0: "a", 1: "b"})
+    assert [r for r in range(2) if speaks_for_the_job(everyone, r, 2)] == [0]

@@ -1,5 +1,6 @@
 """A small committed checkpoint to damage, live targets that show a refused load changed nothing, and ways to
-rewrite a checkpoint as a hostile writer would (the manifest kept self-consistent)."""
+rewrite a checkpoint as a hostile writer would (the manifest kept self-consistent), and the decoder that the
+hostile value-file test runs in a child process."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import xxhash
 from ckpt import CheckpointCoordinator, SharingPattern, StateComponent
 from ckpt.format.layout import MANIFEST_NAME
 from ckpt.format.manifest import DIGEST_FIELD, content_digest
+from ckpt.format.serialization import unflatten_state
 from tests.support.workers import Box
 
 SENTINEL = {"untouched": torch.tensor([42])}
@@ -80,3 +82,17 @@ def replace_file(ckpt_dir: str, relpath: str, data: bytes) -> None:
 def file_entry(d: dict, key: str = "model", kind: str = "tensors") -> dict:
     """The first file entry of component `key` with this kind, in a parsed manifest."""
     return next(f for f in d["components"][key]["files"] if f["kind"] == kind)
+
+
+def decode_all(folder: str) -> None:
+    """(Child process.) Decode every file in `folder`; print one JSON line per file: error type and message."""
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            data = f.read()
+        try:
+            unflatten_state(data, {"b": torch.ones(2), "a/1/1/b": torch.ones(2)}, "c", source=name)
+            out = {"file": name, "type": None}
+        except Exception as exc:
+            out = {"file": name, "type": type(exc).__name__, "message": str(exc),
+                   "key_path": getattr(exc, "key_path", None)}
+        print(json.dumps(out), flush=True)

@@ -221,6 +221,14 @@ def report(trainer: Trainer, opts: argparse.Namespace, final: tuple[str, str | N
     out.flush()
 
 
+def speaks_for_the_job(exc: CheckpointError, rank: int, world_size: int) -> bool:
+    """Whether this rank prints the job's checkpoint error: rank 0, or, when rank 0 is one of the ranks that
+    failed (dead, hung), the lowest rank that did not, so the error is said once and never by nobody."""
+    failed = set(exc.failures) | set(getattr(exc, "missing_ranks", None) or ())
+    alive = [r for r in range(world_size) if r not in failed]
+    return rank == (alive[0] if alive else 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -246,10 +254,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"trainers.demo: training failed: {exc}\n")
             sys.stderr.write(recovery_report(opts.run_dir))
         return 1
-    except CheckpointError as exc:  # raised on every rank with the same message: say it once, on one line
+    except CheckpointError as exc:  # raised on every rank: say it once, on one line
         if opts.debug:
             raise
-        if rank == 0:
+        if speaks_for_the_job(exc, rank, int(os.environ.get("WORLD_SIZE", 1))):
             sys.stderr.write(f"trainers.demo: checkpoint error: {type(exc).__name__}: {' '.join(str(exc).split())}\n"
                              "(pass --debug for the traceback)\n")
         return 1

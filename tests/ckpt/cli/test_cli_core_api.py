@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from ckpt import CheckpointCoordinator, SharingPattern, StateComponent, pin_checkpoint
 from tests.support.cli import run_cli
 from tests.support.distributed import expect_ok, run_ranks
+from tests.support.files import flip_last_byte
+from tests.support.hostile import make_checkpoint
 from tests.support.workers import Box, make_model
 
 
@@ -29,7 +31,8 @@ def test_ls_marks_a_damaged_newest_checkpoint_and_never_calls_it_latest(tmp_path
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("checkpoint-")}
     assert "DAMAGED, keep: damaged: manifest unreadable, never latest" in lines["checkpoint-00000002"]
     assert "keep: latest" in lines["checkpoint-00000001"]
-    assert "damaged (manifest unreadable, never loaded as latest): checkpoint-00000002" in out
+    assert "damaged (manifest unreadable): checkpoint-00000002; `ckpt inspect` says why" in out
+    assert 'a load of "latest" refuses a damaged newest one unless fallback=True' in out
     code, out, _ = run_cli(capsys, "ls", str(tmp_path), "--check", "--json")
     data = json.loads(out)
     assert code == 1 and data["damaged"] == ["checkpoint-00000002"]
@@ -97,3 +100,24 @@ def test_paths_that_are_not_checkpoints_are_named_for_what_they_are(tmp_path, ca
     assert code == 2 and "is a checkpoint's manifest file, not a run directory" in err
     code, out, _ = run_cli(capsys, "inspect", manifest)  # inspect takes a checkpoint's manifest file for its folder
     assert code == 0 and "checkpoint-00000001" in out
+    ckpt_dir = str(tmp_path / "checkpoint-00000001")
+    for command, inside, what in (("verify", "c", "a folder inside"), ("inspect", os.path.join("c", "global.safetensors"),
+                                                                       "a file of")):
+        code, _, err = run_cli(capsys, command, os.path.join(ckpt_dir, inside))
+        assert code == 2 and f"is {what} the checkpoint {ckpt_dir}; pass {ckpt_dir}" in err, err
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "nope"), "-o", str(tmp_path / "out"))
+    assert code == 2 and "nope does not exist" in err and not (tmp_path / "out").exists()
+
+
+def test_a_failed_export_of_everything_leaves_no_half_export(tmp_path, capsys):
+    ckpt_dir = make_checkpoint(tmp_path / "run")  # 'extra' (exported first) and 'model'
+    flip_last_byte(os.path.join(ckpt_dir, "model", "replicated.part-0-of-1.safetensors"))
+    fresh = tmp_path / "fresh"
+    code, _, err = run_cli(capsys, "export", ckpt_dir, "-o", str(fresh))
+    assert code == 2 and "replicated.part-0-of-1.safetensors" in err, err
+    assert not fresh.exists(), "a folder the export created is removed"
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    assert run_cli(capsys, "export", ckpt_dir, "-o", str(existing))[0] == 2
+    assert os.listdir(existing) == ["notes.txt"], "only what the export wrote is removed"

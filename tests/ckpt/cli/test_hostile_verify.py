@@ -111,6 +111,25 @@ def test_a_symlinked_checkpoint_folder_outside_the_run_dir_is_refused(tmp_path):
         assert cli.returncode == 2 and "is a symlink to" in cli.stderr and "outside its run dir" in cli.stderr, cli
 
 
+@pytest.mark.parametrize("inside", ["model/replicated.part-0-of-1.safetensors", "extra"], ids=["file", "folder"])
+def test_a_path_inside_a_checkpoint_that_leads_outside_is_refused_by_load_verify_and_inspect(tmp_path, inside):
+    ckpt_dir = make_checkpoint(tmp_path / "run")
+    copy = make_checkpoint(tmp_path / "elsewhere")  # the same bytes, so only where they are can tell
+    target = os.path.join(ckpt_dir, inside)
+    shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+    os.symlink(os.path.join(copy, inside), target)
+    comps = targets()
+    with pytest.raises(CheckpointError, match="leads outside the checkpoint"):
+        load(ckpt_dir, comps)
+    assert untouched(comps)
+    verified = _ckpt("verify", ckpt_dir)
+    assert verified.returncode == 1 and "unsafe path" in verified.stdout, verified
+    assert "leads outside the checkpoint" in verified.stdout
+    inspected = _ckpt("inspect", ckpt_dir)
+    assert inspected.returncode == 2 and "leads outside the checkpoint" in inspected.stderr, inspected
+    assert len(inspected.stderr.strip().splitlines()) == 1
+
+
 class DeletingStorage(LocalStorage):
     """The local filesystem, where retention deletes the checkpoint just as the reader opens `trigger`."""
 

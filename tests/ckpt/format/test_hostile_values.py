@@ -89,20 +89,6 @@ def hostile_files(seed: int, count: int) -> list[bytes]:
     return [nested_tuples(200), nested_tuples(100_000)] + [rng.choice(GENERATORS)(rng) for _ in range(count)]
 
 
-def decode_all(folder: str) -> None:
-    """(Child process.) Decode every file in `folder`; print one JSON line per file: error type and message."""
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
-            data = f.read()
-        try:
-            unflatten_state(data, {"b": torch.ones(2), "a/1/1/b": torch.ones(2)}, "c", source=name)
-            out = {"file": name, "type": None}
-        except Exception as exc:
-            out = {"file": name, "type": type(exc).__name__, "message": str(exc),
-                   "key_path": getattr(exc, "key_path", None)}
-        print(json.dumps(out), flush=True)
-
-
 def _child(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": REPO}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
@@ -117,7 +103,7 @@ def test_hostile_value_files_are_refused_without_a_crash(tmp_path):
     files = hostile_files(seed=12, count=120)
     for i, data in enumerate(files):
         (tmp_path / f"{i:04d}.msgpack").write_bytes(data)
-    proc = _child(f"from tests.ckpt.format.test_hostile_values import decode_all; decode_all({str(tmp_path)!r})")
+    proc = _child(f"from tests.support.hostile import decode_all; decode_all({str(tmp_path)!r})")
     _no_signal_death(proc)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = [json.loads(line) for line in proc.stdout.splitlines()]
