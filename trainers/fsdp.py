@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import fully_shard
 
 from ckpt import SharingPattern, StateComponent
@@ -23,21 +22,8 @@ from ckpt import SharingPattern, StateComponent
 from .base import StepOutput
 from .gradients import clip_by_global_norm
 from .keys import DATA, MODEL, OPTIMIZER
+from .mesh_state import OptimizerByName
 from .parallel_base import ParallelTrainer
-
-
-class OptimizerByName:
-    """An optimizer's state keyed by parameter name, as `torch.distributed.checkpoint.state_dict` gives it
-    (DTensors for sharded parameters; the state is initialised when empty, so a fresh optimizer can load)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module):
-        self.optimizer, self.model = optimizer, model
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state)
 
 
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
