@@ -15,7 +15,7 @@ that see the same batches). Scheduler and trainer state are REPLICATED; RNG is P
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -32,6 +32,15 @@ from .pipeline import PipelineMixin
 from .sharded_state import ModuleState, OptimizerState
 
 _STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+
+
+def tensor_parallel(model: torch.nn.Module, tp_mesh: Any, plan: Mapping[str, Any] | None) -> torch.nn.Module:
+    """`model` split over `tp_mesh` by `plan` (module name -> "colwise", "rowwise" or a torch ParallelStyle);
+    unchanged without a plan."""
+    if plan is None:
+        return model
+    styles = {name: _STYLES[s]() if isinstance(s, str) else s for name, s in plan.items()}
+    return parallelize_module(model, tp_mesh, styles)
 
 
 class HybridTrainer(PipelineMixin, ParallelTrainer):
@@ -59,11 +68,7 @@ class HybridTrainer(PipelineMixin, ParallelTrainer):
     def _wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.pipelined:
             return self._wrap_pipeline(model)
-        plan = self.parallel.tp_plan
-        if plan is None:
-            return model
-        styles = {name: _STYLES[s]() if isinstance(s, str) else s for name, s in plan.items()}
-        return parallelize_module(model, self.mesh["tp"], styles)
+        return tensor_parallel(model, self.mesh["tp"], self.parallel.tp_plan)
 
     def _forward_backward(self, batch: Any) -> float:
         if self.pipelined:
@@ -91,9 +96,9 @@ class HybridTrainer(PipelineMixin, ParallelTrainer):
             model, optimizer = self._named_components(SharingPattern.PER_GROUP)
         else:
             sharded, model = SharingPattern.SHARDED, self.unwrapped_model
-            model = StateComponent(MODEL, OnWholeMesh(model, self.mesh, "tp"), sharded, validation_level=level)
+            model = StateComponent(MODEL, OnWholeMesh(model, self.mesh), sharded, validation_level=level)
             optimizer = StateComponent(OPTIMIZER, OnWholeMesh(OptimizerByName(self.optimizer, self.unwrapped_model),
-                                                              self.mesh, "tp"), sharded, validation_level=level)
+                                                              self.mesh), sharded, validation_level=level)
         return [model, optimizer, StateComponent(DATA, self.train_loader, SharingPattern.PER_GROUP,
                                                  process_group_name=self.inner_dim), *self._shared_components()]
 

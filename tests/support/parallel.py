@@ -32,7 +32,7 @@ def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def build(cfg: dict, run_dir: str, callbacks: list, *, resume: Any = None, total: int = 16) -> Any:
-    """A trainer for `cfg`: kind "pipeline" (schedule, microbatches), "tp" or "pp" (dp, size), or "accel"."""
+    """A trainer for `cfg`: kind "pipeline" (schedule, microbatches), "tp", "pp" or "fsdp" (dp, size), or "accel"."""
     from trainers import (
         HybridTrainer,
         LayoutChange,
@@ -70,7 +70,9 @@ def build(cfg: dict, run_dir: str, callbacks: list, *, resume: Any = None, total
     if kind == "fsdp":
         from trainers import FSDPTrainer
 
-        return FSDPTrainer(TinyMLP(), args, parallel=ParallelConfig(dp=cfg["dp"], on_layout_change=policy), **common)
+        tp = cfg.get("size", 1)  # tensor parallel inside each FSDP2 replica when > 1
+        parallel = ParallelConfig(dp=cfg["dp"], tp=tp, tp_plan=TP_PLAN if tp > 1 else None, on_layout_change=policy)
+        return FSDPTrainer(TinyMLP(), args, parallel=parallel, **common)
     if kind == "accel":
         from trainers.accel import AccelTrainer
 
@@ -139,6 +141,23 @@ def run(cfg: dict, run_dir: str, *, stop: int | None = None, resume: Any = None,
            "checkpoints": [r.step for r in trainer.coordinator.checkpoints()]}
     trainer.coordinator.close()
     return out
+
+
+def loaded_state(cfg: dict, run_dir: str, source: str) -> dict:
+    """Build `cfg` resuming from checkpoint `source` into `run_dir`: the step, full parameters and optimizer
+    state right after the load (the run then trains to its end, normally 0 more steps)."""
+    loaded: dict = {}
+
+    class Capture:
+        def on_train_begin(self, args, state, control, trainer, **kwargs):
+            loaded.update(model=full_state(trainer), optimizer=full_optimizer(trainer), step=state.global_step)
+
+    trainer = build(cfg, run_dir, [Capture()], resume=source, total=cfg.get("total", STOP))
+    try:
+        trainer.train()
+    finally:
+        trainer.coordinator.close()
+    return loaded
 
 
 def inspect_at(path: str, shape: str) -> dict[str, str]:
@@ -215,5 +234,5 @@ def check_resume(cfg: dict, rank: int, first: dict, resumed: dict) -> None:
 
 
 __all__ = ["STOP", "TOTAL", "LossRecorder", "StopAt", "build", "cfg_dir", "check_resume", "first_phase",
-           "full_optimizer", "full_state", "inspect_at", "legacy_tp_components", "loss_bits", "mse", "perturbed_replica", "run",
+           "full_optimizer", "full_state", "inspect_at", "legacy_tp_components", "loaded_state", "loss_bits", "mse", "perturbed_replica", "run",
            "second_phase", "seq_model"]

@@ -14,7 +14,7 @@ import os
 import torch
 
 from tests.support.distributed import expect_ok, run_ranks
-from tests.support.parallel import STOP, TOTAL, build, cfg_dir, check_resume, full_optimizer, full_state, run
+from tests.support.parallel import STOP, TOTAL, cfg_dir, check_resume, loaded_state, run
 
 NEW = {"name": "dp2xtp2", "kind": "tp", "dp": 2, "size": 2}
 OLD = {**NEW, "legacy": True}
@@ -34,20 +34,9 @@ def _resume(rank: int, world: int, root: str) -> dict:
 def _load_at_dp_one(rank: int, world: int, root: str) -> dict:
     """(dp=1, tp=2) from the older checkpoint of step 8: the state right after the load."""
     torch.set_num_threads(1)
-    loaded: dict = {}
-
-    class Capture:
-        def on_train_begin(self, args, state, control, trainer, **kwargs):
-            loaded.update(model=full_state(trainer), optimizer=full_optimizer(trainer), step=state.global_step)
-
     source = os.path.join(cfg_dir(root, NEW, "resumed"), f"checkpoint-{STOP:08d}")
     cfg = {"kind": "tp", "dp": 1, "size": 2, "policy": "reseed", "args": {"save_on_train_end": False}}
-    trainer = build(cfg, os.path.join(root, "dp1"), [Capture()], resume=source, total=STOP)
-    try:
-        trainer.train()
-    finally:
-        trainer.coordinator.close()
-    return loaded
+    return loaded_state(cfg, os.path.join(root, "dp1"), source)
 
 
 def _pattern(root: str, step: int) -> str:
