@@ -91,7 +91,7 @@ class ShardEntries:
         from trainers.mesh_state import map_tensors
         from trainers.sharded_state import dtensor_box
 
-        def entry(t: torch.Tensor) -> Any:
+        def entry(_path: tuple, t: torch.Tensor) -> Any:
             return shard_entry(t.to_local().detach(), dtensor_box(t)[0], list(t.shape)) if isinstance(t, DTensor) else t
 
         return map_tensors(self.inner.state_dict(), entry)
