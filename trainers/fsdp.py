@@ -64,8 +64,9 @@ class FSDPTrainer(ParallelTrainer):
                                    shard_count=self.dp_size)
 
     def _eval_batch(self, batch: Any) -> tuple[float, int]:
+        loss = float(self.compute_loss(self.model, batch))  # every tp rank runs the forward; one counts it
         n = self._samples(batch)
-        return float(self.compute_loss(self.model, batch)) * n, n
+        return (loss * n, n) if self.inner_rank == 0 else (0.0, 0)
 
     def training_step(self, batch: Any) -> StepOutput:
         """Forward and backward (gradients averaged by FSDP2), clipped by the whole model's norm; with a

@@ -1,5 +1,6 @@
 """What ckpt needs to know about a DTensor: where its local shard sits, and how to rebuild one around a
-local tensor with today's mesh and placements. The one use of a private torch function is here."""
+local tensor with today's mesh and placements. The uses of torch's private names (the strided placement FSDP2
+gives tensor-parallel shards, and the function that places it) are here."""
 
 from __future__ import annotations
 
@@ -60,7 +61,11 @@ def local_box(t: Any) -> Box:
         if coordinate is not None:
             return shard_box(tuple(t.shape), tuple(t.device_mesh.shape), tuple(coordinate), t.placements)
     # Other placements (strided shards): torch's own function, which DCP's planner uses too. It is slow (it
-    # builds index tensors as long as the sharded dimension), so plain Shard/Replicate never come here.
+    # builds index tensors as long as the sharded dimension), so plain Shard/Replicate never come here. It gives
+    # one box, which is what a rank holds only when the strided shards nest (Partial sums are no box at all).
+    why = unsupported_placement(t)
+    if why is not None:
+        raise ValueError(f"a DTensor of shape {list(t.shape)} {why}")
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)

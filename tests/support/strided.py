@@ -14,6 +14,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from ckpt import CheckpointCoordinator, SharingPattern, StateComponent
 from tests.support.sharded import full_values, train_step
+from tests.support.workers import Box
 from trainers.fsdp import OptimizerByName
 
 
@@ -65,11 +66,25 @@ def load_worker(rank: int, world: int, run_dir: str, layout: str) -> dict[str, A
     return full_values(model, opt)
 
 
-def refuse_worker(rank: int, world: int, run_dir: str) -> None:
-    """A strided shard with nothing splitting it further (each rank would hold two pieces): refused."""
+def _not_one_box(rank: int) -> DTensor:
+    """A strided shard with nothing splitting it further: each rank holds two separate pieces of dimension 0."""
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))
     local = torch.arange(4.0).reshape(2, 2) + 10 * rank
-    t = DTensor.from_local(local, mesh, [_StridedShard(0, split_factor=2)], run_check=False,
-                           shape=torch.Size([4, 2]), stride=(2, 1))
+    return DTensor.from_local(local, mesh, [_StridedShard(0, split_factor=2)], run_check=False,
+                              shape=torch.Size([4, 2]), stride=(2, 1))
+
+
+def refuse_worker(rank: int, world: int, run_dir: str, phase: str) -> Any:
+    """`save`: such a DTensor saved SHARDED (refused). `load`: a plain tensor saved, then loaded into such a
+    DTensor (refused; the live tensor is returned to check it is unchanged)."""
+    t = _not_one_box(rank)
     with CheckpointCoordinator(run_dir, timeout=60) as coord:
-        coord.save(1, [StateComponent("model", {"w": t}, SharingPattern.SHARDED)])
+        if phase == "save":
+            coord.save(1, [StateComponent("model", {"w": t}, SharingPattern.SHARDED)])
+            return None
+        coord.save(1, [StateComponent("model", {"w": torch.zeros(4, 2)}, SharingPattern.SHARDED)])
+        try:
+            coord.load([StateComponent("model", Box({"w": t}), SharingPattern.SHARDED)])
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}", "local": t.to_local().tolist()}
+    return {"error": None}

@@ -34,10 +34,14 @@ def test_fsdp_over_tp_loads_at_other_layouts(tmp_path):
 
 def test_strided_shard_that_is_not_one_box_is_refused(tmp_path):
     run_dir = str(tmp_path / "run")
-    failures = run_ranks(2, refuse_worker, run_dir)
+    failures = run_ranks(2, refuse_worker, run_dir, "save")
     for f in failures:
         assert f is not None and f.type_name == "SerializationError", f
         assert "'w'" in f.message and "_StridedShard" in f.message, f.message
         assert "redistribute" in f.message
     left = os.listdir(run_dir) if os.path.isdir(run_dir) else []
     assert not any(n.startswith("checkpoint-") and not n.endswith(".partial") for n in left), left
+    # As a load target too: refused, and the live shard is left as it was.
+    for rank, out in enumerate(expect_ok(run_ranks(2, refuse_worker, str(tmp_path / "other"), "load"))):
+        assert out["error"] is not None and "_StridedShard" in out["error"], out
+        assert out["local"] == (np.arange(4.0).reshape(2, 2) + 10 * rank).tolist()
