@@ -95,10 +95,10 @@ class HybridTrainer(PipelineMixin, ParallelTrainer):
         if self.pipelined:
             model, optimizer = self._named_components(SharingPattern.PER_GROUP)
         else:
-            sharded, model = SharingPattern.SHARDED, self.unwrapped_model
-            model = StateComponent(MODEL, OnWholeMesh(model, self.mesh), sharded, validation_level=level)
-            optimizer = StateComponent(OPTIMIZER, OnWholeMesh(OptimizerByName(self.optimizer, self.unwrapped_model),
-                                                              self.mesh), sharded, validation_level=level)
+            sharded, module = SharingPattern.SHARDED, self.unwrapped_model
+            model = StateComponent(MODEL, OnWholeMesh(module, self.mesh), sharded, validation_level=level)
+            optimizer = StateComponent(OPTIMIZER, OnWholeMesh(OptimizerByName(self.optimizer, module), self.mesh),
+                                       sharded, validation_level=level)
         return [model, optimizer, StateComponent(DATA, self.train_loader, SharingPattern.PER_GROUP,
                                                  process_group_name=self.inner_dim), *self._shared_components()]
 

@@ -1,4 +1,4 @@
-"""ParallelTrainer: what PipelineTrainer and HybridTrainer share.
+"""ParallelTrainer: what PipelineTrainer, HybridTrainer and FSDPTrainer share.
 
 The job is a 2-d DeviceMesh ("dp", inner) where inner is "tp" or "pp": data-parallel replicas of a model that
 is itself split over the inner ranks. This class sets the mesh up, feeds each replica its own data, averages
