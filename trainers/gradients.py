@@ -8,6 +8,7 @@ and added in rank order.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -65,6 +66,43 @@ def clip_by_global_norm(params: Iterable[torch.nn.Parameter], max_norm: float, *
         sharded = _gather_sum(sharded.reshape(1), shard_group, shard_count)[0]
     total = _gather_sum((sharded + replicated).reshape(1), stage_group, stage_count)[0] if stage_group is not None \
         else sharded + replicated
+    norm = math.sqrt(float(total))
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            _local(g).mul_(coef)
+    return norm
+
+
+def _split_dims(g: torch.Tensor, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The mesh dimensions (in mesh order) a gradient is split over; empty for a whole copy on every rank."""
+    if not isinstance(g, DTensor):
+        return ()
+    split = {n for n, p in zip(g.device_mesh.mesh_dim_names or (), g.placements, strict=True)
+             if not (p.is_replicate() or p.is_partial())}
+    return tuple(n for n in names if n in split)
+
+
+def clip_on_mesh(params: Iterable[torch.nn.Parameter], max_norm: float, mesh: Any) -> float:
+    """Clip gradients to `max_norm` by the norm of the whole model, gradients being DTensors split over some of
+    the dimensions of `mesh` (FSDP2 over a tensor-parallel model); returns that norm (before clipping).
+
+    Squares are summed per set of split dimensions, over the ranks of exactly those dimensions (one dimension
+    at a time, in mesh order, rank order within each), so each shard is counted once and every rank gets the
+    same bits. Every set is gathered on every rank, present or not, so all take the same collectives.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    names = tuple(mesh.mesh_dim_names or ())
+    subsets = [c for k in range(len(names) + 1) for c in itertools.combinations(names, k)]
+    squares = {key: torch.zeros((), dtype=torch.float64) for key in subsets}
+    for g in grads:
+        squares[_split_dims(g, names)] += _local(g).detach().to(torch.float64).pow(2).sum()
+    total = torch.zeros((), dtype=torch.float64)
+    for key in subsets:
+        part = squares[key].reshape(1)
+        for name in key:
+            part = _gather_sum(part, mesh[name].get_group(), mesh[name].size())
+        total += part[0]
     norm = math.sqrt(float(total))
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:

@@ -2,9 +2,11 @@
 (dp x pp) inside each replica.
 
 dp x tp: the model is split with `parallelize_module` (column- and row-wise layers) over "tp"; gradients are
-averaged over "dp". Each tensor-parallel shard is identical across its replicas, so model and optimizer are
-PER_GROUP over "dp" (one copy per tp rank, written split across the replicas that hold it), saved as each
-rank's local shard with where it sits (`ckpt.shard_entry`): a load under another mesh reassembles them.
+averaged over "dp". Model and optimizer are SharingPattern.SHARDED, presented over the whole (dp, tp) mesh
+(Replicate() on "dp", the layer's own placement on "tp"; `mesh_state.OnWholeMesh`): each shard is written once,
+split across the replicas that hold it, the replicas are checked to agree, and a load at any dp and tp reads
+only the byte ranges of its own shards. The optimizer is keyed by parameter name. Checkpoints written before
+(PER_GROUP over "dp", shards as `ckpt.shard_entry` values) still load, through `sharded_state`.
 dp x pp: each replica is a pipeline over "pp"; a stage's model and optimizer are PER_GROUP over "dp" (the
 same stage in every replica), keyed by the model's parameter names.
 Data: one sampler per replica, followed by every rank of the replica (PER_GROUP over "tp" / "pp", the ranks
@@ -13,22 +15,32 @@ that see the same batches). Scheduler and trainer state are REPLICATED; RNG is P
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from ckpt import SharingPattern, StateComponent
+from ckpt import Manifest, SharingPattern, StateComponent
 
 from .gradients import clip_by_global_norm
 from .keys import DATA, MODEL, OPTIMIZER
-from .parallel_base import ParallelTrainer
+from .mesh_state import OnWholeMesh, OptimizerByName
+from .parallel_base import ParallelTrainer, log
 from .parallel_config import ParallelConfig
 from .pipeline import PipelineMixin
 from .sharded_state import ModuleState, OptimizerState
 
 _STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+
+
+def tensor_parallel(model: torch.nn.Module, tp_mesh: Any, plan: Mapping[str, Any] | None) -> torch.nn.Module:
+    """`model` split over `tp_mesh` by `plan` (module name -> "colwise", "rowwise" or a torch ParallelStyle);
+    unchanged without a plan."""
+    if plan is None:
+        return model
+    styles = {name: _STYLES[s]() if isinstance(s, str) else s for name, s in plan.items()}
+    return parallelize_module(model, tp_mesh, styles)
 
 
 class HybridTrainer(PipelineMixin, ParallelTrainer):
@@ -56,11 +68,7 @@ class HybridTrainer(PipelineMixin, ParallelTrainer):
     def _wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.pipelined:
             return self._wrap_pipeline(model)
-        plan = self.parallel.tp_plan
-        if plan is None:
-            return model
-        styles = {name: _STYLES[s]() if isinstance(s, str) else s for name, s in plan.items()}
-        return parallelize_module(model, self.mesh["tp"], styles)
+        return tensor_parallel(model, self.mesh["tp"], self.parallel.tp_plan)
 
     def _forward_backward(self, batch: Any) -> float:
         if self.pipelined:
@@ -83,10 +91,35 @@ class HybridTrainer(PipelineMixin, ParallelTrainer):
         return (loss * n, n) if self.inner_rank == 0 else (0.0, 0)
 
     def get_state_components(self) -> list[StateComponent]:
-        group, level = SharingPattern.PER_GROUP, self.args.replica_validation
-        return [StateComponent(MODEL, ModuleState(self.unwrapped_model), group, process_group_name="dp",
+        level = self.args.replica_validation
+        if self.pipelined:
+            model, optimizer = self._named_components(SharingPattern.PER_GROUP)
+        else:
+            sharded, module = SharingPattern.SHARDED, self.unwrapped_model
+            model = StateComponent(MODEL, OnWholeMesh(module, self.mesh), sharded, validation_level=level)
+            optimizer = StateComponent(OPTIMIZER, OnWholeMesh(OptimizerByName(self.optimizer, module), self.mesh),
+                                       sharded, validation_level=level)
+        return [model, optimizer, StateComponent(DATA, self.train_loader, SharingPattern.PER_GROUP,
+                                                 process_group_name=self.inner_dim), *self._shared_components()]
+
+    def _named_components(self, pattern: SharingPattern) -> tuple[StateComponent, StateComponent]:
+        """Model and optimizer keyed by parameter name, one copy per dp group (pipeline stages, and the dp x tp
+        layout of older checkpoints, whose shards are `ckpt.shard_entry` values)."""
+        level = self.args.replica_validation
+        return (StateComponent(MODEL, ModuleState(self.unwrapped_model), pattern, process_group_name="dp",
                                validation_level=level),
-                StateComponent(OPTIMIZER, OptimizerState(self.optimizer, self.unwrapped_model), group,
-                               process_group_name="dp", validation_level=level),
-                StateComponent(DATA, self.train_loader, group, process_group_name=self.inner_dim),
-                *self._shared_components()]
+                StateComponent(OPTIMIZER, OptimizerState(self.optimizer, self.unwrapped_model), pattern,
+                               process_group_name="dp", validation_level=level))
+
+    def _components_to_load(self, manifest: Manifest) -> list[StateComponent]:
+        """dp x tp checkpoints saved PER_GROUP over "dp" (before model and optimizer were SHARDED) load through
+        their own readers, at any mesh."""
+        saved = manifest.components.get(MODEL)
+        components = self.all_components()
+        if self.pipelined or saved is None or saved.pattern is not SharingPattern.PER_GROUP:
+            return components
+        if self.rank == 0:
+            log.info("loading a dp x tp checkpoint of the older layout (model and optimizer PER_GROUP over \"dp\"); "
+                     "the next save writes them SHARDED")
+        legacy = dict(zip((MODEL, OPTIMIZER), self._named_components(SharingPattern.PER_GROUP), strict=True))
+        return [legacy.get(c.key, c) for c in components]

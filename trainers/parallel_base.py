@@ -1,4 +1,4 @@
-"""ParallelTrainer: what PipelineTrainer and HybridTrainer share.
+"""ParallelTrainer: what PipelineTrainer, HybridTrainer and FSDPTrainer share.
 
 The job is a 2-d DeviceMesh ("dp", inner) where inner is "tp" or "pp": data-parallel replicas of a model that
 is itself split over the inner ranks. This class sets the mesh up, feeds each replica its own data, averages
@@ -216,7 +216,8 @@ class ParallelTrainer(Trainer):
                 f"be resharded, but components {moved} are state of ranks that no longer exist; nothing was loaded. "
                 "Resume with the saved layout, or set on_layout_change=LayoutChange.RESEED to reseed RNG from the "
                 "saved streams and restart the data at the saved global sample count", path=path)
-        result = self._load_part([c for c in self.all_components() if c.key not in moved], path, reshard=True)
+        components = self._components_to_load(manifest)
+        result = self._load_part([c for c in components if c.key not in moved], path, reshard=True)
         if RNG in moved:
             reseed_from_checkpoint(manifest, RNG, self.rank)
         if DATA in moved:
@@ -224,6 +225,11 @@ class ParallelTrainer(Trainer):
             if self.rank == 0:
                 log.info("layout changed: data restarts at epoch %d, batch %d of each replica", epoch, position)
         return result
+
+    def _components_to_load(self, manifest: Any) -> list[StateComponent]:
+        """The components to load from a checkpoint with `manifest`: this trainer's own, unless a subclass reads
+        an older layout of them."""
+        return self.all_components()
 
     def _load_part(self, components: list[StateComponent], checkpoint: str | int, reshard: bool = False) -> LoadResult:
         """Load some of the checkpoint's components (the others are rebuilt by the layout policy); required ones

@@ -1,11 +1,15 @@
-"""Model and optimizer state keyed by fully qualified parameter names, with DTensors as shard entries.
+"""Model and optimizer state keyed by fully qualified parameter names: pipeline stages, and the reader of older
+dp x tp checkpoints.
 
-A pipeline stage or a tensor-parallel rank holds part of a model. Its state is saved so that a load under
-another layout can find every piece (ckpt/load/reshard.py): tensors are keyed by the parameter's fully qualified
-name in the whole model (`layers.3.weight`, never a stage-local index), and a DTensor is saved as its local
-shard plus where that shard sits in the full tensor (`ckpt.shard_entry`). On load each rank takes its own
-names, and cuts its shard out of whatever the checkpoint gives: its own shard (same layout) or the full
-tensor (a resharded load).
+A pipeline stage holds part of a model. Its state is saved so that a load under another layout can find every
+piece (ckpt/load/reshard.py): tensors are keyed by the parameter's fully qualified name in the whole model
+(`layers.3.weight`, never a stage-local index), so a load at another number of stages takes each name from
+whichever saved stage held it.
+
+Tensor-parallel state is saved as DTensors by SharingPattern.SHARDED (`mesh_state.py`). dp x tp checkpoints
+written before that hold each rank's shard as a `ckpt.shard_entry` (the local shard and where it sits in the
+full tensor); loading cuts this rank's shard out of whatever the checkpoint gives: its own shard (same layout)
+or the full tensor (a resharded load). Nothing writes shard entries any more.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from ckpt import is_shard_entry, local_piece, shard_entry
+from ckpt import is_shard_entry, local_piece
 
 _FORMAT = 1
 
@@ -46,14 +50,6 @@ def dtensor_box(t: DTensor) -> tuple[list[int], list[int]]:
         raise ValueError(f"DTensor of shape {list(t.shape)} with placements {t.placements}: expected a local shard of "
                          f"{sizes}, found {local}; uneven sharding this code does not model")
     return offsets, sizes
-
-
-def to_saved(value: Any) -> Any:
-    """A tensor as saved: a DTensor becomes a shard entry, anything else is kept."""
-    if isinstance(value, DTensor):
-        offsets, _ = dtensor_box(value)
-        return shard_entry(value.to_local().detach(), offsets, list(value.shape))
-    return value
 
 
 def from_saved(saved: Any, like: torch.Tensor, where: str) -> torch.Tensor:
@@ -100,7 +96,7 @@ class ModuleState:
         yield from ((self.prefix + n, b) for n, b in self.module.named_buffers() if b is not None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: to_saved(t.detach()) for name, t in self._live()}
+        return {name: t.detach() for name, t in self._live()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         live = dict(self._live())
@@ -147,7 +143,7 @@ class OptimizerState:
     def state_dict(self) -> dict[str, Any]:
         raw = self.optimizer.state_dict()
         names = self._names()
-        state = {names[i]: {k: to_saved(v) for k, v in s.items()} for i, s in raw["state"].items()}
+        state = {names[i]: dict(s) for i, s in raw["state"].items()}
         groups = {}
         for group in raw["param_groups"]:
             hyper = {k: v for k, v in group.items() if k != "params"}

@@ -8,12 +8,13 @@ import io
 import json
 import os
 import struct
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
-from ckpt import ReplicationError
+from ckpt import ReplicationError, SharingPattern, shard_entry
 from tests.support.toys import LossRecorder, Regression, StopAt, TinyMLP, plain, warmup_then_decay
 
 TP_PLAN = {"net.0": "colwise", "net.3": "rowwise"}
@@ -31,7 +32,7 @@ def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def build(cfg: dict, run_dir: str, callbacks: list, *, resume: Any = None, total: int = 16) -> Any:
-    """A trainer for `cfg`: kind "pipeline" (schedule, microbatches), "tp" or "pp" (dp, size), or "accel"."""
+    """A trainer for `cfg`: kind "pipeline" (schedule, microbatches), "tp", "pp" or "fsdp" (dp, size), or "accel"."""
     from trainers import (
         HybridTrainer,
         LayoutChange,
@@ -58,7 +59,10 @@ def build(cfg: dict, run_dir: str, callbacks: list, *, resume: Any = None, total
     if kind == "tp":
         plan = None if cfg.get("plain") else TP_PLAN  # "plain": no tensor parallelism at all (tp=1 only)
         parallel = ParallelConfig(dp=cfg["dp"], tp=cfg["size"], tp_plan=plan, on_layout_change=policy)
-        return HybridTrainer(TinyMLP(), args, parallel=parallel, **common)
+        trainer = HybridTrainer(TinyMLP(), args, parallel=parallel, **common)
+        if cfg.get("legacy"):  # model and optimizer saved as the trainer did before they were SHARDED
+            trainer.get_state_components = lambda: legacy_tp_components(trainer)
+        return trainer
     if kind == "pp":
         parallel = ParallelConfig(dp=cfg["dp"], pp=cfg["size"], pipeline=PipelineConfig(
             schedule=cfg.get("schedule", "gpipe"), n_microbatches=cfg.get("micro", 2)), on_layout_change=policy)
@@ -66,12 +70,44 @@ def build(cfg: dict, run_dir: str, callbacks: list, *, resume: Any = None, total
     if kind == "fsdp":
         from trainers import FSDPTrainer
 
-        return FSDPTrainer(TinyMLP(), args, parallel=ParallelConfig(dp=cfg["dp"], on_layout_change=policy), **common)
+        tp = cfg.get("size", 1)  # tensor parallel inside each FSDP2 replica when > 1
+        parallel = ParallelConfig(dp=cfg["dp"], tp=tp, tp_plan=TP_PLAN if tp > 1 else None, on_layout_change=policy)
+        return FSDPTrainer(TinyMLP(), args, parallel=parallel, **common)
     if kind == "accel":
         from trainers.accel import AccelTrainer
 
         return AccelTrainer(TinyMLP(), args, **common)
     raise ValueError(kind)
+
+
+class ShardEntries:
+    """A Stateful whose DTensors are saved as `ckpt.shard_entry` values (this rank's shard and its offsets): the
+    dp x tp layout HybridTrainer wrote before its model and optimizer were SHARDED."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def state_dict(self) -> dict[str, Any]:
+        from trainers.mesh_state import map_tensors
+        from trainers.sharded_state import dtensor_box
+
+        def entry(_path: tuple, t: torch.Tensor) -> Any:
+            return shard_entry(t.to_local().detach(), dtensor_box(t)[0], list(t.shape)) if isinstance(t, DTensor) else t
+
+        return map_tensors(self.inner.state_dict(), entry)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+def legacy_tp_components(trainer: Any) -> list:
+    """A dp x tp HybridTrainer's components as it declared them before SHARDED: model and optimizer PER_GROUP
+    over "dp", keyed by parameter name, tensor-parallel shards as shard entries."""
+    from trainers import HybridTrainer
+
+    old = {c.key: replace(c, stateful=ShardEntries(c.stateful))
+           for c in trainer._named_components(SharingPattern.PER_GROUP)}
+    return [old.get(c.key, c) for c in HybridTrainer.get_state_components(trainer)]
 
 
 def full_state(trainer: Any) -> dict[str, Any]:
@@ -105,6 +141,23 @@ def run(cfg: dict, run_dir: str, *, stop: int | None = None, resume: Any = None,
            "checkpoints": [r.step for r in trainer.coordinator.checkpoints()]}
     trainer.coordinator.close()
     return out
+
+
+def loaded_state(cfg: dict, run_dir: str, source: str) -> dict:
+    """Build `cfg` resuming from checkpoint `source` into `run_dir`: the step, full parameters and optimizer
+    state right after the load (the run then trains to its end, normally 0 more steps)."""
+    loaded: dict = {}
+
+    class Capture:
+        def on_train_begin(self, args, state, control, trainer, **kwargs):
+            loaded.update(model=full_state(trainer), optimizer=full_optimizer(trainer), step=state.global_step)
+
+    trainer = build(cfg, run_dir, [Capture()], resume=source, total=cfg.get("total", STOP))
+    try:
+        trainer.train()
+    finally:
+        trainer.coordinator.close()
+    return loaded
 
 
 def inspect_at(path: str, shape: str) -> dict[str, str]:
@@ -181,5 +234,5 @@ def check_resume(cfg: dict, rank: int, first: dict, resumed: dict) -> None:
 
 
 __all__ = ["STOP", "TOTAL", "LossRecorder", "StopAt", "build", "cfg_dir", "check_resume", "first_phase",
-           "full_optimizer", "full_state", "inspect_at", "loss_bits", "mse", "perturbed_replica", "run",
+           "full_optimizer", "full_state", "inspect_at", "legacy_tp_components", "loaded_state", "loss_bits", "mse", "perturbed_replica", "run",
            "second_phase", "seq_model"]

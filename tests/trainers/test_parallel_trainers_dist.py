@@ -1,9 +1,9 @@
 """Bit-exact resume of the model-parallel trainers: 16 steps straight == 8 steps, a process stop, a resume to 16.
 
-Pipeline at 4 stages (1F1B) and 2 stages (GPipe), DPxTP 2x2 and DPxPP 2x2 (1F1B). Per-step losses, full
+Pipeline at 4 stages (1F1B) and 2 stages (GPipe), DPxTP 2x2 (model and optimizer SHARDED) and DPxPP 2x2 (1F1B). Per-step losses, full
 parameters (DTensors gathered), optimizer state, scheduler, log history, evaluations and the next random draw
 must match bit for bit. Each phase is a separate set of spawned processes. The 4-rank phase also checks that a
-drifted replica inside a DP group makes every rank raise ReplicationError naming the group, tensor and ranks.
+drifted tensor-parallel replica makes every rank raise ReplicationError naming the tensor and ranks.
 """
 
 from __future__ import annotations
@@ -50,23 +50,27 @@ def test_pipeline_tp_and_pp_meshes_resume_bit_exact_at_world_four(tmp_path):
     tp = _manifest(root, "dp2xtp2")
     assert tp["topology"]["process_groups"] == {"dp": [[0, 2], [1, 3]], "tp": [[0, 1], [2, 3]]}
     comps = tp["components"]
-    assert (comps["model"]["pattern"], comps["model"]["process_group"]) == ("per_group", "dp")
+    assert (comps["model"]["pattern"], comps["optimizer"]["pattern"]) == ("sharded", "sharded")
     assert (comps["data"]["pattern"], comps["data"]["process_group"]) == ("per_group", "tp")
-    # One copy per tp rank, each written split across the two replicas of its dp group.
-    for f in comps["model"]["files"]:
-        assert f["writer_rank"] in comps["model"]["replica_sets"][f["owner"]]
-    assert {f["writer_rank"] for f in comps["model"]["files"] if f["kind"] == "tensors"} == {0, 1, 2, 3}
+    # Each tp shard once, split across the two replicas that hold it: every rank writes, no piece twice.
+    model = comps["model"]
+    assert {f["writer_rank"] for f in model["files"] if f["kind"] == "tensors"} == {0, 1, 2, 3}
+    for name, full in (("net.0.weight", [16, 8]), ("net.0.bias", [16]), ("net.3.weight", [1, 16])):
+        tensor = model["tensors"][name]
+        assert tensor["shape"] == full
+        assert sum(p["stop"] - p["start"] for p in tensor["pieces"]) == full[0] * (full[1] if len(full) > 1 else 1)
     _inspect_at_other_shapes(os.path.join(root, "dp2xtp2", "straight", "checkpoint-00000016"))
     pp = _manifest(root, "dp2xpp2")
     assert pp["topology"]["process_groups"] == {"dp": [[0, 2], [1, 3]], "pp": [[0, 1], [2, 3]]}
     assert pp["components"]["data"]["process_group"] == "pp"
     _inspect_dp_pp(os.path.join(root, "dp2xpp2", "straight", "checkpoint-00000016"))
-    # A replica that drifted inside one DP group: the same ReplicationError on every rank, no hang.
+    # A replica whose tp shard drifted (rank 2 holds what rank 0 holds): the same ReplicationError on every
+    # rank, naming the tensor, the replicas and the drifted rank; no hang.
     for rank in range(4):
         p = second[rank]["perturbed"]
         assert p["type"] == "ReplicationError", (rank, p)
-        assert "in process group 'dp'" in p["message"] and "[[0, 2]]" in p["message"], p["message"]
-        assert "net.0.weight/local" in p["mismatches"] and list(p["mismatches"]["net.0.weight/local"]) == [2]
+        assert "'net.0.weight' (ranks [2])" in p["message"] and "[[0, 2]]" in p["message"], p["message"]
+        assert list(p["mismatches"]) == ["net.0.weight"] and list(p["mismatches"]["net.0.weight"]) == [2]
         assert p["replica_ranks"] == [0, 2]
 
 
@@ -88,7 +92,7 @@ def _inspect_at_other_shapes(path: str) -> None:
     info = json.loads(out.getvalue())
     assert info["mesh"] == [{"name": "dp", "size": 2}, {"name": "tp", "size": 2}]
     plan = {c["key"]: c["action"] for c in info["load_at"]["components"]}
-    assert plan["model"] == "reshard=True: 4 tensors reassembled from their saved shards"
+    assert plan["model"].startswith("each rank reads only the saved byte ranges that overlap its own shards")
     assert plan["trainer_state"].startswith("loads as saved") and plan["rng"] == "each rank reads its own file"
 
 

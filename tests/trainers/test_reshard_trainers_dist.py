@@ -1,4 +1,5 @@
-"""Resuming the model-parallel trainers under another layout (ckpt's reshard=True plus the LayoutChange policy).
+"""Resuming the model-parallel trainers under another layout (SHARDED dp x tp state, ckpt's reshard=True for pipeline
+stages, plus the LayoutChange policy).
 
 DPxTP saved at (dp=2, tp=2) loads at (dp=1, tp=2), (dp=2, tp=1), (dp=3, tp=2) at 6 ranks, into a plain model
 (dp=1, tp=1, no tp_plan) at one rank and, marked slow, at (dp=4, tp=2): the full parameters and optimizer
@@ -193,10 +194,10 @@ def _inspect_checks(root: str) -> None:
                                                   "holds it", pipe
     assert pipe["data"].startswith("loads as saved") and pipe["rng"].startswith("reshard=True: "), pipe
     assert inspect_at(_saved(root, "pipe"), "dp=1,pp=2")["model"] == "each rank reads its own file"
-    # (dp=1, tp=2) at one rank: a reshard (the saved group (0,) held only tp shard 0), not "reads its copy".
+    # dp x tp is SHARDED: at any shape each rank reads the byte ranges of its own shards.
     tp12 = os.path.join(root, "tp12", "checkpoint-00000006")
-    assert inspect_at(tp12, "dp=1,tp=1")["model"] == "reshard=True: 4 tensors reassembled from their saved shards"
-    assert inspect_at(tp12, "tp=2,dp=1")["model"] == "each group reads its saved copy"
+    for shape in ("dp=1,tp=1", "tp=2,dp=1"):
+        assert inspect_at(tp12, shape)["model"].startswith("each rank reads only the saved byte ranges"), shape
 
 
 @pytest.mark.slow
