@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import secrets
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -32,14 +31,11 @@ from .errors import CheckpointError
 from .format.layout import (
     CheckpointRef,
     checkpoint_name,
-    is_committed,
     list_checkpoints,
     list_partials,
-    parse_step,
-    removal_name,
     save_dir,
 )
-from .format.manifest import Manifest, plain_metrics
+from .format.manifest import plain_metrics
 from .io.lock import take_run_dir
 from .io.staging import StagingPool
 from .io.storage import Storage, is_url, norm_path, storage_for
@@ -50,18 +46,18 @@ from .load.candidates import read_first_good, resolve_candidates
 from .load.read_phase import ReadOptions, check_unique
 from .load.result import LoadResult, check_fallback, check_missing_ok
 from .patterns.placements import placement_for
-from .retention.catalog import RetentionOutcome, delete_checkpoint, hold, retain, scan, summary_text
+from .retention.catalog import RetentionOutcome, hold, scan, summary_text
 from .retention.catalog import best as best_checkpoints
 from .retention.rules import BestCheckpoint, RetentionPolicy
 from .retention.timeline import set_aside_newer, went_back_label
 from .save.agreement import PlanCache, agree_plan
 from .save.background import BackgroundSave, SaveHandle
+from .save.folders import AfterCommit, commit_and_retain, discard, ready_folder, remove_stale
 from .save.planning import ComponentDecl
 from .save.saving import (
     PreparedComponent,
     Snapshot,
     build_manifest,
-    commit,
     declare,
     hand_over_staged,
     restore_replaced,
@@ -73,8 +69,6 @@ from .topology import RankTopology, discover
 
 log = logging.getLogger("ckpt")
 
-# Called by rank 0 after each commit with the run dir and the new checkpoint; retention plugs in here.
-AfterCommit = Callable[[str, CheckpointRef, Manifest], None]
 
 
 class CheckpointCoordinator:
@@ -167,7 +161,7 @@ class CheckpointCoordinator:
         if lock is not None and lock.first:
             if not self.storage.renames:
                 for stale in list_partials(self.storage, self.run_dir):
-                    self._remove_stale(stale)
+                    remove_stale(self.storage, self.run_dir, stale)
                 return Kept(tag, lock)
             for path in restore_replaced(self.storage, self.run_dir):
                 log.warning("restored %s: an overwrite of it was interrupted before the new copy was in place", path)
@@ -326,12 +320,14 @@ class CheckpointCoordinator:
             manifest = None
             if self.rank == 0:
                 manifest = build_manifest(step, self._plan.plans, records, self.topology.describe(), metrics)
-            outcome = self.comm.broadcast_phase("commit", lambda: self._commit(partial, final, manifest, overwrite),
-                                                what=what).common
+            outcome = self.comm.broadcast_phase("commit", lambda: commit_and_retain(
+                self.storage, self.run_dir, partial, final, manifest, overwrite=overwrite,
+                after_commit=self.after_commit, retention=self.retention, resumed_from=self.resumed_from),
+                what=what).common
             self.last_retention = None if outcome is None else RetentionOutcome.from_plain(outcome)
         except BaseException:
             if self.rank == 0:
-                self._discard(partial)
+                discard(self.storage, partial)
             raise
         if manifest is not None:
             total = sum(f.nbytes for c in manifest.components.values() for f in c.files)
@@ -347,67 +343,15 @@ class CheckpointCoordinator:
         if error is not None:
             raise error
         if self.rank == 0:
-            if went_back is not None:  # newer checkpoints are another timeline's: moved out of this one's way
-                set_aside_newer(self.storage, self.run_dir, went_back,
-                                went_back_label(went_back, parse_step(os.path.basename(final)) or 0))
-            committed = self.storage.exists(final) if self.storage.renames else is_committed(self.storage, final)
-            if committed and not overwrite:
-                raise CheckpointError(f"{final} already exists; pass overwrite=True to replace it, or save "
-                                      "another step", path=final)
-            if committed and not self.storage.renames:  # written in place: the old copy goes first
-                delete_checkpoint(self.storage, final)
-            # Unfinished saves are stale only when this job owns the run dir; forced, they may be another job's.
-            for stale in list_partials(self.storage, self.run_dir) if self._tag is None else []:
-                self._remove_stale(stale)
-            self.storage.makedirs(partial)
+            ready_folder(self.storage, self.run_dir, final, partial, overwrite=overwrite, went_back=went_back,
+                         owns_run_dir=self._tag is None)
         prepared = {key: declare(snap, self._plans_split(snap.component, snap.pattern), self.io_threads)
                      for key, snap in snapshots.items()}
         return [p.decl for p in prepared.values()], prepared
 
-    def _remove_stale(self, stale: str) -> None:
-        """Move an unfinished save aside, then remove it: if a forced job commits it meanwhile, one of the two
-        renames fails cleanly, and the committed checkpoint is never emptied from under its name. (Object
-        storage has no rename, and no forced second job: the lock owner removes it in place.)"""
-        if not self.storage.renames:
-            log.info("removing unfinished save %s", stale)
-            self.storage.remove_tree(stale)
-            return
-        doomed = os.path.join(self.run_dir, removal_name(os.path.basename(stale), secrets.token_hex(4)))
-        try:
-            self.storage.rename(stale, doomed)
-        except FileNotFoundError:
-            return  # committed or removed by someone else since it was listed
-        log.info("removing unfinished save %s", stale)
-        self.storage.remove_tree(doomed)
-
     def _plans_split(self, c: StateComponent, pattern: SharingPattern) -> bool:
         """Whether this rank is the lowest of the component's replica set (whose tensor list plans the split)."""
         return placement_for(pattern).plans_split(self.topology, c.process_group_name)
-
-    def _commit(self, partial: str, final: str, manifest: Manifest, overwrite: bool) -> dict | None:
-        commit(self.storage, partial, final, manifest, overwrite)
-        if self.after_commit is not None:
-            try:  # the checkpoint is committed; a failing hook must not make the save look failed
-                self.after_commit(self.run_dir, CheckpointRef(manifest.step, final), manifest)
-            except Exception as exc:
-                log.warning("after_commit hook failed for %s: %s: %s", final, type(exc).__name__, exc)
-        if self.retention is None:
-            return None
-        protected = {final: "just saved", **({self.resumed_from: "resumed from"} if self.resumed_from else {})}
-        try:  # the save is committed: a retention failure must not make it look failed
-            return retain(self.storage, self.run_dir, self.retention, protected).to_plain()
-        except Exception as exc:
-            log.warning("retention after saving %s failed, nothing more was deleted: %s: %s", final,
-                        type(exc).__name__, exc)
-            return None
-
-    def _discard(self, partial: str) -> None:
-        try:
-            if not self.storage.renames and is_committed(self.storage, partial):
-                return  # written in place and committed before a later step failed: it stays
-            self.storage.remove_tree(partial)
-        except OSError as exc:  # the next save removes it
-            log.warning("could not remove %s after a failed save: %s", partial, exc)
 
     # ---- load ----------------------------------------------------------------------------------
 
