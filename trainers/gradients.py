@@ -66,12 +66,7 @@ def clip_by_global_norm(params: Iterable[torch.nn.Parameter], max_norm: float, *
         sharded = _gather_sum(sharded.reshape(1), shard_group, shard_count)[0]
     total = _gather_sum((sharded + replicated).reshape(1), stage_group, stage_count)[0] if stage_group is not None \
         else sharded + replicated
-    norm = math.sqrt(float(total))
-    coef = max_norm / (norm + 1e-6)
-    if coef < 1.0:
-        for g in grads:
-            _local(g).mul_(coef)
-    return norm
+    return _scale_down(grads, float(total), max_norm)
 
 
 def _split_dims(g: torch.Tensor, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -103,7 +98,12 @@ def clip_on_mesh(params: Iterable[torch.nn.Parameter], max_norm: float, mesh: An
         for name in key:
             part = _gather_sum(part, mesh[name].get_group(), mesh[name].size())
         total += part[0]
-    norm = math.sqrt(float(total))
+    return _scale_down(grads, float(total), max_norm)
+
+
+def _scale_down(grads: list[torch.Tensor], total_square: float, max_norm: float) -> float:
+    """Scale `grads` in place so their norm (the root of `total_square`) is at most `max_norm`; return the norm."""
+    norm = math.sqrt(total_square)
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:
         for g in grads:

@@ -32,6 +32,7 @@ from ..errors import CheckpointError
 from ..format.tensor_io import DTYPE_TO_ST, tensor_bytes
 from ..load.reshard import is_shard_entry, read_merged
 from ..patterns.base import tensor_layout_for
+from ..retention.catalog import human_size
 from .assemble import PlannedTensor, TensorReader, plan_component
 from .inspection import Opened, tensors_in
 
@@ -292,8 +293,6 @@ def run_format(ck: Opened, args: Any) -> dict[str, Any]:
 
 def result_lines(r: dict[str, Any]) -> list[str]:
     """What `ckpt export --format ...` prints."""
-    from ..retention.catalog import human_size
-
     if r["format"] == "hf":
         lines = [f"wrote {r['output']} (Hugging Face layout): {', '.join(r['files'])}; {r['tensors']} tensors, "
                  f"{human_size(r['total_size'])} (component {r['component']!r}, {r['pattern']}, step {r['step']})"]

@@ -21,10 +21,11 @@ from .. import __version__
 from ..errors import CheckpointDeletedError, CheckpointError
 from ..load.reshape import load_plan, mesh_picture, parse_shape, saved_mesh
 from ..retention.catalog import human_size
+from .diffing import diff
 from .export import export_all, export_component
 from .export_formats import add_format_flags, result_lines, run_format
 from .importing import add_import_command
-from .inspection import deletion_noticed, describe, diff, open_checkpoint, verify
+from .inspection import deletion_noticed, describe, open_checkpoint, verify
 from .output import (
     EXIT_DELETED,
     EXIT_ERROR,
