@@ -34,7 +34,7 @@ def test_hf_export_reassembles_the_full_model_from_a_four_rank_job(tmp_path, cfg
     whole = {name: t for model in per_rank for name, t in model.items()}  # each stage's names, or full TP tensors
     ck = str(tmp_path / "run" / "checkpoint-00000004")
     pattern = read_manifest(ck).components["model"].pattern
-    assert pattern is (SharingPattern.PER_RANK if cfg["kind"] == "pipeline" else SharingPattern.PER_GROUP)
+    assert pattern is (SharingPattern.PER_RANK if cfg["kind"] == "pipeline" else SharingPattern.SHARDED)
     out = tmp_path / "hf"
     assert main(["export", ck, "--format", "hf", "-o", str(out)]) == 0
     exported = load_file(str(out / "model.safetensors"))
