@@ -381,20 +381,22 @@ def check_sharded(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEnt
 
 
 def damaged_pieces(storage: Storage, path: str, key: str, entry: ComponentEntry, file: str) -> list[str]:
-    """Every piece stored in `file` (at `path`) checked whole against its block digests (what `ckpt verify`
-    does; a load checks only the blocks it reads): one line per damaged piece, naming its tensor and bytes."""
+    """Every piece stored in `file` (at `path`) checked whole against its block digests, one block in memory at a
+    time (what `ckpt verify` does; a load checks only the blocks it reads): one line per damaged piece, naming
+    its tensor and bytes."""
     pieces = sorted(((name, p) for name, t in (entry.tensors or {}).items() for p in t.pieces
-                     if p.file == file and p.digests is not None), key=lambda np_: np_[1].begin)
+                     if p.file == file and p.digests is not None), key=lambda item: item[1].begin)
     bad = []
     with storage.open_read(path) as f:
         for name, p in pieces:
             f.seek(p.begin)
-            buf = bytearray(p.end - p.begin)
-            _readinto(f, memoryview(buf), path, key)
-            r = RangeRead(name, file, p.begin, p.end, Box(p.offsets, p.lengths), (), p)
-            block = _bad_block(r, memoryview(buf), p.begin, set())
-            if block is not None:
-                bad.append(_damage(r, block))
+            for k, digest in enumerate(p.digests or ()):
+                buf = bytearray(min(p.block, p.end - p.begin - k * p.block))
+                _readinto(f, memoryview(buf), path, key)
+                if xxhash.xxh3_128_hexdigest(buf) != digest:
+                    r = RangeRead(name, file, p.begin, p.end, Box(p.offsets, p.lengths), (), p)
+                    bad.append(_damage(r, (p.begin + k * p.block, p.begin + k * p.block + len(buf))))
+                    break
     return bad
 
 
