@@ -297,8 +297,16 @@ class MappedShards(DeferredRead):
             for m in self.files:
                 with contextlib.suppress(BufferError):  # a view still held (by a traceback) closes it later
                     m.mapped.close()
-        tensors = {n: like(locals_[n], t.like) if t.like is not None else locals_[n] for n, t in self.targets.items()}
+        tensors = {n: _rebuilt(locals_[n], t) for n, t in self.targets.items()}
         return unflatten_state(self.state_bytes, tensors, self.key, source=self.state_path)
+
+
+def _rebuilt(local: torch.Tensor, target: Target) -> Any:
+    """What the state holds for a target: the live tensor itself where the values went straight into it (so
+    `load_state_dict()` copies it onto itself, which torch skips), else a new one around `local`."""
+    if target.live is not None:
+        return target.like if target.like is not None else target.live
+    return like(local, target.like) if target.like is not None else local
 
 
 def map_and_check(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, targets: Mapping[str, Target],
