@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
-from .comm import Communicator
+from .comm import Communicator, Kept
 from .component import SharingPattern, StateComponent
 from .errors import CheckpointError
 from .format.layout import (
@@ -37,28 +37,19 @@ from .format.layout import (
     list_partials,
     parse_step,
     removal_name,
-    resolve_checkpoint,
     save_dir,
 )
-from .format.manifest import Manifest, plain_metrics, read_manifest
-from .io.lease import LeaseLock
-from .io.lock import RunDirLock, take_run_dir
+from .format.manifest import Manifest, plain_metrics
+from .io.lock import take_run_dir
 from .io.staging import StagingPool
 from .io.storage import Storage, is_url, norm_path, storage_for
 from .io.threads import gc_paused
-from .load.agreement import CheckVerdict, ReadVerdict, decide_apply, decide_check, decide_read
+from .load.agreement import decide_apply
 from .load.applying import apply_staged
-from .load.checks import precheck
-from .load.read_phase import (
-    ReadOptions,
-    Staged,
-    check_unique,
-    every_checkpoint_failed,
-    fallback_warning,
-    read_or_reject,
-)
+from .load.candidates import read_first_good, resolve_candidates
+from .load.read_phase import ReadOptions, check_unique
 from .load.result import LoadResult, check_fallback, check_missing_ok
-from .patterns.placements import my_group
+from .patterns.placements import placement_for
 from .retention.catalog import RetentionOutcome, delete_checkpoint, hold, retain, scan, summary_text
 from .retention.catalog import best as best_checkpoints
 from .retention.rules import BestCheckpoint, RetentionPolicy
@@ -158,26 +149,27 @@ class CheckpointCoordinator:
         self.rank = self.comm.rank
         if not read_only:
             self.storage.makedirs(self.run_dir)
-        held: list[RunDirLock | LeaseLock] = []
-        # Rank 0 locks the run dir; every rank learns the tag of its unfinished-save folders (None: locked).
+        # Rank 0 locks the run dir (and keeps the lock); every rank learns the tag of its unfinished-save folders
+        # (None: locked).
         locks = self.rank == 0 and not read_only
-        self._tag: str | None = self.comm.broadcast_phase(
-            "lock", lambda: self._take_run_dir(force, held) if locks else None, what="coordinator start-up")
-        self._release = weakref.finalize(self, held[0].release) if held else None
+        got = self.comm.broadcast_phase("lock", lambda: self._take_run_dir(force) if locks else None,
+                                        what="coordinator start-up")
+        self._tag: str | None = got.common
+        self._release = weakref.finalize(self, got.local.release) if got.local is not None else None
 
-    def _take_run_dir(self, force: bool, held: list[RunDirLock | LeaseLock]) -> str | None:
+    def _take_run_dir(self, force: bool) -> Kept:
         """Rank 0: lock the run dir and, first to own it in this process (another coordinator here may be
         mid-overwrite), put back a checkpoint an overwrite left aside when it died; on object storage, remove
-        what saves that died before their manifest left."""
-        tag = take_run_dir(self.storage, self.run_dir, force, held)
-        if tag is None and held and held[0].first:
+        what saves that died before their manifest left. Sends the tag, keeps the lock."""
+        tag, lock = take_run_dir(self.storage, self.run_dir, force)
+        if lock is not None and lock.first:
             if not self.storage.renames:
                 for stale in list_partials(self.storage, self.run_dir):
                     self._remove_stale(stale)
-                return tag
+                return Kept(tag, lock)
             for path in restore_replaced(self.storage, self.run_dir):
                 log.warning("restored %s: an overwrite of it was interrupted before the new copy was in place", path)
-        return tag
+        return Kept(tag, lock)
 
     @property
     def usable(self) -> bool:
@@ -307,11 +299,10 @@ class CheckpointCoordinator:
         partial = save_dir(self.storage, self.run_dir, step, self._tag)
         what = f"save of step {step}"
         started = time.perf_counter()
-        prepared: dict[str, PreparedComponent] = {}
         try:
             # Rank 0 plans (or reuses its last plan) and checks the replica digests; each rank learns its files.
-            verdict, self._plan = agree_plan(
-                self.comm, lambda: self._declare(snapshots, error, prepared, final, partial, overwrite, went_back),
+            verdict, self._plan, prepared = agree_plan(
+                self.comm, lambda: self._declare(snapshots, error, final, partial, overwrite, went_back),
                 self._plan, self.topology, what)
             check_replicas(self.comm, verdict.checks, {k: p.table for k, p in prepared.items()},
                            {k: p.replicated or p.flat for k, p in prepared.items()})
@@ -323,7 +314,7 @@ class CheckpointCoordinator:
             if self.rank == 0:
                 manifest = build_manifest(step, self._plan.plans, records, self.topology.describe(), metrics)
             outcome = self.comm.broadcast_phase("commit", lambda: self._commit(partial, final, manifest, overwrite),
-                                                what=what)
+                                                what=what).common
             self.last_retention = None if outcome is None else RetentionOutcome.from_plain(outcome)
         except BaseException:
             if self.rank == 0:
@@ -335,9 +326,10 @@ class CheckpointCoordinator:
                      time.perf_counter() - started)
         return final
 
-    def _declare(self, snapshots: Mapping[str, Snapshot], error: Exception | None,
-                 out: dict[str, PreparedComponent], final: str, partial: str, overwrite: bool,
-                 went_back: int | None) -> list[ComponentDecl]:
+    def _declare(self, snapshots: Mapping[str, Snapshot], error: Exception | None, final: str, partial: str,
+                 overwrite: bool, went_back: int | None) -> tuple[list[ComponentDecl], dict[str, PreparedComponent]]:
+        """The prepare phase's local part: rank 0 readies the folder; every rank declares each component (its
+        patterns, sizes and replica digests) and keeps what it prepared for writing."""
         self._staging.settle()  # device tensors' copies to the host have landed
         if error is not None:
             raise error
@@ -355,9 +347,9 @@ class CheckpointCoordinator:
             for stale in list_partials(self.storage, self.run_dir) if self._tag is None else []:
                 self._remove_stale(stale)
             self.storage.makedirs(partial)
-        for key, snap in snapshots.items():
-            out[key] = declare(snap, self._plans_split(snap.component, snap.pattern), self.io_threads)
-        return [p.decl for p in out.values()]
+        prepared = {key: declare(snap, self._plans_split(snap.component, snap.pattern), self.io_threads)
+                     for key, snap in snapshots.items()}
+        return [p.decl for p in prepared.values()], prepared
 
     def _remove_stale(self, stale: str) -> None:
         """Move an unfinished save aside, then remove it: if a forced job commits it meanwhile, one of the two
@@ -377,12 +369,7 @@ class CheckpointCoordinator:
 
     def _plans_split(self, c: StateComponent, pattern: SharingPattern) -> bool:
         """Whether this rank is the lowest of the component's replica set (whose tensor list plans the split)."""
-        if pattern is SharingPattern.REPLICATED:
-            return self.rank == 0
-        if pattern is SharingPattern.PER_GROUP:
-            mine = my_group(self.topology, c.process_group_name or "")
-            return mine is not None and mine[0] == self.rank
-        return False
+        return placement_for(pattern).plans_split(self.topology, c.process_group_name)
 
     def _commit(self, partial: str, final: str, manifest: Manifest, overwrite: bool) -> dict | None:
         commit(self.storage, partial, final, manifest, overwrite)
@@ -446,12 +433,15 @@ class CheckpointCoordinator:
         check_fallback(checkpoint, fallback, in_place)
         check_missing_ok(checkpoint, missing_ok)
         self.wait()
-        candidates = self.comm.broadcast_phase("resolve", lambda: self._resolve(checkpoint, fallback, missing_ok),
-                                               what="load")
+        candidates = self.comm.broadcast_phase(
+            "resolve", lambda: resolve_candidates(self.storage, self.run_dir, checkpoint, fallback, missing_ok),
+            what="load").common
         if not candidates:
             return LoadResult(path=None, step=-1, loaded=(), skipped=tuple(c.key for c in components), not_requested=())
         opts = ReadOptions(strict, in_place, reshard, self.verify_on_load, self.io_threads)
-        staged, step, read, rejected, checks = self._read_first_good(candidates, components, opts, fallback)
+        first = read_first_good(self.comm, self.storage, self.run_dir, self.topology, candidates, components, opts,
+                                fallback)
+        staged, step, read, checks = first.staged, first.step, first.read, first.checks
         path, manifest = staged.path, staged.manifest
         # A component damaged on any rank is dropped on every rank, so replicas never end up loaded on some.
         damaged = list(read.damaged)
@@ -472,46 +462,8 @@ class CheckpointCoordinator:
                           skipped=tuple(skipped), not_requested=tuple(unused), metrics=dict(manifest.metrics),
                           manifest=manifest, damaged=tuple(damaged),
                           resharded=tuple(k for k in staged.resharded if k in staged.state),
-                          fallback_from=tuple(p for p, _ in rejected),
+                          fallback_from=first.passed_over,
                           missing_keys=checks.missing, unexpected_keys=checks.unexpected)
-
-    def _resolve(self, checkpoint: str | int | os.PathLike, fallback: bool, missing_ok: bool = False) -> list[list]:
-        """[path, step] of the checkpoint to load; with `fallback`, of every committed one, newest first; none
-        with `missing_ok` in a run dir without a committed checkpoint."""
-        if missing_ok and not self.checkpoints():
-            return []
-        ref = resolve_checkpoint(self.storage, self.run_dir, checkpoint)
-        if fallback:
-            return [[r.path, r.step] for r in reversed(self.checkpoints())]
-        return [[ref.path, ref.step if ref.step >= 0 else read_manifest(self.storage, ref.path).step]]
-
-    def _read_first_good(self, candidates: Sequence[Sequence], components: Sequence[StateComponent],
-                         opts: ReadOptions, fallback: bool
-                         ) -> tuple[Staged, int, ReadVerdict, list, CheckVerdict]:
-        """The check and read phases, on each candidate in turn until one verifies on every rank. Returns what
-        this rank staged, the step, what every rank read (rank 0's summary), the (path, failures by rank) of
-        those passed over, and the check phase's verdict."""
-        rejected: list[tuple[str, dict[int, str]]] = []
-        for i, (path, step) in enumerate(candidates):
-            box: list[Staged] = []
-            read = functools.partial(read_or_reject, self.storage, path, components, self.topology, opts,
-                                     fallback, box)
-            check = functools.partial(precheck, self.storage, path, components, self.topology, opts, fallback)
-            with hold(path, "being loaded"):
-                checked = CheckVerdict.from_wire(self.comm.gather_phase(  # before anything is read
-                    "check", check, what=f"load of {path}", decide=functools.partial(decide_check, path)).common)
-                bad = checked.bad
-                if not bad:
-                    verdict = ReadVerdict.from_wire(
-                        self.comm.gather_phase("read", read, what=f"load of {path}", decide=decide_read).common)
-                    bad = verdict.bad
-            if not bad:
-                return box[0], step, verdict, rejected, checked
-            rejected.append((path, bad))
-            if self.rank == 0:
-                following = candidates[i + 1][0] if i + 1 < len(candidates) else None
-                log.warning(fallback_warning(path, bad, following))
-        raise every_checkpoint_failed(self.run_dir, rejected)
 
 
 def _same_dir(a: str, b: str) -> bool:

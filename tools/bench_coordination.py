@@ -3,7 +3,7 @@
 Spawns W gloo ranks on this machine for each W asked for, and on every rank: builds a coordinator, saves a
 tiny state (a REPLICATED model of `--tensors` tensors of 8 floats, a PER_RANK and a GLOBAL value) twice
 (the second save declares the same components, so a plan can be reused), then loads it.
-The communicator's counters (ckpt/comm.py `PhaseStats`) give, per phase and rank, the collective calls, the
+The communicator's counters (ckpt/comm/phases.py `PhaseStats`) give, per phase and rank, the collective calls, the
 payload bytes sent and received, and the seconds spent in exchanges. Printed per operation and phase:
 collectives per rank, bytes received by rank 0 and by the busiest other rank, bytes over all ranks, and the
 slowest rank's seconds. The state is tiny on purpose: what is left is coordination.
@@ -12,7 +12,7 @@ slowest rank's seconds. The state is tiny on purpose: what is left is coordinati
 
 The ranks share this machine's cores, so seconds grow with W for reasons a real cluster does not have; the
 message and byte counts are exact and do not depend on the machine. Bytes are the logical payload
-(ckpt/comm.py `PhaseStats`), not what the backend's algorithm puts on the wire.
+(ckpt/comm/phases.py `PhaseStats`), not what the backend's algorithm puts on the wire.
 """
 
 from __future__ import annotations

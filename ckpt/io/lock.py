@@ -127,24 +127,24 @@ def acquire(storage: Storage, run_dir: str) -> RunDirLock | LeaseLock:
     return RunDirLock.acquire(run_dir)
 
 
-def take_run_dir(storage: Storage, run_dir: str, force: bool, out: list[RunDirLock | LeaseLock]) -> str | None:
-    """Lock `run_dir` for its coordinator (into `out`). Returns the tag its unfinished-save folders carry:
-    None with the lock; with `force=True` and the lock held elsewhere, a tag of its own (so two jobs'
-    saves never share a folder). A storage with no local folder here (and no lock object) gets no lock."""
+def take_run_dir(storage: Storage, run_dir: str, force: bool) -> tuple[str | None, RunDirLock | LeaseLock | None]:
+    """Lock `run_dir` for its coordinator. Returns the tag its unfinished-save folders carry and the lock:
+    (None, lock) with the lock; with `force=True` and the lock held elsewhere, a tag of its own (so two jobs'
+    saves never share a folder) and no lock. A storage with no local folder here (and no lock object) gets
+    no lock."""
     if not storage.renames and force:
         raise ValueError(f"CheckpointCoordinator(force=True) is not available on object storage ({run_dir}): with "
                          "no rename, two jobs' saves of one step would write the same objects. Give each job its "
                          "own prefix")
     if not isinstance(storage, S3Storage) and not os.path.isdir(run_dir):
-        return None
+        return None, None
     try:
-        out.append(acquire(storage, run_dir))
-        return None
+        return None, acquire(storage, run_dir)
     except RunDirInUseError as exc:
         if not force:
             raise
         log.warning("force=True: %s; going on without the lock", exc)
-        return f"p{os.getpid()}-{secrets.token_hex(4)}"
+        return f"p{os.getpid()}-{secrets.token_hex(4)}", None
 
 
 __all__ = ["RunDirLock", "acquire", "take_run_dir"]

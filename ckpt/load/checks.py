@@ -25,7 +25,7 @@ from ..format.serialization import flatten_state
 from ..format.tensor_io import DTYPE_TO_ST
 from ..io.storage import Storage
 from ..patterns.dtensor import is_dtensor
-from ..patterns.placements import my_group, placement_for
+from ..patterns.placements import placement_for
 from ..save.planning import owner_for_load
 from ..topology import RankTopology
 from .read_phase import VERIFICATION_ERRORS, ReadOptions, check_unique
@@ -84,7 +84,8 @@ def check_components(manifest: Manifest, path: str, components: Sequence[StateCo
         except CheckpointError:
             owner, fits = None, False
         else:
-            fits = entry.pattern is SharingPattern.PER_GROUP or not needs_reshard(entry, manifest.topology, topo)
+            fits = placement_for(entry.pattern).own_copy_fits(manifest.topology, entry.replica_sets, topo,
+                                                              entry.process_group)
         if not fits:
             layout.append((c.key, layout_issue(c.key, entry, manifest.topology, topo)))
             continue
@@ -176,10 +177,6 @@ def _optimizer_differences(key: str, opt: torch.optim.Optimizer, saved: Mapping[
     return out
 
 
-def _nodes(n: int, per_node: int) -> str:
-    return f"{n} node{'s' if n != 1 else ''} of {per_node} rank{'s' if per_node != 1 else ''}"
-
-
 # Patterns whose saved copies differ from one another: none of them is a piece of one global tensor.
 _PER_COPY = frozenset({SharingPattern.PER_RANK, SharingPattern.PER_GROUP, SharingPattern.PER_NODE})
 _MISMATCH = "but the checkpoint saved it"
@@ -205,17 +202,7 @@ def pattern_mismatch(key: str, declared: SharingPattern, saved: SharingPattern) 
 
 def layout_issue(key: str, entry: ComponentEntry, saved: Topology, topo: RankTopology) -> str:
     """What does not fit, for a component saved per rank, node or group under another layout."""
-    if entry.pattern is SharingPattern.PER_RANK:
-        return (f"component {key!r} is PER_RANK and was saved by {saved.world_size} ranks; this job has "
-                f"{topo.world_size}")
-    if entry.pattern is SharingPattern.PER_NODE:
-        return (f"component {key!r} is PER_NODE and was saved by {_nodes(saved.num_nodes, saved.local_world_size)}; "
-                f"this job has {_nodes(topo.num_nodes, topo.local_world_size)} (LOCAL_WORLD_SIZE="
-                f"{topo.local_world_size})")
-    name = entry.process_group or ""
-    mine = my_group(topo, name)
-    return (f"component {key!r} (PER_GROUP over {name!r}): this rank's group {mine} is not one of the saved groups "
-            f"{[tuple(s) for s in entry.replica_sets]}")
+    return placement_for(entry.pattern).layout_issue(key, saved, entry.replica_sets, topo, entry.process_group)
 
 
 LAYOUT_ADVICE = ("State saved per rank, node or group belongs to the layout it was saved under. Resume with the saved "

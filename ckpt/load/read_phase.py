@@ -9,12 +9,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..component import SharingPattern, StateComponent
+from ..comm import Kept
+from ..component import StateComponent
 from ..errors import CheckpointError, CorruptCheckpointError, ManifestError
 from ..format.manifest import ComponentEntry, Manifest, Topology, read_manifest
 from ..format.serialization import flatten_state
 from ..io.storage import Storage
 from ..patterns.base import tensor_layout_for
+from ..patterns.placements import placement_for
 from ..save.planning import owner_for_load
 from ..topology import RankTopology
 from .loading import read_component, verify_copy
@@ -63,18 +65,18 @@ def check_unique(keys: Sequence[str]) -> None:
 
 
 def read_or_reject(storage: Storage, path: str, components: Sequence[StateComponent], topo: RankTopology,
-                   opts: ReadOptions, fallback: bool, out: list[Staged]) -> dict[str, Any]:
-    """`read_share` into `out`, for the read phase's exchange. With `fallback`, a checkpoint that fails
-    verification is reported (as "bad") instead of raised, so every rank can agree to try the next one."""
+                   opts: ReadOptions, fallback: bool) -> Kept:
+    """`read_share`, for the read phase's exchange: sends its summary, keeps what it staged. With `fallback`, a
+    checkpoint that fails verification is reported (as "bad") instead of raised, so every rank can agree to try
+    the next one."""
     try:
         staged = read_share(storage, path, components, topo, opts)
     except VERIFICATION_ERRORS as exc:
         if not fallback:
             raise
         log.warning("rank %d: checkpoint %s failed verification: %s", topo.rank, path, exc)
-        return {"keys": [], "damaged": [], "bad": f"{type(exc).__name__}: {exc}"}
-    out.append(staged)
-    return staged.wire()
+        return Kept({"keys": [], "damaged": [], "bad": f"{type(exc).__name__}: {exc}"}, None)
+    return Kept(staged.wire(), staged)
 
 
 def read_share(storage: Storage, path: str, components: Sequence[StateComponent], topo: RankTopology,
@@ -145,29 +147,16 @@ def _read_guarded(out: Staged, c: StateComponent, rank: int, opts: ReadOptions, 
         return False
 
 
-def _nodes(n: int, per_node: int) -> str:
-    return f"{n} node{'s' if n != 1 else ''} of {per_node} rank{'s' if per_node != 1 else ''}"
-
-
 def layout_refusal(key: str, entry: ComponentEntry, saved: Topology, topo: RankTopology,
                    path: str) -> CheckpointError | None:
-    """The error for a PER_RANK or PER_NODE component whose saved layout differs from this job's (when not
-    resharding): a copy of another rank or node must never be handed to this one. None when it fits."""
-    if entry.pattern is SharingPattern.PER_RANK and saved.world_size != topo.world_size:
-        return CheckpointError(
-            f"component {key!r} is PER_RANK and was saved by {saved.world_size} ranks; this job has "
-            f"{topo.world_size}. PER_RANK state cannot move to another world size; resume with the same number "
-            f"of ranks, leave {key!r} out of the load, or pass reshard=True (which merges every rank's copy, and "
-            "fails for state that differs per rank)", path=path)
-    if entry.pattern is SharingPattern.PER_NODE and (
-            (saved.num_nodes, saved.local_world_size) != (topo.num_nodes, topo.local_world_size)):
-        return CheckpointError(
-            f"component {key!r} is PER_NODE and was saved by {_nodes(saved.num_nodes, saved.local_world_size)}; "
-            f"this job has {_nodes(topo.num_nodes, topo.local_world_size)} (LOCAL_WORLD_SIZE="
-            f"{topo.local_world_size}). A node's copy belongs to the node layout it was saved under; resume with "
-            f"the saved layout, leave {key!r} out of the load, or pass reshard=True (which merges every node's "
-            "copy, and fails for state that differs per node)", path=path)
-    return None
+    """The error for a component saved per rank or per node whose saved layout differs from this job's (when
+    not resharding): a copy of another rank or node must never be handed to this one. None when it fits.
+    (A group's copy is found by its members instead: `owner_for_load`.)"""
+    placement = placement_for(entry.pattern)
+    if placement.own_copy_fits(saved, entry.replica_sets, topo, entry.process_group):
+        return None
+    return CheckpointError(f"{placement.layout_issue(key, saved, entry.replica_sets, topo, entry.process_group)}. "
+                           f"{placement.layout_advice(key)}", path=path)
 
 
 def in_place_failure(exc: Exception, touched: Sequence[str], path: str) -> CheckpointError:

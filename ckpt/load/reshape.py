@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from ..component import SharingPattern
 from ..format.manifest import ComponentEntry, Manifest
 from ..patterns.base import tensor_layout_for
-from .reshard import groups_named, same_groups
+from ..patterns.placements import placement_for
+from ..topology import RankTopology
 
 
 @dataclass(frozen=True)
@@ -120,17 +121,12 @@ def load_plan(manifest: Manifest, shape: list[tuple[str, int]]) -> list[dict[str
 
 def _action(entry: ComponentEntry, manifest: Manifest, world: int, lws: int,
             groups: Mapping[str, list[tuple[int, ...]]]) -> str:
-    p = entry.pattern
-    if p in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
-        return "loads as saved (the job's one copy fits any layout)"
-    if p is SharingPattern.PER_RANK and world == manifest.topology.world_size:
-        return "each rank reads its own file"
-    if p is SharingPattern.PER_NODE and world % lws == 0 and world // lws == manifest.topology.num_nodes:
-        return "each node reads its own copy"
-    if p is SharingPattern.PER_GROUP:
-        name = entry.process_group or ""
-        if same_groups(manifest.topology.world_size, entry.replica_sets, world, groups_named(name, groups, world)):
-            return "each group reads its saved copy"
+    # The new layout as a rank of it sees it; a world that is not whole nodes of the saved size is one node.
+    topo = RankTopology(0, world, lws if world % lws == 0 else world,
+                        {name: tuple(tuple(g) for g in sets) for name, sets in groups.items()})
+    placement = placement_for(entry.pattern)
+    if not placement.needs_reshard(manifest.topology, entry.replica_sets, topo, entry.process_group):
+        return placement.load_words
     return "reshard=True: " + _merge_outcome(entry)
 
 

@@ -99,30 +99,6 @@ def local_piece(entry: Mapping[str, Any], offsets: Sequence[int], shape: Sequenc
 
 # ---- when a load needs it ------------------------------------------------------------------------
 
-def current_groups(name: str, topo: RankTopology) -> set[tuple[int, ...]] | None:
-    """Every group named `name` in this job (the whole world of one rank when none is named), or None."""
-    return groups_named(name, topo.groups, topo.world_size)
-
-
-def groups_named(name: str, groups: Mapping[str, Sequence[Sequence[int]]], world: int
-                 ) -> set[tuple[int, ...]] | None:
-    """The groups called `name` in a job of `world` ranks with `groups`; a job of one rank needs none."""
-    if name in groups:
-        return {tuple(g) for g in groups[name]}
-    return {(0,)} if world == 1 else None
-
-
-def same_groups(saved_world: int, saved_sets: Sequence[Sequence[int]], world: int,
-                now: set[tuple[int, ...]] | None) -> bool:
-    """Whether the groups a PER_GROUP component was saved under are this job's, one for one.
-
-    Finding this rank's group among the saved ones is not enough: the same ranks can stand for another
-    group under another layout (at (dp=1, tp=2) the dp groups are (0,) and (1,), two tp shards; at world 1
-    the dp group (0,) holds the whole model), so the world size and the full set of groups must both match.
-    """
-    return now is not None and saved_world == world and {tuple(s) for s in saved_sets} == now
-
-
 def needs_reshard(entry: ComponentEntry, saved: Topology, topo: RankTopology) -> bool:
     """Whether this rank has no copy of its own of a component saved under `saved`'s layout."""
     return placement_for(entry.pattern).needs_reshard(saved, entry.replica_sets, topo, entry.process_group)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import xxhash
 
-from ..comm import Communicator, Decision
+from ..comm import Communicator, Decision, Kept
+from ..comm.messages import pack
 from ..errors import CheckpointError
-from ..messages import pack
 from ..topology import RankTopology
 from .planning import (
     ComponentDecl,
@@ -29,6 +30,8 @@ from .planning import (
     shard_digest_key,
 )
 from .validation import ReplicaChecks, find_suspects
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -121,17 +124,24 @@ def _decls_of(rank: int, m: Declaration, cache: PlanCache) -> dict[str, Componen
     return dict(cache.decls[rank])
 
 
-def agree_plan(comm: Communicator, declare: Callable[[], Sequence[ComponentDecl]], cache: PlanCache,
-               topology: RankTopology, what: str) -> tuple[PrepareVerdict, PlanCache]:
-    """The prepare phase: `declare()` on every rank, then the plan. Returns rank 0's verdict and the plan
-    this rank now holds (the same `cache` when it was reused)."""
-    got = comm.gather_phase("prepare", lambda: declaration(declare(), cache).to_wire(), what=what,
+def agree_plan(comm: Communicator, declare: Callable[[], tuple[Sequence[ComponentDecl], T]], cache: PlanCache,
+               topology: RankTopology, what: str) -> tuple[PrepareVerdict, PlanCache, T]:
+    """The prepare phase: `declare()` on every rank (its declarations, and what it keeps for writing), then
+    the plan. Returns rank 0's verdict, the plan this rank now holds (the same `cache` when it was reused),
+    and what `declare()` kept."""
+
+    def local() -> Kept:
+        decls, keep = declare()
+        return Kept(declaration(decls, cache).to_wire(), keep)
+
+    got = comm.gather_phase("prepare", local, what=what,
                             decide=lambda wires: decide_plan([Declaration.from_wire(w) for w in wires], cache,
                                                              topology))
     verdict = PrepareVerdict.from_wire(got.common)
     if got.kept is not None:  # rank 0
-        return verdict, got.kept
+        return verdict, got.kept, got.local
     if not verdict.replanned:
-        return verdict, cache
+        return verdict, cache, got.local
     shape, files = got.mine
-    return verdict, PlanCache(verdict.generation, shape, tuple(FileAssignment.from_wire(f) for f in files))
+    plan = PlanCache(verdict.generation, shape, tuple(FileAssignment.from_wire(f) for f in files))
+    return verdict, plan, got.local

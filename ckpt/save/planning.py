@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from ..component import SharingPattern, ValidationLevel
 from ..errors import CheckpointError, ReplicationError
 from ..format.tensor_io import ST_TO_DTYPE
+from ..patterns.base import tensor_layout_for
 from ..patterns.boxes import Box
-from ..patterns.placements import groups_of, placement_for
+from ..patterns.placements import placement_for
 from ..patterns.sharded import STATE_FILE, ShardMeta, shard_file
 from ..topology import RankTopology
 
@@ -205,49 +206,32 @@ def _plan_component(key: str, pattern: SharingPattern, ref: ComponentDecl, decla
             raise CheckpointError(f"component {key!r} is {pattern.name} but ranks {absent} did not pass it to "
                                   f"save(); {what} must all declare it")
 
-    files: list[FileAssignment] = []
-    if pattern is SharingPattern.SHARDED:
-        need_all(range(topo.world_size), "all ranks (a SHARDED component spans the job)")
+    if tensor_layout_for(pattern) is not None:  # SHARDED: planned piece by piece, not copy by copy
+        need_all(range(topo.world_size), f"all ranks (a {pattern.name} component spans the job)")
         files, sharded = plan_sharded(key, {r: decls[r][key].shards or () for r in declaring})
         return ComponentPlan(key, pattern, ref.process_group, ref.required, ValidationLevel(ref.validation),
                              (tuple(declaring),), tuple(files), sharded)
-    if pattern is SharingPattern.GLOBAL:
-        need_all([0], "rank 0 (its writer)")
-        replica_sets: tuple[tuple[int, ...], ...] = ((0,),)
-        files = files_single(0, None, "global")
-    elif pattern is SharingPattern.PER_RANK:
-        replica_sets = tuple((r,) for r in declaring)
-        for r in declaring:
-            files += files_single(r, r, f"rank-{r:05d}")
-    elif pattern is SharingPattern.PER_NODE:
-        replica_sets = tuple(topo.node_ranks(n) for n in range(topo.num_nodes))
-        for node, members in enumerate(replica_sets):
-            need_all(members, f"the ranks of node {node}")
-            files += files_single(members[0], node, f"node-{node:04d}")
-    else:
-        if pattern is SharingPattern.REPLICATED:
-            replica_sets = (tuple(range(topo.world_size)),)
-            stems = ["replicated"]
-            owners: list[int | None] = [None]
-        else:
-            name = ref.process_group or ""
-            replica_sets = groups_of(topo, name)
-            if not replica_sets:
-                raise CheckpointError(f"component {key!r} is PER_GROUP over {name!r}, but no process group of "
-                                      "that name was passed to CheckpointCoordinator(process_groups=...)")
-            stems = [f"group-{g:03d}" for g in range(len(replica_sets))]
-            owners = list(range(len(replica_sets)))
-        for members, stem, owner in zip(replica_sets, stems, owners, strict=True):
-            need_all(members, "the members of each replica set")
-            sizes = decls[members[0]][key].tensor_sizes or ()
-            files.append(FileAssignment(f"{key}/{stem}{SKELETON_EXT}", "state", members[0], owner, None))
-            bins = balance(split(sizes, len(members)), len(members))
-            parts = [(m, pieces) for m, pieces in zip(members, bins, strict=True) if pieces]
-            for i, (writer, pieces) in enumerate(parts):
-                files.append(FileAssignment(f"{key}/{stem}.part-{i}-of-{len(parts)}{TENSORS_EXT}", "tensors",
-                                            writer, owner, tuple(pieces)))
+    placement = placement_for(pattern)
+    try:
+        copies = placement.copies(topo, ref.process_group, declaring)
+    except CheckpointError as exc:  # e.g. no process group of the component's group name
+        raise CheckpointError(f"component {key!r}: {exc}") from None
+    files: list[FileAssignment] = []
+    for owner, members in copies:
+        need_all(members, f"the ranks holding {placement.copy_label(owner) or 'its one copy'}")
+        stem = placement.stem(owner)
+        if not placement.splits:
+            files += files_single(members[0], owner, stem)
+            continue
+        sizes = decls[members[0]][key].tensor_sizes or ()
+        files.append(FileAssignment(f"{key}/{stem}{SKELETON_EXT}", "state", members[0], owner, None))
+        bins = balance(split(sizes, len(members)), len(members))
+        parts = [(m, pieces) for m, pieces in zip(members, bins, strict=True) if pieces]
+        for i, (writer, pieces) in enumerate(parts):
+            files.append(FileAssignment(f"{key}/{stem}.part-{i}-of-{len(parts)}{TENSORS_EXT}", "tensors",
+                                        writer, owner, tuple(pieces)))
     return ComponentPlan(key, pattern, ref.process_group, ref.required, ValidationLevel(ref.validation),
-                         replica_sets, tuple(files))
+                         tuple(m for _, m in copies), tuple(files))
 
 
 def plan_sharded(key: str, shards: dict[int, Sequence[ShardMeta]]

@@ -4,7 +4,6 @@ verify_on_load=False, the environment a single process inherits, and the manifes
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from ckpt.format.manifest import parse_manifest
 from ckpt.format.serialization import flatten_state, unflatten_state
 from ckpt.save.planning import ComponentDecl, build_plan
 from ckpt.topology import RankTopology
-from tests.support.files import REPO
+from tests.support.files import REPO, flip_last_byte
 from tests.support.workers import Box
 
 DOCS = Path(REPO) / "docs"
@@ -121,21 +120,13 @@ def test_serialization_error_keeps_component_and_key_path(tmp_path):
     assert (err.value.component, err.value.key_path, err.value.failures.keys()) == ("bad", "inner/when", {0})
 
 
-def _flip_last_byte(path: Path) -> None:
-    with open(path, "r+b") as f:
-        f.seek(-1, os.SEEK_END)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_END)
-        f.write(bytes([byte[0] ^ 0x40]))
-
-
 def test_verify_on_load_false_skips_digests_but_not_size_checks(tmp_path):
     state = {"w": torch.arange(8, dtype=torch.float32)}
     comps = [StateComponent("model", Box(state), SharingPattern.GLOBAL)]
     with CheckpointCoordinator(tmp_path) as coord:
         saved = Path(coord.save(1, comps))
     data = saved / "model" / "global.safetensors"
-    _flip_last_byte(data)  # the last byte of the last tensor's data: the header stays valid
+    flip_last_byte(data, mask=0x40)  # the last byte of the last tensor's data: the header stays valid
 
     with CheckpointCoordinator(tmp_path, verify_on_load=False) as coord:
         target = Box({})

@@ -11,15 +11,14 @@ import threading
 import pytest
 import torch
 
-from ckpt import CheckpointCoordinator, SharingPattern, StateComponent
+from ckpt import CheckpointCoordinator, StateComponent
 from ckpt.testing import SIGKILL, Fault, FaultyStorage
 from tests.support.distributed import failures, run_ranks
-from tests.support.workers import Box
+from tests.support.workers import model_and_rng
 
 
 def _components(rank: int) -> list[StateComponent]:
-    return [StateComponent("model", Box({f"w{i}": torch.ones(64) * i for i in range(4)}), SharingPattern.REPLICATED),
-            StateComponent("rng", Box({"seed": torch.tensor([rank])}), SharingPattern.PER_RANK)]
+    return model_and_rng({f"w{i}": torch.ones(64) * i for i in range(4)}, {"seed": torch.tensor([rank])})
 
 
 def _die_inside_the_commit_exchange(rank: int, world: int, run_dir: str, victim: int) -> dict:

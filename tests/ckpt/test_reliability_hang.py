@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from ckpt import CheckpointCoordinator, SharingPattern, StateComponent
+from ckpt import CheckpointCoordinator, StateComponent
 from ckpt.testing import Fault, FaultyStorage
 from tests.support.distributed import failures, run_ranks
-from tests.support.workers import Box
+from tests.support.workers import Box, model_and_rng
 
 TIMEOUT = 2  # the coordinator's timeout in these tests
 HANG = TIMEOUT + 3  # how long a hung rank stalls: well past the timeout, short enough to keep the test quick
@@ -30,9 +30,7 @@ class SlowState(Box):
 
 
 def _components(rank: int, stall: float = 0.0) -> list[StateComponent]:
-    return [StateComponent("model", SlowState({f"w{i}": torch.ones(32) * i for i in range(4)}, stall),
-                           SharingPattern.REPLICATED),
-            StateComponent("rng", Box({"s": torch.tensor([rank])}), SharingPattern.PER_RANK)]
+    return model_and_rng(SlowState({f"w{i}": torch.ones(32) * i for i in range(4)}, stall), {"s": torch.tensor([rank])})
 
 
 def _outcome(fn) -> dict:

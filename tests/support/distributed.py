@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import queue as queue_module
 import signal
+import socket
 import tempfile
 import time
 import traceback
@@ -117,3 +118,10 @@ def expect_ok(results: list) -> list:
     if bad:
         raise AssertionError("ranks failed:\n" + "\n".join(f"--- rank {r} ---\n{f.traceback}" for r, f in bad.items()))
     return results
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

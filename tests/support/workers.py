@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ckpt import SharingPattern, StateComponent
+
 
 class Box:
     """A Stateful holding an arbitrary state dict (the value is replaced on load)."""
@@ -34,6 +36,13 @@ class RNGState:
         torch.set_rng_state(state["torch"])
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
+
+
+def model_and_rng(model: Any, rng: dict[str, Any]) -> list[StateComponent]:
+    """The usual pair of a multi-process test: "model", the same on every rank (REPLICATED; a dict is boxed),
+    and "rng", different on every rank (PER_RANK)."""
+    return [StateComponent("model", Box(model) if isinstance(model, dict) else model, SharingPattern.REPLICATED),
+            StateComponent("rng", Box(rng), SharingPattern.PER_RANK)]
 
 
 def draw() -> tuple:

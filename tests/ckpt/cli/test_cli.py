@@ -13,21 +13,15 @@ import torch
 from safetensors.torch import load_file
 
 from ckpt import CheckpointCoordinator, RetentionPolicy, SharingPattern, StateComponent
-from ckpt.cli import main
+from tests.support.cli import run_cli
 from tests.support.distributed import expect_ok, run_ranks
 from tests.support.workers import Box, make_model
 
 LOSSES = [0.9, 0.4, 0.7, 0.6, 0.8]
 
 
-def _run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _json_cli(capsys, *argv: str) -> tuple[int, dict]:
-    code, out, _ = _run_cli(capsys, *argv, "--json")
+    code, out, _ = run_cli(capsys, *argv, "--json")
     return code, json.loads(out)
 
 
@@ -81,7 +75,7 @@ def test_ls_shows_why_each_checkpoint_is_kept_and_flags_partials(run, capsys):
     assert rows[500]["reasons"] == ["latest"] and rows[400]["next_to_go"] and not rows[500]["next_to_go"]
     assert rows[600]["partial"] and not rows[600]["keep"]
     assert all(r["nbytes"] > 0 for r in rows.values())
-    code, out, _ = _run_cli(capsys, "ls", str(run_dir))
+    code, out, _ = run_cli(capsys, "ls", str(run_dir))
     lines = out.splitlines()
     assert lines[1].split()[:2] == ["CHECKPOINT", "STEP"]
     status_col = lines[1].index("STATUS")
@@ -104,21 +98,21 @@ def test_inspect_shows_components_and_tensors(run, capsys):
     assert comps["progress"]["pattern"] == "global" and comps["progress"]["tensors"] == 1
     shapes = {t["name"]: (t["dtype"], t["shape"]) for t in data["tensor_list"] if t["component"] == "model"}
     assert shapes["0.weight"] == ("float32", [32, 16])
-    code, out, _ = _run_cli(capsys, "inspect", ckpt, "--tensors")
+    code, out, _ = run_cli(capsys, "inspect", ckpt, "--tensors")
     assert code == 0 and "COMPONENT" in out and "0.weight" in out and "float32" in out
 
 
 def test_verify_catches_a_flipped_byte_and_a_missing_file(run, capsys):
     run_dir, _ = run
     ckpt = run_dir / "checkpoint-00000500"
-    code, out, _ = _run_cli(capsys, "verify", str(ckpt))
+    code, out, _ = run_cli(capsys, "verify", str(ckpt))
     assert code == 0 and out.startswith("OK: all")
     target = next((ckpt / "model").glob("*.safetensors"))
     data = bytearray(target.read_bytes())
     data[-1] ^= 0x01
     target.write_bytes(bytes(data))
     (ckpt / "progress" / "global.msgpack").unlink()
-    code, out, _ = _run_cli(capsys, "verify", str(ckpt))
+    code, out, _ = run_cli(capsys, "verify", str(ckpt))
     assert code == 1 and "FAILED: 2 of" in out
     assert f"model/{target.name}" in out and "progress/global.msgpack" in out
     code, report = _json_cli(capsys, "verify", str(ckpt))
@@ -128,9 +122,9 @@ def test_verify_catches_a_flipped_byte_and_a_missing_file(run, capsys):
 
 def test_verify_shows_progress_only_on_a_terminal(run, capsys, monkeypatch):
     ckpt = str(run[0] / "checkpoint-00000500")
-    assert _run_cli(capsys, "verify", ckpt)[2] == ""
+    assert run_cli(capsys, "verify", ckpt)[2] == ""
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    code, _, err = _run_cli(capsys, "verify", ckpt)
+    code, _, err = run_cli(capsys, "verify", ckpt)
     assert code == 0 and "verify: 100%" in err
 
 
@@ -151,9 +145,9 @@ def test_diff_reports_changes_per_tensor(tmp_path, capsys):
     assert rows["gone"]["status"] == "removed" and rows["new"]["status"] == "added"
     assert rows["s"]["status"] == "shape changed" and rows["same"]["status"] == "same"
     assert comps["m"]["non_tensor_state_changed"] == [""]
-    code, out, _ = _run_cli(capsys, "diff", a, b)
+    code, out, _ = run_cli(capsys, "diff", a, b)
     assert "max |a-b| = 0.5" in out and "(whole component)" in out
-    assert _run_cli(capsys, "diff", a, a)[0] == 0
+    assert run_cli(capsys, "diff", a, a)[0] == 0
 
 
 def test_export_gives_a_safetensors_file_equal_to_the_model(two_rank_ckpt, tmp_path, capsys):
@@ -168,25 +162,25 @@ def test_export_gives_a_safetensors_file_equal_to_the_model(two_rank_ckpt, tmp_p
 
 def test_export_per_rank_and_per_group_copies(two_rank_ckpt, tmp_path, capsys):
     out = str(tmp_path / "x.safetensors")
-    code, _, err = _run_cli(capsys, "export", str(two_rank_ckpt), "--component", "stats", "-o", out)
+    code, _, err = run_cli(capsys, "export", str(two_rank_ckpt), "--component", "stats", "-o", out)
     assert code == 2 and "--rank R" in err and "--concat-dim" in err and "Traceback" not in err
     _, result = _json_cli(capsys, "export", str(two_rank_ckpt), "--component", "stats", "-o", out, "--rank", "1")
     assert torch.equal(load_file(out)["hist"], torch.arange(3) + 10) and result["left_out_non_tensor"] == ["n"]
-    _run_cli(capsys, "export", str(two_rank_ckpt), "--component", "stats", "-o", out, "--concat-dim", "0")
+    run_cli(capsys, "export", str(two_rank_ckpt), "--component", "stats", "-o", out, "--concat-dim", "0")
     assert torch.equal(load_file(out)["hist"], torch.tensor([0, 1, 2, 10, 11, 12]))
-    _run_cli(capsys, "export", str(two_rank_ckpt), "--component", "stage", "-o", out, "--group", "1")
+    run_cli(capsys, "export", str(two_rank_ckpt), "--component", "stage", "-o", out, "--group", "1")
     assert torch.equal(load_file(out)["w"], torch.ones(2))
-    code, _, err = _run_cli(capsys, "export", str(two_rank_ckpt), "--component", "stats", "-o", out, "--rank", "5")
+    code, _, err = run_cli(capsys, "export", str(two_rank_ckpt), "--component", "stats", "-o", out, "--rank", "5")
     assert code == 2 and "no copy for --rank 5" in err
 
 
 def test_prune_applies_a_policy_offline(tmp_path, capsys):
     _save_run(tmp_path)  # no policy while training: all 5 kept
-    code, out, _ = _run_cli(capsys, "prune", str(tmp_path), "--save-total-limit", "1", "--preserve-n-best", "1",
+    code, out, _ = run_cli(capsys, "prune", str(tmp_path), "--save-total-limit", "1", "--preserve-n-best", "1",
                             "--metric", "eval_loss", "--dry-run")
     actions = [line.split("  ")[0] for line in out.splitlines()[2:-1]]
     assert code == 0 and actions.count("would delete") == 3 and len(os.listdir(tmp_path)) == 6  # 5 + the run dir's lock
-    assert _run_cli(capsys, "pin", str(tmp_path / "checkpoint-00000100"))[1].startswith("pinned")
+    assert run_cli(capsys, "pin", str(tmp_path / "checkpoint-00000100"))[1].startswith("pinned")
     code, data = _json_cli(capsys, "prune", str(tmp_path), "--save-total-limit", "1", "--preserve-n-best", "1",
                            "--metric", "eval_loss")
     assert code == 0 and sorted(os.path.basename(d["path"]) for d in data["deleted"]) == [
@@ -196,7 +190,7 @@ def test_prune_applies_a_policy_offline(tmp_path, capsys):
                                             "checkpoint-00000500"]
     code, data = _json_cli(capsys, "unpin", str(tmp_path / "checkpoint-00000100"))
     assert data == {"path": str(tmp_path / "checkpoint-00000100"), "pinned": False, "changed": True}
-    code, _, err = _run_cli(capsys, "prune", str(tmp_path))
+    code, _, err = run_cli(capsys, "prune", str(tmp_path))
     assert code == 2 and "no recorded retention policy" in err
 
 
@@ -213,7 +207,7 @@ def test_errors_are_one_line_without_a_traceback(run, tmp_path, capsys, case):
             "corrupt": ["inspect", str(bad)], "partial": ["ls", str(run_dir / "checkpoint-00000500")],
             "component": ["export", str(run_dir / "checkpoint-00000500"), "--component", "nope", "-o",
                           str(tmp_path / "o.safetensors")]}[case]
-    code, out, err = _run_cli(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith(f"ckpt {argv[0]}: error: ")
     assert "Traceback" not in err
 

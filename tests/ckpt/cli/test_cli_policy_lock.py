@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ckpt import CheckpointCoordinator, RetentionPolicy, SharingPattern, StateComponent
-from ckpt.cli import main
+from tests.support.cli import run_cli
 from tests.support.files import REPO
 from tests.support.workers import Box
 
@@ -22,14 +22,8 @@ LOSSES = [0.9, 0.4, 0.7, 0.6, 0.8]
 POLICY = RetentionPolicy(save_total_limit=3, preserve_n_best=1, best_model_metric="eval_loss")
 
 
-def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _json(capsys, *argv: str) -> tuple[int, dict]:
-    code, out, _ = _cli(capsys, *argv, "--json")
+    code, out, _ = run_cli(capsys, *argv, "--json")
     return code, json.loads(out)
 
 
@@ -64,13 +58,13 @@ def test_prune_refuses_while_a_live_job_holds_the_run_dir_and_force_overrides(tm
     try:
         assert job.stdout.readline().strip() == "ready", job.stderr.read()
         flags = ["--save-total-limit", "1"]
-        code, out, err = _cli(capsys, "prune", str(tmp_path), *flags)
+        code, out, err = run_cli(capsys, "prune", str(tmp_path), *flags)
         assert code == 2 and out == "" and err.count("\n") == 1, err
         assert f"pid {job.pid}" in err and "--force" in err and "live job" in err
         assert _steps(tmp_path) == [100, 200, 300, 400, 500]
         code, data = _json(capsys, "prune", str(tmp_path), *flags)
         assert code == 2 and f"pid {job.pid}" in data["error"] and _steps(tmp_path) == [100, 200, 300, 400, 500]
-        code, out, err = _cli(capsys, "prune", str(tmp_path), *flags, "--dry-run")  # only prints: allowed
+        code, out, err = run_cli(capsys, "prune", str(tmp_path), *flags, "--dry-run")  # only prints: allowed
         assert code == 0 and "4 would delete" in out and f"pid {job.pid}" in err
         assert _steps(tmp_path) == [100, 200, 300, 400, 500]
         code, data = _json(capsys, "prune", str(tmp_path), *flags, "--force")
@@ -83,7 +77,7 @@ def test_prune_refuses_while_a_live_job_holds_the_run_dir_and_force_overrides(tm
 
 def test_prune_releases_the_lock_it_takes(tmp_path, capsys):
     _save(tmp_path, POLICY)
-    assert _cli(capsys, "prune", str(tmp_path))[0] == 0
+    assert run_cli(capsys, "prune", str(tmp_path))[0] == 0
     with CheckpointCoordinator(tmp_path, retention=POLICY) as coord:  # would raise RunDirInUseError if kept
         coord.save(600, _comps(6), {"eval_loss": 0.5})
 
@@ -98,7 +92,7 @@ def test_policy_flags_replace_only_their_part_of_the_recorded_policy(tmp_path, c
     assert data["policy_source"].startswith("--save-total-limit from the command line, the rest recorded")
     assert [(r["step"], r["keep"]) for r in data["checkpoints"]] == [(200, True), (300, False), (400, False),
                                                                      (500, True)]
-    code, out, _ = _cli(capsys, "prune", str(tmp_path), "--save-total-limit", "1")
+    code, out, _ = run_cli(capsys, "prune", str(tmp_path), "--save-total-limit", "1")
     assert code == 0 and out.startswith("policy: save_total_limit=1, preserve_n_best=1 by eval_loss (lower is better)")
     assert "--save-total-limit from the command line" in out.splitlines()[0]
     assert _steps(tmp_path) == [200, 500], "the recorded best-N rule still applies"
@@ -128,10 +122,10 @@ def test_policy_flags_on_a_run_without_a_recorded_policy_come_from_the_command_l
 ])
 def test_policy_errors_name_the_flags_in_text_and_json(tmp_path, capsys, flags, words):
     _save(tmp_path, None, losses=LOSSES[:2])
-    code, out, err = _cli(capsys, "ls", str(tmp_path), *flags)
+    code, out, err = run_cli(capsys, "ls", str(tmp_path), *flags)
     assert code == 2 and out == "" and all(w in err for w in words), err
     assert "best_model" not in err and "RetentionPolicy" not in err
-    code, out, err = _cli(capsys, "prune", str(tmp_path), *flags, "--json")
+    code, out, err = run_cli(capsys, "prune", str(tmp_path), *flags, "--json")
     data = json.loads(out)
     assert code == 2 and data["exit_status"] == 2 and data["command"] == "prune"
     assert all(w in data["error"] for w in words), data
@@ -141,7 +135,7 @@ def test_a_recorded_option_in_an_error_names_the_file(tmp_path, capsys):
     policy = RetentionPolicy(save_total_limit=2, preserve_n_best=1, best_model_metric="throughput",
                              best_model_greater_is_better=True)
     _save(tmp_path, policy, losses=LOSSES[:2])
-    code, out, err = _cli(capsys, "ls", str(tmp_path), "--metric", "speed")  # a new metric drops the direction
+    code, out, err = run_cli(capsys, "ls", str(tmp_path), "--metric", "speed")  # a new metric drops the direction
     assert code == 2 and out == "" and "--metric speed" in err and "--greater-is-better" in err
     code, data = _json(capsys, "ls", str(tmp_path), "--metric", "eval_loss")
     assert code == 0 and data["policy"]["best_model_greater_is_better"] is None
@@ -150,19 +144,19 @@ def test_a_recorded_option_in_an_error_names_the_file(tmp_path, capsys):
 
 
 def test_json_errors_for_other_commands(tmp_path, capsys):
-    code, out, err = _cli(capsys, "inspect", str(tmp_path / "nope"), "--json")
+    code, out, err = run_cli(capsys, "inspect", str(tmp_path / "nope"), "--json")
     assert code == 2 and err == "" and json.loads(out)["error"] == f"{tmp_path / 'nope'} does not exist"
 
 
 def test_export_shows_progress_only_on_a_terminal(tmp_path, capsys, monkeypatch):
     _save(tmp_path, None, losses=LOSSES[:1])
     ckpt, out = str(tmp_path / "checkpoint-00000100"), str(tmp_path / "m.safetensors")
-    code, _, err = _cli(capsys, "export", ckpt, "--component", "model", "-o", out)
+    code, _, err = run_cli(capsys, "export", ckpt, "--component", "model", "-o", out)
     assert code == 0 and err == ""
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    code, _, err = _cli(capsys, "export", ckpt, "--component", "model", "-o", out)
+    code, _, err = run_cli(capsys, "export", ckpt, "--component", "model", "-o", out)
     assert code == 0 and "export: 100%" in err
-    code, _, err = _cli(capsys, "export", ckpt, "--component", "model", "-o", out, "--json")
+    code, _, err = run_cli(capsys, "export", ckpt, "--component", "model", "-o", out, "--json")
     assert code == 0 and err == ""
 
 
@@ -170,16 +164,16 @@ def test_ls_shows_pinned_status(tmp_path, capsys):
     _save(tmp_path, RetentionPolicy(save_total_limit=1))
     assert _steps(tmp_path) == [500]
     _save(tmp_path, RetentionPolicy(save_total_limit=1), losses=[0.5], first=6)  # 500 goes, 600 stays
-    assert _cli(capsys, "pin", str(tmp_path / "checkpoint-00000600"))[0] == 0
+    assert run_cli(capsys, "pin", str(tmp_path / "checkpoint-00000600"))[0] == 0
     _save(tmp_path, RetentionPolicy(save_total_limit=1), losses=[0.5], first=7)
     code, data = _json(capsys, "ls", str(tmp_path))
     rows = {r["step"]: r for r in data["checkpoints"]}
     assert rows[600]["pinned"] and rows[600]["reasons"] == ["pinned"] and not rows[700]["pinned"]
-    code, out, _ = _cli(capsys, "ls", str(tmp_path))
+    code, out, _ = run_cli(capsys, "ls", str(tmp_path))
     line = next(ln for ln in out.splitlines() if ln.startswith("checkpoint-00000600"))
     assert line.endswith("keep: pinned")
-    _cli(capsys, "unpin", str(tmp_path / "checkpoint-00000600"))
-    code, out, _ = _cli(capsys, "ls", str(tmp_path))
+    run_cli(capsys, "unpin", str(tmp_path / "checkpoint-00000600"))
+    code, out, _ = run_cli(capsys, "ls", str(tmp_path))
     assert code == 0
     line = next(ln for ln in out.splitlines() if ln.startswith("checkpoint-00000600"))
     assert "would delete: not the newest" in line
@@ -196,7 +190,7 @@ def test_diff_reports_a_dtype_change(tmp_path, capsys):
     assert code == 1 and rows["w"] == {"copy": "", "name": "w", "status": "dtype changed", "a": "float32[3]",
                                        "b": "bfloat16[3]"}
     assert rows["k"]["status"] == "same"
-    code, out, _ = _cli(capsys, "diff", a, b)
+    code, out, _ = run_cli(capsys, "diff", a, b)
     assert code == 1 and any(ln.split() == ["m", "-", "w", "dtype", "changed", "float32[3]", "->", "bfloat16[3]"]
                              for ln in out.splitlines()), out
 

@@ -11,18 +11,13 @@ import torch
 from safetensors import safe_open
 
 from ckpt import CheckpointCoordinator, SharingPattern, StateComponent
-from ckpt.cli import main
+from tests.support.cli import run_cli
 from tests.support.workers import Box
 
 C128 = torch.arange(12, dtype=torch.float64).reshape(3, 4) * (1 - 2j)
 E8M0 = torch.tensor([1.0, 2.0, 4.0, 0.5, 8.0]).to(torch.float8_e8m0fnu)
 C32 = torch.tensor([1 + 2j, -0.5 + 0.25j], dtype=torch.complex64).to(torch.complex32)
 BITS = torch.tensor([[1, 2], [3, 4]], dtype=torch.uint8).view(torch.bits8)
-
-
-def _cli(capsys, *argv: str) -> tuple[int, str]:
-    code = main(list(argv))
-    return code, capsys.readouterr().out
 
 
 def _state(**changes: torch.Tensor) -> dict:
@@ -43,7 +38,7 @@ def ckpt_dir(tmp_path) -> str:
 
 
 def test_inspect_shows_the_real_dtype_and_shape(ckpt_dir, capsys):
-    code, out = _cli(capsys, "inspect", ckpt_dir, "--tensors", "--json")
+    code, out, _ = run_cli(capsys, "inspect", ckpt_dir, "--tensors", "--json")
     rows = {t["name"]: t for t in json.loads(out)["tensor_list"]}
     assert code == 0
     assert (rows["c128"]["dtype"], rows["c128"]["shape"], rows["c128"]["stored_as"]) == (
@@ -53,7 +48,7 @@ def test_inspect_shows_the_real_dtype_and_shape(ckpt_dir, capsys):
     assert (rows["bits"]["dtype"], rows["bits"]["shape"]) == ("bits8", [2, 2])
     assert (rows["nested/0/z"]["dtype"], rows["nested/0/z"]["shape"]) == ("complex128", [4])
     assert (rows["w"]["dtype"], rows["w"]["shape"], rows["w"]["stored_as"]) == ("float32", [2], None)
-    code, out = _cli(capsys, "inspect", ckpt_dir, "--tensors")
+    code, out, _ = run_cli(capsys, "inspect", ckpt_dir, "--tensors")
     line = next(x for x in out.splitlines() if " c128 " in x)
     assert code == 0 and "complex128" in line and "[3, 4]" in line and "uint8" not in line
 
@@ -61,7 +56,7 @@ def test_inspect_shows_the_real_dtype_and_shape(ckpt_dir, capsys):
 def test_inspect_shows_the_stored_form_when_the_skeleton_is_gone(ckpt_dir, capsys):
     # inspect reads the manifest only; a damaged copy must not stop it (`verify` reports the damage).
     next(Path(ckpt_dir, "m").glob("*.msgpack")).unlink()
-    code, out = _cli(capsys, "inspect", ckpt_dir, "--tensors", "--json")
+    code, out, _ = run_cli(capsys, "inspect", ckpt_dir, "--tensors", "--json")
     rows = {t["name"]: t for t in json.loads(out)["tensor_list"]}
     assert code == 0 and (rows["c128"]["dtype"], rows["c128"]["shape"]) == ("uint8", [3, 4, 16])
 
@@ -73,7 +68,7 @@ def test_diff_compares_raw_tensors_by_value(tmp_path, capsys):
     bits = torch.tensor([[1, 2], [3, 9]], dtype=torch.uint8).view(torch.bits8)
     a = _save(tmp_path, 1, _state())
     b = _save(tmp_path, 2, _state(c128=c128, e8m0=e8m0, bits=bits, c32=torch.zeros(2, dtype=torch.float32)))
-    code, out = _cli(capsys, "diff", a, b, "--json")
+    code, out, _ = run_cli(capsys, "diff", a, b, "--json")
     rows = {t["name"]: t for t in json.loads(out)["components"][0]["tensors"]}
     assert code == 1
     assert rows["c128"]["status"] == "changed" and rows["c128"]["max_abs_diff"] == 5.0
@@ -82,15 +77,15 @@ def test_diff_compares_raw_tensors_by_value(tmp_path, capsys):
     assert (rows["c32"]["status"], rows["c32"]["a"], rows["c32"]["b"]) == ("dtype changed", "complex32[2]",
                                                                            "float32[2]")
     assert rows["nested/0/z"]["status"] == "same" and rows["w"]["status"] == "same"
-    code, out = _cli(capsys, "diff", a, b)
+    code, out, _ = run_cli(capsys, "diff", a, b)
     assert code == 1 and "max |a-b| = 5" in out and "max |a-b| = 6" in out and "bits8[2, 2]" in out
     assert "complex32[2] -> float32[2]" in out
-    assert _cli(capsys, "diff", a, a)[0] == 0
+    assert run_cli(capsys, "diff", a, a)[0] == 0
 
 
 def test_export_writes_a_documented_lossless_form(ckpt_dir, tmp_path, capsys):
     out = str(tmp_path / "m.safetensors")
-    code, text = _cli(capsys, "export", ckpt_dir, "--component", "m", "-o", out, "--json")
+    code, text, _ = run_cli(capsys, "export", ckpt_dir, "--component", "m", "-o", out, "--json")
     result = json.loads(text)
     expected = {"c128": {"dtype": "complex128", "encoding": "real_imag"},
                 "nested/0/z": {"dtype": "complex128", "encoding": "real_imag"},
@@ -110,14 +105,14 @@ def test_export_writes_a_documented_lossless_form(ckpt_dir, tmp_path, capsys):
     assert torch.equal(got["e8m0"].view(torch.float8_e8m0fnu).squeeze(-1).view(torch.uint8), E8M0.view(torch.uint8))
     assert torch.equal(got["bits"].view(torch.bits8).squeeze(-1).view(torch.uint8), BITS.view(torch.uint8))
     assert torch.equal(got["w"], torch.ones(2))
-    code, text = _cli(capsys, "export", ckpt_dir, "--component", "m", "-o", out)  # the plain-text report says so
+    code, text, _ = run_cli(capsys, "export", ckpt_dir, "--component", "m", "-o", out)  # the plain-text report says so
     assert code == 0 and "encoded 5 tensors whose dtype safetensors lacks" in text and "c128 complex128 -> real_imag" in text
 
 
 def test_export_of_native_dtypes_records_no_encoding(tmp_path, capsys):
     ck = _save(tmp_path, 1, {"w": torch.ones(2)})
     out = str(tmp_path / "w.safetensors")
-    code, text = _cli(capsys, "export", ck, "--component", "m", "-o", out, "--json")
+    code, text, _ = run_cli(capsys, "export", ck, "--component", "m", "-o", out, "--json")
     assert code == 0 and json.loads(text)["encoded_dtypes"] == {}
     with safe_open(out, framework="pt") as f:
         assert "ckpt.encoded_dtypes" not in f.metadata()

@@ -9,19 +9,18 @@ import os
 import pytest
 import torch
 
-from ckpt import CheckpointCoordinator, CheckpointError, SharingPattern, StateComponent
+from ckpt import CheckpointCoordinator, CheckpointError, StateComponent
 from ckpt.cli.inspection import open_checkpoint, verify
 from ckpt.io.storage import LocalStorage
 from ckpt.testing import Fault, FaultyStorage
 from tests.support.distributed import expect_ok, run_ranks
-from tests.support.workers import Box
+from tests.support.workers import Box, model_and_rng
 
 
 def _components(rank: int, step: int) -> list[StateComponent]:
     """Four replicated tensors (so both ranks write a part) and a per-rank file, all derived from `step`."""
-    model = {f"w{i}": torch.full((64,), float(step * 10 + i)) for i in range(4)}
-    return [StateComponent("model", Box(model), SharingPattern.REPLICATED),
-            StateComponent("rng", Box({"seed": torch.tensor([rank, step]), "step": step}), SharingPattern.PER_RANK)]
+    return model_and_rng({f"w{i}": torch.full((64,), float(step * 10 + i)) for i in range(4)},
+                         {"seed": torch.tensor([rank, step]), "step": step})
 
 
 # ---- the fault layer itself ------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from ckpt.format.layout import MANIFEST_NAME
 from ckpt.io.s3 import S3Storage
 from ckpt.io.storage import LocalStorage, is_inside, norm_path
 from ckpt.testing import Fault, FaultyStorage
+from tests.support.cli import cli_json
 from tests.support.s3 import BUCKET
 from tests.support.workers import Box
 
@@ -89,44 +90,39 @@ def test_overwrite_replaces_a_committed_checkpoint_in_place(s3_server, s3_run):
     assert state["n"] == 7 and torch.equal(state["w"], torch.arange(1000, dtype=torch.float32) * 7)
 
 
-def _cli(capsys, *argv: str) -> tuple[int, dict]:
-    code = main([*argv, "--json"])
-    return code, json.loads(capsys.readouterr().out)
-
-
 def test_the_ckpt_command_on_s3_urls(s3_server, s3_run, tmp_path, capsys):
     with CheckpointCoordinator(s3_run, retention=RetentionPolicy(save_total_limit=3)) as coord:
         for step in (1, 2, 3):
             coord.save(step, _comps(step), metrics={"loss": 1.0 / step})
     s3_server.client.put_object(Bucket=BUCKET, Key=_key(s3_run, "checkpoint-00000004/model/global.msgpack"),
                                 Body=b"left by a save that died")
-    code, ls = _cli(capsys, "ls", s3_run + "/")
+    code, ls = cli_json(capsys, "ls", s3_run + "/")
     assert code == 0 and [r["step"] for r in ls["checkpoints"] if not r["partial"]] == [1, 2, 3]
     assert [(r["name"], r["nbytes"]) for r in ls["checkpoints"] if r["partial"]] == [("checkpoint-00000004", 24)]
     ck2 = f"{s3_run}/checkpoint-00000002"
-    code, info = _cli(capsys, "inspect", ck2)
+    code, info = cli_json(capsys, "inspect", ck2)
     assert code == 0 and info["step"] == 2 and info["metrics"] == {"loss": 0.5}
-    code, report = _cli(capsys, "verify", ck2)
+    code, report = cli_json(capsys, "verify", ck2)
     assert code == 0 and report["ok"] and report["checked"] == 2
     bad = _key(s3_run, "checkpoint-00000002/model/global.safetensors")
     data = bytearray(s3_server.client.get_object(Bucket=BUCKET, Key=bad)["Body"].read())
     data[-1] ^= 0xFF
     s3_server.client.put_object(Bucket=BUCKET, Key=bad, Body=bytes(data))
-    code, report = _cli(capsys, "verify", ck2)
+    code, report = cli_json(capsys, "verify", ck2)
     assert code == 1 and [f["status"] for f in report["files"] if f["status"] != "ok"] == ["digest mismatch"]
     out = tmp_path / "model.safetensors"
-    code, _ = _cli(capsys, "export", f"{s3_run}/checkpoint-00000003", "--component", "model", "-o", str(out))
+    code, _ = cli_json(capsys, "export", f"{s3_run}/checkpoint-00000003", "--component", "model", "-o", str(out))
     assert code == 0 and torch.equal(load_file(out)["w"], torch.arange(1000, dtype=torch.float32) * 3)
-    code, _ = _cli(capsys, "pin", f"{s3_run}/checkpoint-00000001")
+    code, _ = cli_json(capsys, "pin", f"{s3_run}/checkpoint-00000001")
     assert code == 0
-    code, pruned = _cli(capsys, "prune", s3_run, "--save-total-limit", "1")
+    code, pruned = cli_json(capsys, "prune", s3_run, "--save-total-limit", "1")
     assert code == 0 and [d["path"] for d in pruned["deleted"]] == [ck2]  # 1 is pinned, 3 is the newest
     assert not [k for k in s3_server.keys(s3_run) if k.startswith("checkpoint-00000002/")]
-    code, err = _cli(capsys, "ls", f"s3://{BUCKET}/no-such-run")
+    code, err = cli_json(capsys, "ls", f"s3://{BUCKET}/no-such-run")
     assert code == 2 and "does not exist" in err["error"]
     # The run's picture from the bucket: every checkpoint marked (2 was pruned: it is no longer listed).
     page = tmp_path / "report.html"
-    code, drawn = _cli(capsys, "report", s3_run, "-o", str(page))
+    code, drawn = cli_json(capsys, "report", s3_run, "-o", str(page))
     assert code == 0 and sorted(m["step"] for m in drawn["checkpoints"]) == [1, 3]
     assert "<svg" in page.read_text()
 

@@ -14,14 +14,14 @@ from ckpt import CheckpointCoordinator, CorruptCheckpointError, ManifestError, S
 from ckpt.format.layout import MANIFEST_NAME
 from ckpt.format.manifest import read_manifest
 from tests.support.distributed import expect_ok, run_ranks
-from tests.support.workers import Box
+from tests.support.files import flip_last_byte
+from tests.support.workers import Box, model_and_rng
 
 STEPS = (10, 20, 30)
 
 
 def _components(rank: int, step: int) -> list[StateComponent]:
-    return [StateComponent("model", Box({"w": torch.full((64,), float(step))}), SharingPattern.REPLICATED),
-            StateComponent("rng", Box({"seed": torch.tensor([rank, step])}), SharingPattern.PER_RANK)]
+    return model_and_rng({"w": torch.full((64,), float(step))}, {"seed": torch.tensor([rank, step])})
 
 
 def _empty() -> list[StateComponent]:
@@ -38,20 +38,11 @@ def _tensor_file(ckpt_dir: str, key: str, owner: int | None) -> str:
     return os.path.join(ckpt_dir, next(f.path for f in entry.files_for(owner) if f.kind == "tensors"))
 
 
-def _flip_last_byte(path: str) -> None:
-    """One bit of tensor data rots: sizes and headers stay right, only the digest can tell."""
-    with open(path, "r+b") as f:
-        f.seek(-1, os.SEEK_END)
-        byte = f.read(1)[0]
-        f.seek(-1, os.SEEK_END)
-        f.write(bytes([byte ^ 0x01]))
-
-
 def test_a_flipped_byte_in_the_latest_falls_back_to_the_one_before(tmp_path, caplog):
     with CheckpointCoordinator(tmp_path) as coord:
         paths = {step: coord.save(step, _components(0, step)) for step in STEPS}
     bad_file = _tensor_file(paths[30], "model", None)
-    _flip_last_byte(bad_file)
+    flip_last_byte(bad_file)
     comps = _empty()
     with CheckpointCoordinator(tmp_path) as coord:
         with pytest.raises(CorruptCheckpointError, match="does not match its digest"):
@@ -70,7 +61,7 @@ def test_a_flipped_byte_in_the_latest_falls_back_to_the_one_before(tmp_path, cap
 def test_fallback_passes_over_a_damaged_manifest_and_fails_clearly_when_nothing_verifies(tmp_path):
     with CheckpointCoordinator(tmp_path) as coord:
         paths = {step: coord.save(step, _components(0, step)) for step in STEPS}
-    _flip_last_byte(_tensor_file(paths[30], "rng", 0))
+    flip_last_byte(_tensor_file(paths[30], "rng", 0))
     with open(os.path.join(paths[20], MANIFEST_NAME), "a") as f:
         f.write("garbage")  # the manifest of step 20 is no longer valid JSON
     comps = _empty()
@@ -78,7 +69,7 @@ def test_fallback_passes_over_a_damaged_manifest_and_fails_clearly_when_nothing_
         result = coord.load(comps, fallback=True)
         assert (result.step, result.fallback_from) == (10, (paths[30], paths[20]))
         assert _values(comps) == {"model": {"w": [10.0] * 64}, "rng": {"seed": [0, 10]}}
-        _flip_last_byte(_tensor_file(paths[10], "model", None))
+        flip_last_byte(_tensor_file(paths[10], "model", None))
         comps = _empty()
         with pytest.raises(CorruptCheckpointError, match=r"all 3 committed checkpoints in .* failed verification") as err:
             coord.load(comps, fallback=True)
@@ -103,7 +94,7 @@ def _load_with_fallback(rank: int, world: int, run_dir: str) -> dict:
     with CheckpointCoordinator(run_dir, timeout=60) as coord:
         paths = {step: coord.save(step, _components(rank, step)) for step in STEPS}
         if rank == 0:  # rot in a file only rank 1 reads: rank 0 alone would find step 30 fine
-            _flip_last_byte(_tensor_file(paths[30], "rng", 1))
+            flip_last_byte(_tensor_file(paths[30], "rng", 1))
         coord.load([], strict=False)  # a barrier: the damage is on disk before anyone loads
         comps = _empty()
         result = coord.load(comps, fallback=True)

@@ -99,3 +99,40 @@ def test_words_and_replica_comparison():
     assert placement_for(SharingPattern.PER_RANK).description == "one copy per rank"
     assert placement_for(SharingPattern.REPLICATED).compares_replicas
     assert not placement_for(SharingPattern.PER_RANK).compares_replicas
+
+
+def test_copies_owners_stems_and_split_writers():
+    t = topo(1, 4, 2, {"dp": [(0, 2), (1, 3)]})
+    place = placement_for
+    assert place(SharingPattern.GLOBAL).copies(t, None, [0, 1, 2, 3]) == [(None, (0,))]
+    assert place(SharingPattern.REPLICATED).copies(t, None, [0, 1, 2, 3]) == [(None, (0, 1, 2, 3))]
+    # A rank that did not pass a PER_RANK component writes no copy of it.
+    assert place(SharingPattern.PER_RANK).copies(t, None, [0, 2]) == [(0, (0,)), (2, (2,))]
+    assert place(SharingPattern.PER_NODE).copies(t, None, [0, 1, 2, 3]) == [(0, (0, 1)), (1, (2, 3))]
+    assert place(SharingPattern.PER_GROUP).copies(t, "dp", [0, 1, 2, 3]) == [(0, (0, 2)), (1, (1, 3))]
+    stems = {p: place(p).stem(3 if place(p).copy_word else None) for p in SharingPattern if p.name != "SHARDED"}
+    assert stems == {SharingPattern.GLOBAL: "global", SharingPattern.PER_RANK: "rank-00003",
+                     SharingPattern.REPLICATED: "replicated", SharingPattern.PER_GROUP: "group-003",
+                     SharingPattern.PER_NODE: "node-0003"}
+    assert {p for p in SharingPattern if place(p).splits} == {SharingPattern.REPLICATED, SharingPattern.PER_GROUP}
+    # The first holder of a split copy plans the split: rank 0 for the job's copy, each group's lowest member.
+    assert [place(SharingPattern.REPLICATED).plans_split(topo(r, 4), None) for r in range(4)] == [True] + [False] * 3
+    assert [place(SharingPattern.PER_GROUP).plans_split(topo(r, 4, 4, {"dp": [(0, 2), (1, 3)]}), "dp")
+            for r in range(4)] == [True, True, False, False]
+    assert not place(SharingPattern.PER_NODE).plans_split(topo(0, 4, 2), None)
+
+
+def test_layout_issue_and_advice_name_the_layouts():
+    before, now = saved(4, 2), topo(0, 2, 2)
+    per_rank = placement_for(SharingPattern.PER_RANK)
+    assert not per_rank.own_copy_fits(before, [(r,) for r in range(4)], now, None)
+    assert per_rank.layout_issue("rng", before, [], now, None) == (
+        "component 'rng' is PER_RANK and was saved by 4 ranks; this job has 2")
+    assert "the same number of ranks" in per_rank.layout_advice("rng")
+    per_node = placement_for(SharingPattern.PER_NODE)
+    assert "saved by 2 nodes of 2 ranks; this job has 1 node of 2 ranks" in per_node.layout_issue(
+        "cache", before, [], now, None)
+    group = placement_for(SharingPattern.PER_GROUP)
+    assert group.own_copy_fits(before, [(0, 1)], now, "dp")  # a group that was saved loads its own copy
+    for p in (SharingPattern.GLOBAL, SharingPattern.REPLICATED, SharingPattern.SHARDED):
+        assert placement_for(p).own_copy_fits(before, [], now, None)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ckpt import CheckpointCoordinator, RetentionPolicy, SharingPattern, StateComponent
+from ckpt import CheckpointCoordinator, RetentionPolicy, StateComponent
 from ckpt.io.storage import LocalStorage
 from ckpt.retention.catalog import DELETING_SUFFIX
 from tests.support.distributed import expect_ok, run_ranks
-from tests.support.workers import Box
+from tests.support.workers import model_and_rng
 
 LOSSES = [0.8, 0.3, 0.9, 0.5, 0.7, 0.6]
 
@@ -31,8 +31,7 @@ class RecordingStorage(LocalStorage):
 
 
 def _components(rank: int, step: int) -> list[StateComponent]:
-    return [StateComponent("model", Box({"w": torch.full((4,), float(step))}), SharingPattern.REPLICATED),
-            StateComponent("rng", Box({"seed": torch.tensor([rank])}), SharingPattern.PER_RANK)]
+    return model_and_rng({"w": torch.full((4,), float(step))}, {"seed": torch.tensor([rank])})
 
 
 def _retention_run(rank: int, world: int, run_dir: str) -> dict:

@@ -15,7 +15,7 @@ from ckpt.format.layout import is_partial_name
 from ckpt.io.storage import LocalStorage
 from ckpt.testing import SIGKILL, Fault, FaultyStorage
 from tests.support.distributed import failures, run_ranks
-from tests.support.workers import Box
+from tests.support.workers import Box, model_and_rng
 
 KEEP = 2  # save_total_limit: saving step 30 deletes step 10
 
@@ -25,8 +25,7 @@ def _model(step: int) -> dict[str, torch.Tensor]:
 
 
 def _components(rank: int, step: int) -> list[StateComponent]:
-    return [StateComponent("model", Box(_model(step)), SharingPattern.REPLICATED),
-            StateComponent("rng", Box({"seed": torch.tensor([rank, step])}), SharingPattern.PER_RANK)]
+    return model_and_rng(_model(step), {"seed": torch.tensor([rank, step])})
 
 
 # phase -> (the fault that kills a rank there, the rank it kills, the steps committed afterwards)

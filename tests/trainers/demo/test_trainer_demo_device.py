@@ -5,12 +5,12 @@ and what full determinism needs from cuBLAS. No test here touches CUDA: where it
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from tests.support.distributed import free_port
 from tests.support.toys import Regression, TinyMLP
 from trainers import SimpleTrainer, TrainingArguments
 from trainers.demo.cli import build_trainer, device_setup, parse_args
@@ -19,12 +19,6 @@ from trainers.rng import CUBLAS_WORKSPACE_ENV
 
 TINY = ["--max-steps", "4", "--eval-steps", "2", "--save-steps", "2", "--n-layer", "1", "--d-model", "32",
         "--block-size", "16", "--batch-size", "2", "--eval-windows", "4", "--no-recovery"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -41,7 +35,7 @@ def test_the_demo_trains_on_cpu_with_gloo_by_default_even_where_cuda_is_availabl
     single.coordinator.close()
     # The torchrun path at world size 1: the process group and the trainer, as the demo's main() builds them.
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+           "MASTER_PORT": str(free_port())}
     opts = parse_args(["--run-dir", str(tmp_path / "ddp"), *TINY])
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

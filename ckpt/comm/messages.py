@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 import msgpack
 
-from .errors import REMOTE_ERROR_TYPES, CheckpointError, PartialLoadError, ReplicationError
+from ..errors import REMOTE_ERROR_TYPES, CheckpointError, PartialLoadError, ReplicationError
 
 
 class Message(Protocol):

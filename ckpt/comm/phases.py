@@ -1,8 +1,10 @@
-"""Talking between ranks during a save or load, on a gloo group of the coordinator's own.
+"""Phases: the steps of a save or load, each ending in one exchange of outcomes between all ranks.
 
 Every step of a save or load is a *phase*: each rank runs its local part, catches what it raises, and
 the outcome is exchanged. If any rank failed, every rank raises the same error naming the failed ranks,
-so nobody is left waiting in a collective. Payloads are plain data, as messages (ckpt/messages.py).
+so nobody is left waiting in a collective. Payloads are plain data, as messages (ckpt/comm/messages.py).
+A local part may return `Kept(sent, value)`: `sent` crosses ranks, `value` stays with this rank and comes
+back as the phase's `local` (so a phase returns this rank's own result and everyone's, with no out-parameters).
 
 A save or load talks through rank 0, so that what a rank sends and receives does not grow with the world
 size: `gather_phase` gathers every rank's result to rank 0, which decides (a plan, a verdict) and sends
@@ -10,20 +12,15 @@ every rank the same decision, plus each rank its own part; `broadcast_phase` run
 and hands every rank its outcome. `run_phase` (every rank gets every rank's result) remains for debugging
 steps that need it. Each phase's exchanges, collectives, bytes and seconds are counted (`stats`).
 
-Before each exchange a rank records its arrival in the job's c10d store (one `set`), so a rank whose
-exchange times out or loses a peer can name the ranks that never arrived, and where they were last seen;
-each rank also records its host and pid once, so a rank that dies inside an exchange (having arrived) is
-named by the survivors on its host, from its process being gone.
-After such a failure the group cannot be trusted to pair the next collectives correctly, so the
-communicator refuses to run any more (on the ranks that saw the failure); build a new coordinator or restart.
+A rank whose exchange times out or loses a peer names the ranks that never arrived, or died, from the
+records of ckpt/comm/peers.py. After such a failure the group cannot be trusted to pair the next collectives
+correctly, so the communicator refuses to run any more (on the ranks that saw the failure); build a new
+coordinator or restart.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -35,8 +32,9 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import CheckpointError, CollectiveTimeoutError
+from ..errors import CheckpointError, CollectiveTimeoutError
 from .messages import Failure, Outcome, Verdict, combined_failure, decode, encode, pack, unpack
+from .peers import Arrivals, dead_peers, describe_dead, describe_missing, probably_dead
 
 log = logging.getLogger("ckpt")
 T = TypeVar("T")
@@ -72,7 +70,7 @@ class Communicator:
         self.group = None
         self._seq = 0  # exchanges so far; the same on every rank, since all take the same path
         self._broken: str | None = None  # why this rank can no longer take part in exchanges
-        self._arrivals: _Arrivals | None = None
+        self._arrivals: Arrivals | None = None
         self.stats: dict[str, PhaseStats] = {}  # by phase name; see `PhaseStats`, `reset_stats`
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -82,7 +80,7 @@ class Communicator:
                 # A gloo group's timeout also bounds connecting it, when ranks may arrive far apart; so the
                 # group gets a generous one and each exchange waits at most `timeout` on its own.
                 self.group = dist.new_group(backend="gloo", timeout=max(timeout, _CONNECT_TIMEOUT))
-                self._arrivals = _Arrivals.open(self.group, self.rank)
+                self._arrivals = Arrivals.open(self.group, self.rank)
         else:
             self.rank, self.world_size = 0, 1
 
@@ -98,7 +96,7 @@ class Communicator:
         error (naming the failed ranks). A rank other than 0 sends its result once and receives the decision
         once, so its bytes do not grow with the world size.
         """
-        outcome, local_exc = self._run_local(phase, local)
+        outcome, local_exc, value = self._run_local(phase, local)
         kept: Any = None
         mine: Any = None
         with self._exchange(phase) as stats:
@@ -115,27 +113,29 @@ class Communicator:
                 mine = unpack(self._scatter(parts, longest, stats))
         if verdict.failure is not None:
             raise verdict.failure.rebuild() from local_exc
-        return Gathered(verdict.common, mine, kept)
+        return Gathered(verdict.common, mine, kept, value)
 
-    def broadcast_phase(self, phase: str, local: Callable[[], Any], *, what: str) -> Any:
-        """Run `local` on rank 0 only and hand its result (plain data) to every rank, or raise its error on all."""
+    def broadcast_phase(self, phase: str, local: Callable[[], Any], *, what: str) -> Gathered:
+        """Run `local` on rank 0 only and hand its result (plain data) to every rank as `common`, or raise its
+        error on all; rank 0 also gets what `local` kept (`local`)."""
         data: bytes | None = None
         local_exc: Exception | None = None
+        value: Any = None
         if self.rank == 0:
-            outcome, local_exc = self._run_local(phase, local)
+            outcome, local_exc, value = self._run_local(phase, local)
             data = encode(Verdict(outcome.result, combined_failure(what, phase, [outcome])))
         with self._exchange(phase) as stats:
             verdict = decode(Verdict, self._broadcast(data, 0, stats)[0])
         if verdict.failure is not None:
             raise verdict.failure.rebuild() from local_exc
-        return verdict.common
+        return Gathered(verdict.common, None, None, value)
 
     def run_phase(self, phase: str, local: Callable[[], T], *, what: str) -> list[T]:
         """Run `local` on this rank, then every rank gets every rank's result (an all-gather); raise on every
         rank if any rank failed. Its bytes grow with the world size on every rank: for start-up and debugging
         steps; a save or load uses `gather_phase` and `broadcast_phase`. `what` names the operation in errors.
         """
-        outcome, local_exc = self._run_local(phase, local)
+        outcome, local_exc, _ = self._run_local(phase, local)
         outcomes = [decode(Outcome, b) for b in self.all_gather_bytes(encode(outcome), phase)]
         failure = combined_failure(what, phase, outcomes)
         if failure is not None:
@@ -183,12 +183,16 @@ class Communicator:
 
     # ---- one exchange ----------------------------------------------------------------------------
 
-    def _run_local(self, phase: str, local: Callable[[], Any]) -> tuple[Outcome, Exception | None]:
+    def _run_local(self, phase: str, local: Callable[[], Any]) -> tuple[Outcome, Exception | None, Any]:
+        """This rank's outcome to send, what it raised, and what it keeps (a `Kept`'s value)."""
         try:
-            return Outcome(local()), None
+            result = local()
         except Exception as exc:
             log.debug("rank %d failed in %s:\n%s", self.rank, phase, traceback.format_exc())
-            return Outcome(failure=Failure.of(exc)), exc
+            return Outcome(failure=Failure.of(exc)), exc, None
+        if isinstance(result, Kept):
+            return Outcome(result.sent), None, result.value
+        return Outcome(result), None, None
 
     def _decide(self, what: str, phase: str, outcomes: list[Outcome], decide: Callable[[list[Any]], Decision] | None
                 ) -> tuple[Verdict, list[bytes] | None, Any]:
@@ -306,7 +310,7 @@ class Communicator:
             self._arrivals.saw_failure(self._seq)
         late = self._arrivals.missing(self._seq, self.world_size) if self._arrivals is not None else {}
         late.pop(self.rank, None)
-        named = _describe_missing(late, phase)
+        named = describe_missing(late, phase)
         why = {r: f"did not reach the '{phase}' step (the last step it reached: {seen})" for r, seen in late.items()}
         # A rank that died inside the exchange arrived like the others: only its gone process names it.
         if self._arrivals is not None:
@@ -318,7 +322,7 @@ class Communicator:
         if dead:
             why.update({r: f"died during the '{phase}' step (its process is gone)" for r in dead})
             late.update(dict.fromkeys(dead, f"'{phase}'"))
-            named = "; ".join(filter(None, [named, _describe_dead(dead)]))
+            named = "; ".join(filter(None, [named, describe_dead(dead)]))
         if "timed out" in text.lower() or "timeout" in text.lower():
             return CollectiveTimeoutError(
                 f"rank {self.rank}: timed out after {self.timeout.total_seconds():.0f}s at the '{phase}' step "
@@ -328,7 +332,7 @@ class Communicator:
             )
         return CheckpointError(
             f"rank {self.rank}: lost contact with other ranks during the '{phase}' step: "
-            f"{_probably_dead(named)}. ({underlying})", failures=why)
+            f"{probably_dead(named)}. ({underlying})", failures=why)
 
 
 @dataclass(frozen=True)
@@ -342,11 +346,20 @@ class Decision:
 
 @dataclass(frozen=True)
 class Gathered:
-    """What a `gather_phase` returns on this rank."""
+    """What a `gather_phase` (or `broadcast_phase`) returns on this rank."""
 
     common: Any  # rank 0's decision, the same on every rank
     mine: Any  # this rank's part of the decision (None when none was sent)
     kept: Any  # rank 0: what it kept (every rank's result without `decide`); None elsewhere
+    local: Any = None  # what this rank's local part kept for itself (`Kept.value`)
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A local part's result in two: `sent` (plain data) crosses ranks, `value` stays on this rank."""
+
+    sent: Any
+    value: Any
 
 
 def _padded(data: bytes, longest: int) -> torch.Tensor:
@@ -363,179 +376,7 @@ def _unpadded(buf: torch.Tensor) -> bytes:
     return raw[8: 8 + int.from_bytes(raw[:8], "little")]
 
 
-def _describe_missing(late: dict[int, str], phase: str) -> str:
-    if not late:
-        return ""
-    ranks = sorted(late)
-    names = ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks[:16]))
-    if len(ranks) > 16:
-        names += f" and {len(ranks) - 16} more"
-    seen = "; ".join(f"rank {r}: {late[r]}" for r in ranks[:4])
-    return f"{names} never reached it (the last step reached: {seen})"
-
-
-def _describe_dead(dead: list[int]) -> str:
-    if not dead:
-        return ""
-    return ("rank " if len(dead) == 1 else "ranks ") + ", ".join(map(str, dead)) + " died (the process is gone)"
-
-
-def _probably_dead(named: str) -> str:
-    if not named:
-        return ("a rank on another host has probably died (no rank's process here is gone, and the arrival records "
-                "name none)")
-    return named if "(the process is gone)" in named else named + ", and has probably died"
-
-
-def dead_peers(peers: dict[int, tuple[str, int]], me: int, skip: set[int] = frozenset(),  # type: ignore[assignment]
-               wait_s: float = 2.0) -> list[int]:
-    """The ranks on this host whose process is gone (or a zombie), looked at for up to `wait_s` seconds: a
-    peer killed mid-exchange closes its sockets as it exits, a moment before its process is reaped. `skip`:
-    ranks known to have seen the failure themselves (survivors, which may exit once they raised)."""
-    host = socket.gethostname()
-    local = [(r, pid) for r, (h, pid) in sorted(peers.items()) if r != me and r not in skip and h == host]
-    deadline = time.monotonic() + wait_s
-    while True:
-        dead = [r for r, pid in local if not _alive(pid)]
-        if dead or not local or time.monotonic() >= deadline:
-            return dead
-        time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (not Linux): ask the kernel whether the pid exists
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-
 def _first_sentence(text: str) -> str:
     """The gist of a backend error: its first line, without gloo's generic advice."""
     first = text.splitlines()[0] if text else ""
     return first.split(". This is typically")[0]
-
-
-class _Arrivals:
-    """Each rank's latest exchange, kept in the job's c10d store: one key per rank, overwritten each time.
-
-    Only used to name missing ranks in errors, so every store failure just switches it off.
-    """
-
-    def __init__(self, store: Any, rank: int):
-        self.store, self.rank = store, rank
-        self._lock = threading.Lock()  # notes come from the parallel writer threads
-        self._set(f"{rank}.who", f"{socket.gethostname()}:{os.getpid()}")  # so a rank that dies can be named
-
-    def _set(self, key: str, value: str) -> None:
-        with self._lock:
-            if self.store is None:
-                return
-            try:
-                self.store.set(key, value)
-            except Exception as exc:
-                log.debug("rank %d: record %s failed (%s); switching records off", self.rank, key, exc)
-                self.store = None
-
-    def saw_failure(self, seq: int) -> None:
-        """Record that this rank saw exchange `seq` fail (so it is a survivor, not the dead one)."""
-        self._set(f"{self.rank}.failed", str(seq))
-
-    def saw_it(self, seq: int, world_size: int) -> set[int]:
-        """The ranks that recorded seeing exchange `seq` fail."""
-        if self.store is None:
-            return set()
-        try:
-            keys = [f"{r}.failed" for r in range(world_size)]
-            return {r for r, key in enumerate(keys) if self.store.check([key]) and int(self.store.get(key)) == seq}
-        except Exception as exc:
-            log.debug("rank %d: could not read failure records (%s)", self.rank, exc)
-            return set()
-
-    def peers(self, world_size: int) -> dict[int, tuple[str, int]]:
-        """(host, pid) of each rank that recorded it."""
-        if self.store is None:
-            return {}
-        found = {}
-        try:
-            for r in range(world_size):
-                key = f"{r}.who"
-                if self.store.check([key]):
-                    host, _, pid = self.store.get(key).decode().rpartition(":")
-                    found[r] = (host, int(pid))
-        except Exception as exc:
-            log.debug("rank %d: could not read peer records (%s)", self.rank, exc)
-        return found
-
-    @classmethod
-    def open(cls, group: Any, rank: int) -> _Arrivals | None:
-        try:  # private torch API: guarded, and without it errors simply name no ranks
-            base = dist.distributed_c10d._get_default_store()
-            name = getattr(group, "group_name", None) or dist.distributed_c10d._get_process_group_name(group)
-            return cls(dist.PrefixStore(f"ckpt/arrivals/{name}/", base), rank)
-        except Exception as exc:
-            log.debug("rank %d: no c10d store for arrival records (%s); timeouts will not name ranks", rank, exc)
-            return None
-
-    def arrive(self, seq: int, phase: str) -> None:
-        try:
-            self.store.set(str(self.rank), f"{seq}:{phase}")
-        except Exception as exc:
-            log.debug("rank %d: arrival record failed (%s); switching it off", self.rank, exc)
-            self.store = None
-
-    def note(self, seq: int, activity: str) -> None:
-        """What this rank is doing since exchange `seq` (e.g. the file it is writing)."""
-        with self._lock:
-            if self.store is None:
-                return
-            try:
-                self.store.set(f"{self.rank}.doing", f"{seq}:{activity}")
-            except Exception as exc:
-                log.debug("rank %d: activity record failed (%s); switching it off", self.rank, exc)
-                self.store = None
-
-    def _doing(self, rank: int, since: int) -> str:
-        key = f"{rank}.doing"
-        if not self.store.check([key]):
-            return ""
-        noted, _, activity = self.store.get(key).decode().partition(":")
-        return f", then was {activity}" if int(noted) == since else ""  # older notes belong to earlier steps
-
-    def missing(self, seq: int, world_size: int) -> dict[int, str]:
-        """Ranks whose latest arrival is older than exchange `seq`, with the step they were last seen at."""
-        if self.store is None:
-            return {}
-        late: dict[int, str] = {}
-        try:
-            for r in range(world_size):
-                key = str(r)
-                if not self.store.check([key]):
-                    late[r] = "none"
-                    continue
-                last, _, phase = self.store.get(key).decode().partition(":")
-                if int(last) < seq:
-                    late[r] = f"'{phase}'{self._doing(r, int(last))}"
-        except Exception as exc:
-            log.debug("rank %d: could not read arrival records (%s)", self.rank, exc)
-            return {}
-        return late
-
-    def close(self) -> None:
-        if self.store is not None:
-            try:
-                self.store.delete_key(str(self.rank))
-                self.store.delete_key(f"{self.rank}.doing")
-                self.store.delete_key(f"{self.rank}.failed")
-                self.store.delete_key(f"{self.rank}.who")
-            except Exception as exc:
-                log.debug("rank %d: could not remove its arrival record (%s)", self.rank, exc)
-            self.store = None
