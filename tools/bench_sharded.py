@@ -8,7 +8,10 @@ One run, side by side, on the same state: ckpt's save and load (SharingPattern.S
 dcp.save / dcp.load (with get/set_state_dict), each timed on every rank between barriers, median of
 `--repeats`; each save goes to a fresh folder. Then the 2-rank checkpoint is loaded at 1 rank (a plain model)
 and at 4 ranks (FSDP2) through a storage that counts the bytes read from tensor files, against the bytes of
-each rank's target shards. Byte counts are exact; timings depend on the machine's load. Nothing here asserts.
+each rank's target shards. That storage's files have no descriptor to map, so those loads read through it
+range by range; a local load maps the files instead and touches the same byte ranges (each widened to whole
+digest blocks of its piece, which is what a check of part of a piece costs). Byte counts are exact; timings
+depend on the machine's load. Nothing here asserts.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from ..io.storage import Storage, is_url, norm_path, storage_for, walk_files
 from ..load.full import full_tensors
 from ..load.loading import check_copy, checked_path
 from ..patterns.placements import placement_for
+from ..patterns.sharded_read import check_sharded, damaged_pieces
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 _CHUNK = 8 * 1024 * 1024
@@ -309,6 +310,10 @@ def _check_bytes(ck: Opened, key: str, f: FileEntry, progress: Progress | None, 
         size = ck.storage.size(path)
         if size != f.nbytes:
             return "wrong size", f"{size} bytes, the manifest says {f.nbytes}"
+        entry = ck.manifest.components[key]
+        pieces = damaged_pieces(ck.storage, path, key, entry, f.path) if entry.tensors and f.kind == "tensors" else []
+        if pieces:  # SHARDED: each piece checked whole too, naming the tensor a load would refuse
+            return "digest mismatch", f"its bytes changed after it was written ({'; '.join(pieces[:4])})"
         if _hash_file(ck.storage, path, progress, done, total) != f.xxh3_128:
             return "digest mismatch", "its bytes changed after it was written"
     except FileNotFoundError:
@@ -329,7 +334,10 @@ def _check_contents(ck: Opened, rows: dict[str, dict[str, Any]]) -> None:
             if any(rows[f.path]["status"] != "ok" for f in copy):
                 continue
             try:
-                check_copy(ck.storage, ck.path, key, c, owner)
+                if c.tensors is not None:  # SHARDED: pieces of one tensor in every writer's file
+                    check_sharded(ck.storage, ck.path, key, c)
+                else:
+                    check_copy(ck.storage, ck.path, key, c, owner)
             except (CheckpointError, OSError) as exc:
                 named = os.path.relpath(exc.filename if isinstance(exc, OSError) and exc.filename else
                                         getattr(exc, "path", None) or ck.path, ck.path).replace(os.sep, "/")

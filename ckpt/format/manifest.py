@@ -26,10 +26,11 @@ from ..io.storage import Storage, is_inside, is_url, resolved, storage_for
 from .layout import MANIFEST_NAME, parse_step
 from .tensor_io import ST_TO_DTYPE, ChunkInfo, TensorInfo
 
-FORMAT_VERSION = 2  # the newest version this ckpt writes
+FORMAT_VERSION = 3  # the newest version this ckpt writes
 # Version 1 has no SHARDED components; a manifest without one is still written as version 1, so a ckpt that
-# reads only version 1 keeps reading every checkpoint it can understand.
-READABLE_VERSIONS = (1, 2)
+# reads only version 1 keeps reading every checkpoint it can understand. Version 3 adds block digests to each
+# piece of a SHARDED tensor; version-2 manifests (pieces without digests) still load.
+READABLE_VERSIONS = (1, 2, 3)
 FILE_KINDS = ("tensors", "state")  # safetensors, or the msgpack skeleton with every non-tensor value
 DIGEST_FIELD = "manifest_xxh3_128"  # digest of the manifest's own content, every other field included
 
@@ -43,10 +44,11 @@ _FIELDS = {
     "tensor": {"name", "dtype", "shape", "chunk"},
     "chunk": {"shape", "start", "stop"},
     "sharded_tensor": {"dtype", "shape", "pieces"},
-    "piece": {"file", "offsets", "lengths", "start", "stop", "bytes"},
+    "piece": {"file", "offsets", "lengths", "start", "stop", "bytes", "block_bytes", "xxh3_128"},
 }
 _OPTIONAL = {DIGEST_FIELD, "process_group", "owner", "tensors", "chunk"}
 _V2_ONLY = {"tensors"}  # component fields version 1 does not have
+_V3_ONLY = {"block_bytes", "xxh3_128"}  # piece fields version 2 does not have
 _HEX128 = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -76,6 +78,8 @@ class SavedPiece:
     stop: int
     begin: int
     end: int
+    block: int = 0  # the digests below are of consecutive blocks of this many bytes (the last one shorter)
+    digests: tuple[str, ...] | None = None  # xxh3-128 per block; None in a version-2 manifest
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,8 @@ class Manifest:
     def to_json(self) -> str:
         plain = _to_plain(self)
         plain.pop("format_version")
-        version = 2 if any(c.tensors is not None for c in self.components.values()) else 1
+        sharded = [t for c in self.components.values() for t in (c.tensors or {}).values()]
+        version = (3 if any(p.digests is not None for t in sharded for p in t.pieces) else 2) if sharded else 1
         plain = {"format_version": version, **plain}
         plain = {"format_version": plain["format_version"], DIGEST_FIELD: content_digest(plain), **plain}
         return _format(plain, 0) + "\n"
@@ -163,8 +168,11 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, ComponentEntry) and obj.tensors is None:
         return {k: _to_plain(getattr(obj, k)) for k in obj.__dataclass_fields__ if k != "tensors"}
     if isinstance(obj, SavedPiece):
-        return {"file": obj.file, "offsets": list(obj.offsets), "lengths": list(obj.lengths), "start": obj.start,
-                "stop": obj.stop, "bytes": [obj.begin, obj.end]}
+        plain = {"file": obj.file, "offsets": list(obj.offsets), "lengths": list(obj.lengths), "start": obj.start,
+                 "stop": obj.stop, "bytes": [obj.begin, obj.end]}
+        if obj.digests is not None:
+            plain.update({"block_bytes": obj.block, "xxh3_128": list(obj.digests)})
+        return plain
     if isinstance(obj, TensorInfo):
         plain = {"name": obj.name, "dtype": obj.dtype, "shape": list(obj.shape)}
         if obj.chunk is not None:
@@ -314,7 +322,8 @@ class _Parser:
 
     def fields(self, d: dict, kind: str, where: str) -> None:
         """Refuse fields this version does not know, and name the first required one that is missing."""
-        allowed = _FIELDS[kind] - (_V2_ONLY if kind == "component" and self.version < 2 else set())
+        allowed = _FIELDS[kind] - (_V2_ONLY if kind == "component" and self.version < 2 else set()) - (
+            _V3_ONLY if kind == "piece" and self.version < 3 else set())
         unknown = sorted(str(k) for k in d if k not in allowed)
         if unknown:
             raise self.fail(where, f"has unknown fields {unknown} (format_version {self.version} has "
@@ -447,7 +456,15 @@ class _Parser:
         if end - begin != (stop - start) * itemsize or end > sizes[file]:
             raise self.fail(f"{where}.bytes", f"{p['bytes']} do not hold {stop - start} elements of {itemsize} bytes "
                                               f"inside {file!r} ({sizes[file]} bytes)")
-        return SavedPiece(file, offsets, lengths, start, stop, begin, end)
+        if self.version < 3:
+            return SavedPiece(file, offsets, lengths, start, stop, begin, end)
+        block = self.get(p, "block_bytes", int, where)
+        digests = self.list(p.get("xxh3_128"), f"{where}.xxh3_128")
+        if block < 1 or len(digests) != -(-(end - begin) // block) or not all(
+                isinstance(d, str) and _HEX128.match(d) for d in digests):
+            raise self.fail(f"{where}.xxh3_128", f"is not one xxh3-128 digest per block of {block} bytes of its "
+                                                 f"{end - begin} bytes")
+        return SavedPiece(file, offsets, lengths, start, stop, begin, end, block, tuple(digests))
 
     def chunk(self, value: Any, shape: tuple[int, ...], where: str) -> ChunkInfo | None:
         if value is None:

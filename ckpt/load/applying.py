@@ -10,7 +10,7 @@ from typing import Any
 from ..component import StateComponent
 from ..errors import PartialLoadError
 from ..format.serialization import flatten_state
-from .loading import VerifiedCopy
+from .loading import DeferredRead
 
 log = logging.getLogger("ckpt")
 
@@ -25,7 +25,7 @@ def apply_staged(components: Sequence[StateComponent], staged: Mapping[str, Any]
         if c.key in staged:
             state = staged[c.key]
             try:
-                if isinstance(state, VerifiedCopy):  # checked on every rank; its bytes go straight into place
+                if isinstance(state, DeferredRead):  # checked on every rank; its bytes go straight into place
                     state = state.read(flatten_state(c.state_dict(), c.key).tensors)
             except Exception as exc:
                 log.debug("rank %d: reading %r into place failed", rank, c.key, exc_info=True)

@@ -61,8 +61,17 @@ def check_copy(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry,
     verify_copy(storage, ckpt_dir, key, entry, owner, verify=False)
 
 
+class DeferredRead:
+    """Staged state whose bytes the read phase checked but did not put in place: `read(into)` puts them there
+    (into the live tensors `into`, by name, where they fit) and returns the state, once every rank agreed
+    to apply."""
+
+    def read(self, into: Mapping[str, torch.Tensor] | None) -> Any:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class VerifiedCopy:
+class VerifiedCopy(DeferredRead):
     """One copy of a component whose files passed every check a load makes (sizes, digests, headers against
     the manifest, the state file's decoding), with its tensors not read yet. `read` reads them once every rank
     agreed to apply, straight into the live tensors that match (so a load costs one pass over the bytes into

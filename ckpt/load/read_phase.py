@@ -98,7 +98,7 @@ def read_share(storage: Storage, path: str, components: Sequence[StateComponent]
             continue
         placement = tensor_layout_for(entry.pattern)
         if placement is not None:  # a pattern with its own placement class reads its share at any layout
-            _read_guarded(out, c, topo.rank, opts, lambda c=c, entry=entry, p=placement: p.read(
+            _read_guarded(out, c, topo.rank, opts, lambda c=c, entry=entry, p=placement: p.stage(
                 storage, path, c.key, entry, c.stateful, opts.verify, opts.threads))
             continue
         if opts.reshard and needs_reshard(entry, manifest.topology, topo):

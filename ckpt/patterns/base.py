@@ -31,6 +31,12 @@ class TensorLayout(Protocol):
         """Load: this rank's state of the component, for `stateful` as it is laid out now (any layout)."""
         ...
 
+    def stage(self, storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, stateful: Any, verify: bool,
+              threads: int) -> Any:
+        """The read phase of a load: as `read`, checked, but free to return a `ckpt.load.loading.DeferredRead`
+        that puts the bytes into `stateful`'s live tensors only once every rank agreed to apply."""
+        ...
+
     def full_tensors(self, storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry
                      ) -> Iterator[tuple[str, torch.Tensor]]:
         """Export/diff: every tensor whole, under its real name."""

@@ -21,16 +21,16 @@ import torch
 import xxhash
 
 from ..component import SharingPattern
-from ..errors import CheckpointError, CorruptCheckpointError, SerializationError
-from ..format.manifest import ComponentEntry, ShardedTensor
-from ..format.serialization import FlatState, flatten_state, unflatten_state
-from ..format.tensor_io import ST_TO_DTYPE, read_blob, st_dtype, tensor_bytes
+from ..errors import SerializationError
+from ..format.manifest import ComponentEntry
+from ..format.serialization import FlatState, flatten_state
+from ..format.tensor_io import ST_TO_DTYPE, st_dtype, tensor_bytes
 from ..io.storage import Storage
-from ..io.threads import parallel_map
-from ..load.loading import checked_path
+from ..load.loading import DeferredRead
 from .base import register
-from .boxes import Box, piece_overlaps, whole
-from .dtensor import is_dtensor, is_shared, like, local_box, unsupported_placement
+from .boxes import Box, whole
+from .dtensor import is_dtensor, is_shared, local_box, unsupported_placement
+from .sharded_read import RangeRead, Target, merged_spans, plan_reads, read_sharded, read_targets, targets_for
 
 STATE_FILE = "state.msgpack"  # the skeleton of a SHARDED component, in its folder
 
@@ -102,107 +102,7 @@ def replicated_view(flat: FlatState, metas: Mapping[str, ShardMeta]) -> FlatStat
     return FlatState({n: t for n, t in flat.tensors.items() if metas[n].replicated}, flat.skeleton)
 
 
-# ---- load ----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Target:
-    """What this rank wants of one saved tensor: the box of its local shard, and the live DTensor to rebuild
-    around it (None for a plain tensor)."""
-
-    box: Box
-    like: Any = None
-
-
-@dataclass(frozen=True)
-class RangeRead:
-    """One byte range of one file, and where its elements land in a target."""
-
-    name: str
-    file: str
-    begin: int
-    end: int
-    region: Box
-    strides: tuple[int, ...]
-
-
-def plan_reads(key: str, saved: Mapping[str, ShardedTensor], targets: Mapping[str, Target]) -> list[RangeRead]:
-    """The byte ranges that fill every target, from the manifest alone. Raises if the pieces do not cover one."""
-    reads: list[RangeRead] = []
-    for name, target in targets.items():
-        t = saved[name]
-        itemsize = ST_TO_DTYPE[t.dtype].itemsize
-        covered = 0
-        for piece in t.pieces:
-            for ov in piece_overlaps(Box(piece.offsets, piece.lengths), piece.start, piece.stop, target.box):
-                reads.append(RangeRead(name, piece.file, piece.begin + ov.first * itemsize,
-                                       piece.begin + ov.last * itemsize, ov.region, ov.strides))
-                covered += ov.region.numel
-        if covered != target.box.numel:
-            raise CorruptCheckpointError(
-                f"component {key!r}: the saved pieces of tensor {name!r} cover {covered} of the {target.box.numel} "
-                f"elements this rank needs (box at {list(target.box.offsets)} of {list(target.box.lengths)}); the "
-                "manifest is inconsistent", component=key)
-    return reads
-
-
-def targets_for(key: str, saved: Mapping[str, ShardedTensor], live: Mapping[str, Any] | None) -> dict[str, Target]:
-    """This rank's target for every saved tensor, from the live state's tensors by name (see the module
-    docstring). A live tensor whose full shape differs from the saved one is refused, naming it."""
-    targets = {}
-    for name, t in saved.items():
-        have = (live or {}).get(name)
-        shape = tuple(have.shape) if isinstance(have, torch.Tensor) else t.shape
-        if shape != t.shape:
-            raise CheckpointError(
-                f"component {key!r}, tensor {name!r}: the checkpoint holds shape {list(t.shape)}, the live state "
-                f"{list(shape)}; nothing was loaded. Build the model with the saved configuration", component=key)
-        targets[name] = Target(local_box(have), have) if is_dtensor(have) else Target(whole(t.shape))
-    return targets
-
-
-def read_targets(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, targets: Mapping[str, Target],
-                 threads: int = 1) -> dict[str, torch.Tensor]:
-    """Each target's local tensor, filled from only the byte ranges of the saved pieces that overlap it."""
-    saved = entry.tensors or {}
-    locals_ = {n: torch.empty(t.box.lengths, dtype=ST_TO_DTYPE[saved[n].dtype]) for n, t in targets.items()}
-    files = {f.path: f for f in entry.files}
-    by_file: dict[str, list[RangeRead]] = {}
-    for r in plan_reads(key, saved, targets):
-        by_file.setdefault(r.file, []).append(r)
-
-    def read_file(item: tuple[str, list[RangeRead]]) -> None:
-        path = checked_path(ckpt_dir, files[item[0]], key)
-        _check_size(storage, path, files[item[0]].nbytes, key)
-        with storage.open_read(path) as f:
-            for r in sorted(item[1], key=lambda r: r.begin):
-                dest = locals_[r.name][r.region.slices(targets[r.name].box.offsets)]
-                f.seek(r.begin)
-                if dest.is_contiguous() and r.end - r.begin == dest.numel() * dest.element_size():
-                    _readinto(f, _bytes_of(dest), path, key)  # the same elements in the same order: no copy
-                    continue
-                buf = torch.empty((r.end - r.begin) // dest.element_size(), dtype=dest.dtype)
-                _readinto(f, _bytes_of(buf), path, key)
-                dest.copy_(buf.as_strided(r.region.lengths, r.strides))
-
-    parallel_map(read_file, sorted(by_file.items()), threads, "ckpt-read")
-    return locals_
-
-
-def read_sharded(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, live: Mapping[str, Any] | None,
-                 verify: bool, threads: int = 1) -> Any:
-    """The state of a SHARDED component for this rank: its skeleton, with each tensor read from only the
-    byte ranges that overlap its target (`live`: the component's current tensors by name)."""
-    targets = targets_for(key, entry.tensors or {}, live)
-    locals_ = read_targets(storage, ckpt_dir, key, entry, targets, threads)
-    tensors = {n: like(locals_[n], t.like) if t.like is not None else locals_[n] for n, t in targets.items()}
-    skeleton = [f for f in entry.files if f.kind == "state"]
-    if len(skeleton) != 1:
-        raise CorruptCheckpointError(f"component {key!r} in {ckpt_dir} has {len(skeleton)} state files (expected 1)",
-                                     path=ckpt_dir, component=key)
-    s = skeleton[0]
-    raw = read_blob(storage, checked_path(ckpt_dir, s, key), s.nbytes, s.xxh3_128 if verify else None, key)
-    return unflatten_state(raw, tensors, key)
-
+# ---- load (the reads themselves: ckpt/patterns/sharded_read.py) ----------------------------------
 
 def live_tensors(stateful: Any, key: str) -> dict[str, Any]:
     """The component's current tensors by name (DTensors as they are), the targets of a load; none for no live
@@ -210,30 +110,6 @@ def live_tensors(stateful: Any, key: str) -> dict[str, Any]:
     if stateful is None:
         return {}
     return flatten_state(stateful.state_dict(), key).tensors
-
-
-def _check_size(storage: Storage, path: str, expected: int, key: str) -> None:
-    try:
-        size = storage.size(path)
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"file {path} (component {key!r}) is missing", path=path, component=key) from None
-    if size != expected:
-        raise CorruptCheckpointError(f"file {path} (component {key!r}) has {size} bytes, the manifest says {expected}; "
-                                     "it was truncated or replaced after the save", path=path, component=key)
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """A contiguous CPU tensor's memory, writable, as bytes."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
-
-
-def _readinto(f: Any, view: memoryview, path: str, key: str) -> None:
-    pos = 0
-    while pos < len(view):
-        n = f.readinto(view[pos:])
-        if not n:
-            raise CorruptCheckpointError(f"file {path} (component {key!r}) ended early", path=path, component=key)
-        pos += n
 
 
 def full_tensors(storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, threads: int = 1
@@ -264,13 +140,7 @@ def reads_at_world(key: str, entry: ComponentEntry, world: int) -> list[dict[str
         targets = {}
         for name, t in saved.items():
             targets[name] = Target(_fsdp_box(t.shape, rank, world))
-        ranges: dict[str, list[list[int]]] = {}
-        for r in sorted(plan_reads(key, saved, targets), key=lambda r: (r.file, r.begin)):
-            spans = ranges.setdefault(r.file, [])
-            if spans and spans[-1][1] == r.begin:  # adjacent ranges are one read
-                spans[-1][1] = r.end
-            else:
-                spans.append([r.begin, r.end])
+        ranges = merged_spans(plan_reads(key, saved, targets))
         need = sum(t.box.numel * ST_TO_DTYPE[saved[n].dtype].itemsize for n, t in targets.items())
         out.append({"rank": rank, "ranges": ranges, "read_bytes": sum(e - b for v in ranges.values() for b, e in v),
                     "target_bytes": need})
@@ -289,6 +159,11 @@ class Sharded:
 
     def read(self, storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, stateful: Any, verify: bool,
              threads: int) -> Any:
+        staged = self.stage(storage, ckpt_dir, key, entry, stateful, verify, threads)
+        return staged.read(None) if isinstance(staged, DeferredRead) else staged
+
+    def stage(self, storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry, stateful: Any, verify: bool,
+              threads: int) -> Any:
         return read_sharded(storage, ckpt_dir, key, entry, live_tensors(stateful, key), verify, threads)
 
     def full_tensors(self, storage: Storage, ckpt_dir: str, key: str, entry: ComponentEntry

@@ -18,7 +18,7 @@ from ..format.decoding import unflatten_state
 from ..format.layout import MANIFEST_NAME, REPLACED_SUFFIX, parse_step
 from ..format.manifest import ComponentEntry, FileEntry, Manifest, SavedPiece, ShardedTensor, plain_metrics
 from ..format.serialization import FlatState, flatten_state
-from ..format.tensor_io import ChunkInfo, TensorInfo, WrittenFile, write_blob, write_safetensors
+from ..format.tensor_io import BlockDigests, ChunkInfo, TensorInfo, WrittenFile, write_blob, write_safetensors
 from ..io.staging import StagingPool
 from ..io.storage import Storage
 from ..io.threads import parallel_map
@@ -149,9 +149,10 @@ def write_files(storage: Storage, root: str, assignments: Sequence[FileAssignmen
         if job.assignment.kind == "state":
             key = job.relpath.split("/", 1)[0]
             return _record(job, write_blob(storage, path, prepared[key].flat.skeleton))
+        shards = prepared[job.relpath.split("/", 1)[0]].shards
         try:
-            return _record(job, write_safetensors(storage, path, job.entries, chunks=job.chunks),
-                           prepared[job.relpath.split("/", 1)[0]].shards)
+            return _record(job, write_safetensors(storage, path, job.entries, chunks=job.chunks,
+                                                  block_digests=shards is not None), shards)
         except TypeError as exc:
             raise CheckpointError(f"component {job.relpath.split('/', 1)[0]!r}: {exc}") from exc
 
@@ -232,14 +233,16 @@ def _record(job: _FileJob, w: WrittenFile, shards: Mapping[str, ShardMeta] | Non
     a = job.assignment
     record = {"path": job.relpath, "kind": a.kind, "writer_rank": a.writer, "owner": a.owner, "nbytes": w.nbytes,
               "xxh3_128": w.digest, "tensors": [plain(t) for t in w.tensors]}
-    if shards is not None:  # SHARDED: where each piece sits in its full tensor, and in this file
-        record["pieces"] = [_piece(t, span, shards[t.name]) for t, span in zip(w.tensors, w.spans, strict=True)]
+    if shards is not None:  # SHARDED: where each piece sits in its full tensor, and in this file, and its digests
+        record["pieces"] = [_piece(t, span, shards[t.name], b)
+                            for t, span, b in zip(w.tensors, w.spans, w.blocks, strict=True)]
     return record
 
 
-def _piece(t: TensorInfo, span: tuple[int, int], meta: ShardMeta) -> list:
+def _piece(t: TensorInfo, span: tuple[int, int], meta: ShardMeta, blocks: BlockDigests) -> list:
     start, stop = (0, meta.box.numel) if t.chunk is None else (t.chunk.start, t.chunk.stop)
-    return [t.name, list(meta.box.offsets), list(meta.box.lengths), start, stop, span[0], span[1]]
+    return [t.name, list(meta.box.offsets), list(meta.box.lengths), start, stop, span[0], span[1], blocks.block,
+            list(blocks.digests)]
 
 
 def build_manifest(step: int, plans: Mapping[str, ComponentPlan], records: Sequence[Sequence[dict]],
@@ -255,9 +258,10 @@ def build_manifest(step: int, plans: Mapping[str, ComponentPlan], records: Seque
     pieces: dict[str, dict[str, list[SavedPiece]]] = {}
     for per_rank in records:
         for r in per_rank:
-            for name, offsets, lengths, start, stop, begin, end in r.get("pieces", ()):
+            for name, offsets, lengths, start, stop, begin, end, block, digests in r.get("pieces", ()):
                 pieces.setdefault(r["path"].split("/", 1)[0], {}).setdefault(name, []).append(
-                    SavedPiece(r["path"], tuple(offsets), tuple(lengths), start, stop, begin, end))
+                    SavedPiece(r["path"], tuple(offsets), tuple(lengths), start, stop, begin, end, block,
+                               tuple(digests)))
 
     def sharded(key: str, p: ComponentPlan) -> dict[str, ShardedTensor] | None:
         if p.sharded is None:

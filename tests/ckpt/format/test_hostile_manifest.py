@@ -43,7 +43,7 @@ def _set(**kv) -> Callable[[dict], None]:
 
 # (what, mutation, redigest, exception, message pattern)
 MANIFEST_CASES = [
-    ("newer format_version", _set(format_version=3), True, ManifestError, "format_version 3 is not supported"),
+    ("newer format_version", _set(format_version=4), True, ManifestError, "format_version 4 is not supported"),
     ("format_version as a string", _set(format_version="1"), True, ManifestError, "format_version should be int"),
     ("missing step", lambda d: d.pop("step"), True, ManifestError, r"manifest\.step is missing"),
     ("extra top-level field", _set(compression="zstd"), True, ManifestError, r"unknown fields \['compression'\]"),
