@@ -85,15 +85,27 @@ class OnWholeMesh:
         return map_tensors(self.inner_state.state_dict(), self._lift)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        meshes: dict[tuple, DeviceMesh] = {}
+        live: dict[tuple, torch.Tensor] = {}
 
         def note(path: tuple, t: torch.Tensor) -> torch.Tensor:
             if isinstance(t, DTensor):
-                meshes[path] = t.device_mesh
+                live[path] = t
             return t
 
-        map_tensors(self.inner_state.state_dict(), note)
-        self.inner_state.load_state_dict(map_tensors(state, lambda path, t: self._lower(t, meshes.get(path))))
+        def lower(path: tuple, t: torch.Tensor) -> torch.Tensor:
+            now = live.get(path)
+            if now is not None and isinstance(t, DTensor) and _same_memory(t.to_local(), now.to_local()):
+                # ckpt loaded straight into the live shard: hand back the live tensor itself, since a second view
+                # of the same bytes with other strides is refused by the copy in load_state_dict.
+                return now
+            return self._lower(t, None if now is None else now.device_mesh)
 
+        map_tensors(self.inner_state.state_dict(), note)
+        self.inner_state.load_state_dict(map_tensors(state, lower))
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` and `b` are the same elements of the same memory."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
 
 __all__ = ["OnWholeMesh", "OptimizerByName", "map_tensors"]
