@@ -19,7 +19,8 @@ from .errors import (
     SerializationError,
 )
 from .format.layout import CheckpointRef, list_checkpoints
-from .format.manifest import Manifest, read_manifest
+from .format.manifest import Manifest
+from .format.manifest_read import read_manifest
 from .io.s3 import S3Options, S3Storage
 from .io.storage import LocalStorage, Storage
 from .load.reshard import is_shard_entry, local_piece, needs_reshard, shard_entry

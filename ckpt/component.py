@@ -2,40 +2,15 @@
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from .format.layout import MANIFEST_NAME, PIN_NAME
+from .patterns.kinds import SharingPattern, ValidationLevel
+from .patterns.placements import placement_for
 from .plain_state import RNGState, is_plain, load_into, state_of
-
-
-class SharingPattern(str, enum.Enum):
-    """How one piece of state is shared across the ranks of a job."""
-
-    GLOBAL = "global"  # one logical copy for the job; rank 0 writes it
-    PER_RANK = "per_rank"  # different on every rank; each rank writes its own
-    REPLICATED = "replicated"  # identical on every rank; the ranks share the writing
-    PER_GROUP = "per_group"  # identical inside a process group, different between groups
-    PER_NODE = "per_node"  # identical inside a node; local rank 0 of each node writes
-    SHARDED = "sharded"  # DTensors: each rank writes its own shards; plain values inside are replicated
-
-
-class ValidationLevel(str, enum.Enum):
-    """How hard to check, before writing, that replicas really are identical."""
-
-    NONE = "none"
-    QUICK = "quick"  # one digest of the whole component per rank
-    TENSOR = "tensor"  # one digest per tensor; errors name the tensors that differ
-    FULL = "full"  # exact comparison of the values (debugging; moves every byte between ranks)
-
-
-# Patterns whose copies live on several ranks, and so can be checked against each other.
-# (SHARDED: its plain tensors and values, which every rank holds.)
-REPLICA_PATTERNS = frozenset({SharingPattern.REPLICATED, SharingPattern.PER_GROUP, SharingPattern.PER_NODE,
-                              SharingPattern.SHARDED})
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 # A component's folder sits at the checkpoint's root beside these files; a key equal to one of them would make
@@ -54,13 +29,6 @@ class Stateful(Protocol):
 
 
 PatternSpec = SharingPattern | Callable[[], SharingPattern]
-
-
-def default_validation(pattern: SharingPattern) -> ValidationLevel:
-    """TENSOR where replicas exist that the trainer promises are identical, NONE elsewhere."""
-    if pattern in (SharingPattern.REPLICATED, SharingPattern.PER_GROUP, SharingPattern.SHARDED):
-        return ValidationLevel.TENSOR
-    return ValidationLevel.NONE
 
 
 @dataclass(frozen=True)
@@ -130,7 +98,7 @@ class StateComponent:
                 "name of a group passed to CheckpointCoordinator(process_groups=...)"
             )
         level = self.validation_level
-        if level not in (None, ValidationLevel.NONE) and pattern not in REPLICA_PATTERNS:
+        if level not in (None, ValidationLevel.NONE) and not placement_for(pattern).compares_replicas:
             raise ValueError(
                 f"StateComponent {self.key!r}: validation_level={level.value} has nothing to compare "
                 f"for sharing_pattern={pattern.name} (one copy per writer); use ValidationLevel.NONE"
@@ -163,9 +131,7 @@ class StateComponent:
 
     def resolve_validation(self, pattern: SharingPattern) -> ValidationLevel:
         """The level used for this save; patterns without replicas are never compared."""
-        if pattern not in REPLICA_PATTERNS:
-            return ValidationLevel.NONE
-        return self.validation_level if self.validation_level is not None else default_validation(pattern)
+        return placement_for(pattern).validation(self.validation_level)
 
 
 def rng_component(key: str = "rng", required: bool = True) -> StateComponent:

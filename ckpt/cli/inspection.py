@@ -17,14 +17,8 @@ import xxhash
 from ..component import SharingPattern
 from ..errors import CheckpointDeletedError, CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ..format.layout import MANIFEST_NAME, PARTIAL_SUFFIX, PIN_NAME, list_checkpoints, parse_step
-from ..format.manifest import (
-    ComponentEntry,
-    FileEntry,
-    Manifest,
-    TensorInfo,
-    read_manifest,
-    refuse_linked_folder,
-)
+from ..format.manifest import ComponentEntry, FileEntry, Manifest, TensorInfo
+from ..format.manifest_read import read_manifest, refuse_linked_folder
 from ..format.serialization import join_path, unflatten_state
 from ..format.tensor_io import DTYPE_TO_ST, ST_TO_DTYPE, read_blob
 from ..io.storage import Storage, is_url, norm_path, storage_for, walk_files

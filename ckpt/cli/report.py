@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..format.layout import ABANDONED_DIR, MANIFEST_NAME, parse_step
-from ..format.manifest import read_manifest
+from ..format.manifest_read import read_manifest
 from ..io.storage import LocalStorage, Storage, is_url, norm_path, storage_for
 from ..retention.catalog import human_size, layer_policy, scan
 from ..retention.rules import RetentionPolicy

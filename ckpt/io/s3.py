@@ -17,12 +17,13 @@ import contextlib
 import errno
 import io
 import os
-import queue
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
+
+from .threads import DaemonPool, wait_all
 
 S3_EXTRA = "pip install 'ckpt[s3]'"
 SCHEME = "s3://"
@@ -82,40 +83,6 @@ class S3Options:
                 raise ValueError(f"S3Options: {name}={value!r} must be a positive number of seconds")
 
 
-class _Pool:
-    """Daemon worker threads. concurrent.futures refuses new work once the interpreter starts shutting down,
-    exactly when an async save in flight must still finish its uploads; these keep working."""
-
-    def __init__(self, workers: int):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        for i in range(workers):
-            threading.Thread(target=self._work, name=f"ckpt-s3-{i}", daemon=True).start()
-
-    def _work(self) -> None:
-        while True:
-            fut, fn = self._jobs.get()
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:
-                fut.set_exception(exc)
-            del fut, fn  # an idle worker must not keep its last job's buffers alive
-
-    def submit(self, fn: Callable[[], Any]) -> Future:
-        fut: Future = Future()
-        self._jobs.put((fut, fn))
-        return fut
-
-
-def _wait_all(futures: Iterable[Future]) -> list[Any]:
-    """Every result, after every future finished; the first error is raised once all are done."""
-    futures = list(futures)
-    errors = [f.exception() for f in futures]
-    for exc in errors:
-        if exc is not None:
-            raise exc
-    return [f.result() for f in futures]
-
-
 class S3Storage:
     """Run dirs on S3 or an S3-compatible server. One instance is shared per process and settings
     (`S3Storage.shared()`); its client and threads are safe to use from many threads."""
@@ -137,7 +104,7 @@ class S3Storage:
                 request_checksum_calculation="when_required", response_checksum_validation="when_required")
             client = boto3.session.Session().client("s3", config=config)
         self.client = client
-        self._pool = _Pool(self.options.in_flight)
+        self._pool = DaemonPool(self.options.in_flight, "ckpt-s3")
         self._slots = threading.BoundedSemaphore(self.options.in_flight)
 
     @classmethod
@@ -297,7 +264,7 @@ class S3Storage:
     def get_ranges(self, path: str, start: int, view: memoryview) -> None:
         """Fill `view` from offset `start` with parallel ranged GETs of part_bytes each."""
         step = self.options.part_bytes
-        _wait_all(self._pool.submit(lambda at=at: self.get_range(path, start + at, view[at: at + step]))
+        wait_all(self._pool.submit(lambda at=at: self.get_range(path, start + at, view[at: at + step]))
                   for at in range(0, len(view), step))
 
 
@@ -376,7 +343,7 @@ class _Upload:
         self.parts.append(self.store._pool.submit(_Part(self, number, data)))
 
     def _complete(self) -> None:
-        parts = _wait_all(self.parts)
+        parts = wait_all(self.parts)
         self.store._call("complete upload", self.path, self.store.client.complete_multipart_upload,
                          Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts})
 

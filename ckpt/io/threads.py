@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -64,3 +66,37 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+class DaemonPool:
+    """Daemon worker threads. concurrent.futures refuses new work once the interpreter starts shutting down,
+    exactly when an async save in flight must still finish its uploads; these keep working."""
+
+    def __init__(self, workers: int, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(workers):
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            fut, fn = self._jobs.get()
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+            del fut, fn  # an idle worker must not keep its last job's buffers alive
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        fut: Future = Future()
+        self._jobs.put((fut, fn))
+        return fut
+
+
+def wait_all(futures: Iterable[Future]) -> list[Any]:
+    """Every result, after every future finished; the first error is raised once all are done."""
+    futures = list(futures)
+    errors = [f.exception() for f in futures]
+    for exc in errors:
+        if exc is not None:
+            raise exc
+    return [f.result() for f in futures]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ..comm import Communicator
 from ..component import StateComponent
 from ..format.layout import list_checkpoints, resolve_checkpoint
-from ..format.manifest import read_manifest
+from ..format.manifest_read import read_manifest
 from ..io.storage import Storage
 from ..retention.catalog import hold
 from ..topology import RankTopology

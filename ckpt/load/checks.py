@@ -20,7 +20,8 @@ import torch
 
 from ..component import SharingPattern, StateComponent
 from ..errors import CheckpointError, ManifestError
-from ..format.manifest import ComponentEntry, Manifest, Topology, read_manifest
+from ..format.manifest import ComponentEntry, Manifest, Topology
+from ..format.manifest_read import read_manifest
 from ..format.serialization import flatten_state
 from ..format.tensor_io import DTYPE_TO_ST
 from ..io.storage import Storage

@@ -12,7 +12,8 @@ from typing import Any
 from ..comm import Kept
 from ..component import StateComponent
 from ..errors import CheckpointError, CorruptCheckpointError, ManifestError
-from ..format.manifest import ComponentEntry, Manifest, Topology, read_manifest
+from ..format.manifest import ComponentEntry, Manifest, Topology
+from ..format.manifest_read import read_manifest
 from ..format.serialization import flatten_state
 from ..io.storage import Storage
 from ..patterns.base import tensor_layout_for

@@ -10,10 +10,10 @@ from typing import Any, Protocol
 
 import torch
 
-from ..component import SharingPattern
 from ..format.manifest import ComponentEntry
 from ..format.serialization import FlatState
 from ..io.storage import Storage
+from .kinds import SharingPattern
 
 
 class TensorLayout(Protocol):

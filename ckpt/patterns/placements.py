@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..component import SharingPattern
 from ..errors import CheckpointError
 from ..format.manifest import Topology
 from ..topology import RankTopology
+from .kinds import SharingPattern, ValidationLevel
 
 
 def my_group(topo: RankTopology, name: str) -> tuple[int, ...] | None:
@@ -49,10 +49,19 @@ class Placement:
     holder writes it whole."""
     load_words: str = "loads as saved (the job's one copy fits any layout)"
     """What `ckpt inspect --at` says a load does when every rank has a copy of its own under the new layout."""
+    default_validation: ValidationLevel = ValidationLevel.NONE
+    """The level used when a component sets none: TENSOR where the trainer promises replicas are identical."""
 
     @property
     def manifest_name(self) -> str:
         return self.pattern.name
+
+    def validation(self, declared: ValidationLevel | None) -> ValidationLevel:
+        """The level a save checks at: NONE where there are no replicas to compare, else the declared one, else
+        the default."""
+        if not self.compares_replicas:
+            return ValidationLevel.NONE
+        return declared if declared is not None else self.default_validation
 
     def copy_label(self, owner: int | None) -> str:
         """"rank 3", "group 1", "node 0"; "" for the job's single copy."""
@@ -202,13 +211,15 @@ Global = Placement(SharingPattern.GLOBAL, "", "one copy for the job, written by 
 PerRank = _PerRank(SharingPattern.PER_RANK, "rank", "one copy per rank", False, "rank-{:05d}",
                    load_words="each rank reads its own file")
 Replicated = Placement(SharingPattern.REPLICATED, "", "one copy, identical on every rank, split across them", True,
-                       "replicated", splits=True)
+                       "replicated", splits=True, default_validation=ValidationLevel.TENSOR)
 PerGroup = _PerGroup(SharingPattern.PER_GROUP, "group", "one copy per process group", True, "group-{:03d}",
-                     splits=True, load_words="each group reads its saved copy")
+                     splits=True, load_words="each group reads its saved copy",
+                     default_validation=ValidationLevel.TENSOR)
 PerNode = _PerNode(SharingPattern.PER_NODE, "node", "one copy per node", True, "node-{:04d}",
                    load_words="each node reads its own copy")
 # Its files are planned by its tensor layout (ckpt/patterns/sharded.py), not by copies.
-Sharded = Placement(SharingPattern.SHARDED, "", "each rank its own shards; shared shards once", True)
+Sharded = Placement(SharingPattern.SHARDED, "", "each rank its own shards; shared shards once", True,
+                    default_validation=ValidationLevel.TENSOR)
 
 _PLACEMENTS = {p.pattern: p for p in (Global, PerRank, Replicated, PerGroup, PerNode, Sharded)}
 

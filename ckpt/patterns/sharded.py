@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import xxhash
 
-from ..component import SharingPattern
 from ..errors import SerializationError
 from ..format.manifest import ComponentEntry
 from ..format.serialization import FlatState, flatten_state
@@ -30,6 +29,7 @@ from ..load.loading import DeferredRead
 from .base import register
 from .boxes import Box, whole
 from .dtensor import is_dtensor, is_shared, local_box, unsupported_placement
+from .kinds import SharingPattern
 from .sharded_read import RangeRead, Target, merged_spans, plan_reads, read_sharded, read_targets, targets_for
 
 STATE_FILE = "state.msgpack"  # the skeleton of a SHARDED component, in its folder

@@ -1,7 +1,7 @@
 """Reading a SHARDED component back on one rank: which byte ranges of which saved pieces fill each target
 shard, the check of those bytes against the pieces' block digests, and the copy of the values into place.
 
-Every piece's bytes are digested in blocks at save time (`tensor_io.BlockHasher`, manifest format_version 3).
+Every piece's bytes are digested in blocks at save time (`digests.BlockHasher`, manifest format_version 3).
 A read checks every block it touches; where it needs only part of a block (a range that starts or ends inside
 one), it reads the rest of that block too, so the check covers exactly what the digest covers (at most one
 block more at each end of a range). A version-2 manifest has no piece digests; its ranged reads check the

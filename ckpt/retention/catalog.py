@@ -24,7 +24,7 @@ from ..format.layout import (
     list_checkpoints,
     resolve_checkpoint,
 )
-from ..format.manifest import read_manifest
+from ..format.manifest_read import read_manifest
 from ..io.storage import Storage, norm_path, parent_of
 from .rules import (
     BestCheckpoint,

@@ -15,10 +15,11 @@ from .. import __version__
 from ..component import SharingPattern, StateComponent, ValidationLevel
 from ..errors import CheckpointError
 from ..format.decoding import unflatten_state
+from ..format.digests import BlockDigests
 from ..format.layout import MANIFEST_NAME, REPLACED_SUFFIX, parse_step
 from ..format.manifest import ComponentEntry, FileEntry, Manifest, SavedPiece, ShardedTensor, plain_metrics
 from ..format.serialization import FlatState, flatten_state
-from ..format.tensor_io import BlockDigests, ChunkInfo, TensorInfo, WrittenFile, write_blob, write_safetensors
+from ..format.tensor_io import ChunkInfo, TensorInfo, WrittenFile, write_blob, write_safetensors
 from ..io.staging import StagingPool
 from ..io.storage import Storage
 from ..io.threads import parallel_map

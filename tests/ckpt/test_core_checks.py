@@ -20,7 +20,7 @@ from ckpt import (
     StateComponent,
     ValidationLevel,
 )
-from ckpt.format.manifest import parse_manifest
+from ckpt.format.manifest_read import parse_manifest
 from ckpt.format.serialization import flatten_state, unflatten_state
 from ckpt.save.planning import ComponentDecl, build_plan
 from ckpt.topology import RankTopology

@@ -31,7 +31,8 @@ from ckpt import (
     StateComponent,
 )
 from ckpt.format.layout import MANIFEST_NAME
-from ckpt.format.manifest import DIGEST_FIELD, content_digest, read_manifest
+from ckpt.format.manifest import DIGEST_FIELD, content_digest
+from ckpt.format.manifest_read import read_manifest
 from ckpt.format.serialization import escape_segment, flatten_state
 from ckpt.format.tensor_io import DTYPE_TO_ST
 from ckpt.io.storage import LocalStorage

@@ -20,7 +20,7 @@ from ckpt import (
 from ckpt.cli import main as ckpt_main
 from ckpt.cli.inspection import open_checkpoint, verify
 from ckpt.format.layout import MANIFEST_NAME
-from ckpt.format.manifest import read_manifest
+from ckpt.format.manifest_read import read_manifest
 from ckpt.io.storage import LocalStorage
 from tests.support.distributed import expect_ok, run_ranks
 from tests.support.hostile import make_checkpoint, saved_state, targets, untouched

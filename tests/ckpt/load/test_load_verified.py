@@ -17,7 +17,7 @@ from ckpt import (
     SharingPattern,
     StateComponent,
 )
-from ckpt.format.manifest import read_manifest
+from ckpt.format.manifest_read import read_manifest
 from ckpt.io.storage import LocalStorage
 from ckpt.load.loading import verify_copy
 

@@ -12,7 +12,7 @@ import torch
 
 from ckpt import CheckpointCoordinator, CorruptCheckpointError, ManifestError, SharingPattern, StateComponent
 from ckpt.format.layout import MANIFEST_NAME
-from ckpt.format.manifest import read_manifest
+from ckpt.format.manifest_read import read_manifest
 from tests.support.distributed import expect_ok, run_ranks
 from tests.support.files import flip_last_byte
 from tests.support.workers import Box, model_and_rng

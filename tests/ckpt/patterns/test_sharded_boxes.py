@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ckpt import ManifestError
-from ckpt.format.manifest import parse_manifest
+from ckpt.format.manifest_read import parse_manifest
 from ckpt.patterns.boxes import Box, piece_overlaps, range_boxes
 
 

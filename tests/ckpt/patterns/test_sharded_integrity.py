@@ -13,8 +13,10 @@ import torch
 import xxhash
 
 from ckpt import CheckpointCoordinator, CorruptCheckpointError, ManifestError, SharingPattern, StateComponent
-from ckpt.format.manifest import DIGEST_FIELD, content_digest, parse_manifest
-from ckpt.format.tensor_io import DIGEST_BLOCK_MIN, digest_block, write_safetensors
+from ckpt.format.digests import DIGEST_BLOCK_MIN, digest_block
+from ckpt.format.manifest import DIGEST_FIELD, content_digest
+from ckpt.format.manifest_read import parse_manifest
+from ckpt.format.tensor_io import write_safetensors
 from ckpt.io.storage import LocalStorage
 from ckpt.patterns.boxes import Box
 from ckpt.patterns.sharded_read import RangeRead, Target, merged_spans, plan_reads
